@@ -1,0 +1,202 @@
+"""Checkpoints that count only once complete, pruning, and automatic resume.
+
+Layout: ``<run>/checkpoints/step_0000040/`` as written by ``engine.save_checkpoint`` (every rank
+writes its ZeRO shards), plus our ``rng_state_rank{r}.pt`` per rank and a ``COMPLETE`` marker
+that rank 0 writes after a barrier, i.e. after every rank finished writing. A folder without the
+marker (a save cut short by a kill, a crash, a full disk) is never resumed from and is removed at
+the next successful save. DeepSpeed's own ``latest`` file is not written: it would point at a
+folder before it is complete.
+
+The folder-level helpers (:func:`list_complete`, :func:`prune`, ...) need no DeepSpeed and no
+process group; :func:`save` and :func:`load_latest` take an engine and must run on every rank.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+COMPLETE_MARKER = "COMPLETE"
+_TAG_RE = re.compile(r"^step_(\d{7,})$")
+
+
+def tag_for_step(step: int) -> str:
+    """``step_0000040`` for step 40 (zero-padded so that names sort as numbers)."""
+    return f"step_{step:07d}"
+
+
+def step_from_tag(tag: str) -> int | None:
+    """The step of a tag made by :func:`tag_for_step`; None for any other name."""
+    match = _TAG_RE.match(tag)
+    return int(match.group(1)) if match else None
+
+
+def is_complete(path: str | os.PathLike) -> bool:
+    """True when the checkpoint folder carries the ``COMPLETE`` marker."""
+    return (Path(path) / COMPLETE_MARKER).is_file()
+
+
+def list_tags(ckpt_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """All ``step_*`` folders (complete or not) as ``(step, path)``, oldest first."""
+    root = Path(ckpt_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        step = step_from_tag(child.name)
+        if step is not None and child.is_dir():
+            found.append((step, child))
+    return sorted(found)
+
+
+def list_complete(ckpt_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Complete checkpoints as ``(step, path)``, oldest first."""
+    return [(step, path) for step, path in list_tags(ckpt_dir) if is_complete(path)]
+
+
+def latest_complete(ckpt_dir: str | os.PathLike) -> tuple[int, Path] | None:
+    """The newest complete checkpoint, or None."""
+    complete = list_complete(ckpt_dir)
+    return complete[-1] if complete else None
+
+
+def mark_complete(path: str | os.PathLike, info: dict[str, Any] | None = None) -> None:
+    """Write the ``COMPLETE`` marker (a small JSON), atomically: temporary name, then rename, so
+    that a kill during this write cannot leave a marker that looks valid."""
+    path = Path(path)
+    tmp = path / f".{COMPLETE_MARKER}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({"time": time.time(), **(info or {})}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path / COMPLETE_MARKER)
+
+
+def prune(ckpt_dir: str | os.PathLike, keep_last: int) -> list[Path]:
+    """Remove complete checkpoints beyond the newest ``keep_last`` and every incomplete folder.
+
+    Call it only when no save is in progress (rank 0, after the barrier that ends a save), since an
+    in-progress save looks incomplete. ``keep_last <= 0`` keeps every complete checkpoint.
+    Returns the removed paths.
+    """
+    removed = []
+    tags = list_tags(ckpt_dir)
+    complete = [path for _, path in tags if is_complete(path)]
+    doomed = [path for _, path in tags if not is_complete(path)]
+    if keep_last > 0:
+        doomed += complete[:-keep_last]
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """This process's RNG states (torch CPU, CUDA if present, numpy, Python) as tensors and plain
+    data, loadable with ``torch.load(weights_only=True)``."""
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "name": str(np_state[0]),
+            "keys": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "python": _to_lists(random.getstate()),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of :func:`capture_rng_state`."""
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    npst = state["numpy"]
+    np.random.set_state(
+        (npst["name"], npst["keys"].numpy().astype(np.uint32), npst["pos"], npst["has_gauss"], npst["cached_gaussian"])
+    )
+    random.setstate(_to_tuples(state["python"]))
+
+
+def _to_lists(value: Any) -> Any:
+    return [_to_lists(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
+def _to_tuples(value: Any) -> Any:
+    return tuple(_to_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def save(engine: Any, ckpt_dir: str | os.PathLike, step: int, client_state: dict[str, Any], keep_last: int) -> Path:
+    """Save a complete checkpoint for ``step`` on every rank, mark it complete, prune old ones.
+
+    ``client_state`` must be plain data (DeepSpeed stores it with rank 0's model states).
+    Returns the checkpoint folder.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    tag = tag_for_step(step)
+    path = ckpt_dir / tag
+    if _rank() == 0 and path.exists():
+        # Re-saving a step (e.g. a resumed run stopped again at once): never leave old shards
+        # mixed with new ones under a marker.
+        shutil.rmtree(path)
+    _barrier()
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+    path.mkdir(parents=True, exist_ok=True)
+    torch.save(capture_rng_state(), path / f"rng_state_rank{_rank()}.pt")
+    _barrier()  # every rank has written its shards and RNG state
+    if _rank() == 0:
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        mark_complete(path, {"step": step, "world_size": world})
+        prune(ckpt_dir, keep_last)
+    _barrier()  # nobody races ahead into a new save while rank 0 prunes
+    return path
+
+
+def load_latest(engine: Any, ckpt_dir: str | os.PathLike) -> tuple[int, dict[str, Any]] | None:
+    """Load the newest complete checkpoint into ``engine`` on every rank; restore this rank's RNG.
+
+    Rank 0 picks the tag and broadcasts it so that all ranks load the same one even if a folder
+    changes under them. Returns ``(step, client_state)`` or None when there is nothing to resume.
+    """
+    choice: list[Any] = [None]
+    if _rank() == 0:
+        latest = latest_complete(ckpt_dir)
+        choice[0] = latest[1].name if latest else None
+    if dist.is_initialized():
+        dist.broadcast_object_list(choice, src=0)
+    tag = choice[0]
+    if tag is None:
+        return None
+    load_path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {Path(ckpt_dir) / tag}")
+    rng_file = Path(ckpt_dir) / tag / f"rng_state_rank{_rank()}.pt"
+    if rng_file.is_file():
+        restore_rng_state(torch.load(rng_file, weights_only=True))
+    step = step_from_tag(tag)
+    assert step is not None
+    return step, dict(client_state or {})

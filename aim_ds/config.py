@@ -1,0 +1,264 @@
+"""Typed run configs: dataclasses filled from YAML plus dotted ``key=value`` overrides.
+
+A config is a tree of dataclasses. :func:`load_config` reads a YAML file into it, applies
+command-line overrides such as ``train.steps=40``, coerces every value to the type its field
+declares, and refuses keys the tree does not have, naming the nearest valid one. The resolved
+config is plain data (:func:`to_dict`) so it can be saved beside a run and inside checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import tempfile
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the config's schema."""
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _unknown_key_error(key: str, valid: list[str], where: str) -> ConfigError:
+    close = difflib.get_close_matches(key.split(".")[-1], [v.split(".")[-1] for v in valid], n=1)
+    hint = ""
+    if close:
+        full = [v for v in valid if v.split(".")[-1] == close[0]]
+        hint = f"; did you mean '{full[0]}'?"
+    return ConfigError(
+        f"unknown config key '{key}' in {where}{hint} (valid keys here: {', '.join(sorted(valid))})"
+    )
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert ``value`` (from YAML or a command-line string) to the declared type ``tp``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "~")):
+            if type(None) in args:
+                return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"config key '{key}': cannot read {value!r} as {tp}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' is a section; expected a mapping, got {value!r}")
+        return _from_dict(tp, value, key)
+    if isinstance(value, str) and (origin in (list, tuple, dict) or tp in (list, tuple, dict)):
+        # Overrides arrive as strings; YAML syntax lets `data.scale=[0.4,1.0]` through.
+        value = yaml.safe_load(value)
+    if origin in (list, tuple) or tp in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(args) != len(value):
+                raise ConfigError(f"config key '{key}': expected {len(args)} values, got {value!r}")
+            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        item = args[0] if args else Any
+        items = [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if (origin is tuple or tp is tuple) else items
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}': expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+            return False
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise ConfigError(f"config key '{key}': expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                number = float(value.replace("_", ""))
+            except ValueError:
+                number = None
+            if number is not None and number.is_integer():
+                return int(number)
+        raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _from_dict(cls: type[T], data: dict[str, Any], where: str) -> T:
+    types_ = _field_types(cls)
+    for key in data:
+        if key not in types_:
+            prefix = f"{where}." if where else ""
+            raise _unknown_key_error(f"{prefix}{key}", [f"{prefix}{k}" for k in types_], where or "the config")
+    kwargs = {}
+    for name, value in data.items():
+        full = f"{where}.{name}" if where else name
+        tp = types_[name]
+        if dataclasses.is_dataclass(tp) and isinstance(value, dict):
+            # Sections merge into their defaults, so a YAML may set only some keys.
+            base = to_dict(_default_of(cls, name))
+            base.update(value)
+            value = base
+        kwargs[name] = _coerce(value, tp, full)
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # a required field left unset
+        raise ConfigError(f"{where or 'config'}: {exc}") from None
+
+
+def _default_of(cls: type, name: str) -> Any:
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            if f.default is not dataclasses.MISSING:
+                return f.default
+            if f.default_factory is not dataclasses.MISSING:
+                return f.default_factory()
+    return {}
+
+
+def to_dict(cfg: Any) -> Any:
+    """Plain data (dicts, lists, scalars) for a config tree; tuples become lists."""
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, (list, tuple)):
+        return [to_dict(v) for v in cfg]
+    if isinstance(cfg, dict):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    return cfg
+
+
+def _set_dotted(tree: dict[str, Any], cls: type, dotted: str, raw: str) -> None:
+    parts = dotted.split(".")
+    node, node_cls, path = tree, cls, []
+    for i, part in enumerate(parts):
+        types_ = _field_types(node_cls)
+        if part not in types_:
+            prefix = ".".join(path)
+            valid = [f"{prefix}.{k}" if prefix else k for k in types_]
+            raise _unknown_key_error(dotted, valid, f"override '{dotted}={raw}'")
+        path.append(part)
+        tp = types_[part]
+        if i == len(parts) - 1:
+            if dataclasses.is_dataclass(tp):
+                raise ConfigError(f"override '{dotted}={raw}': '{dotted}' is a section, set one of its keys")
+            node[part] = _coerce(raw, tp, dotted)
+        else:
+            if not dataclasses.is_dataclass(tp):
+                raise ConfigError(f"override '{dotted}={raw}': '{'.'.join(path)}' is not a section")
+            node = node.setdefault(part, {})
+            node_cls = tp
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, str]]:
+    """Split ``["a.b=1", ...]`` into pairs; a malformed item is a :class:`ConfigError`."""
+    pairs = []
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override '{item}' is not of the form key=value (for example train.steps=40)")
+        key, value = item.split("=", 1)
+        pairs.append((key.strip(), value))
+    return pairs
+
+
+def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> T:
+    """Build ``cls`` from defaults, then the YAML at ``path``, then dotted ``overrides``.
+
+    Raises :class:`ConfigError` for a missing file, an unknown key (naming the nearest valid one)
+    or a value that does not fit its field's type.
+    """
+    tree: dict[str, Any] = to_dict(cls()) if _all_defaults(cls) else {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file '{p}' does not exist")
+        with open(p) as f:
+            try:
+                loaded = yaml.safe_load(f) or {}
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"config file '{p}' is not valid YAML: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file '{p}' must hold a mapping at the top level")
+        _check_keys(cls, loaded, "", str(p))
+        _merge(tree, loaded)
+    for key, raw in parse_overrides(overrides or []):
+        _set_dotted(tree, cls, key, raw)
+    return _from_dict(cls, tree, "")
+
+
+def _all_defaults(cls: type) -> bool:
+    return all(
+        f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+        for f in dataclasses.fields(cls)
+    )
+
+
+def _check_keys(cls: type, data: dict[str, Any], prefix: str, source: str) -> None:
+    types_ = _field_types(cls)
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else key
+        if key not in types_:
+            valid = [f"{prefix}.{k}" if prefix else k for k in types_]
+            raise _unknown_key_error(full, valid, f"'{source}'")
+        if dataclasses.is_dataclass(types_[key]) and isinstance(value, dict):
+            _check_keys(types_[key], value, full, source)
+
+
+def _merge(base: dict[str, Any], new: dict[str, Any]) -> None:
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+
+
+def save_config(cfg: Any, path: str | os.PathLike) -> None:
+    """Write ``cfg`` as YAML, atomically (temporary name, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,265 @@
+"""Run metrics: an always-on JSON-lines file, optional Weights & Biases, loss curves, patch grids.
+
+Only rank 0 writes. ``metrics.jsonl`` holds one JSON object per logged step (``kind`` "train" or
+"val", ``step``, and the values); a resumed run first drops the lines past its checkpoint so that
+the file reads as one straight run. Plots use matplotlib's Agg canvas directly (no pyplot, no
+global backend switch) so they work headless and inside any host program.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .model import IMAGENET_MEAN, IMAGENET_STD, patchify, unpatchify
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def read_metrics(path: str | os.PathLike, kind: str | None = None) -> list[dict[str, Any]]:
+    """Records of a ``metrics.jsonl`` (only those of ``kind`` when given); a torn last line
+    (a kill mid-write) is skipped."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    records = []
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if kind is None or record.get("kind") == kind:
+                records.append(record)
+    return records
+
+
+def trim_metrics(path: str | os.PathLike, last_step: int) -> int:
+    """Drop records with ``step > last_step`` (rewritten atomically). Returns how many were dropped."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    records = read_metrics(path)
+    kept = [r for r in records if int(r.get("step", 0)) <= last_step]
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        for record in kept:
+            f.write(json.dumps(record) + "\n")
+    os.replace(tmp, path)
+    return len(records) - len(kept)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        value = value.item() if value.numel() == 1 else value.tolist()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN/inf; keep the fact readable
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    return value
+
+
+class MetricsLogger:
+    """Rank-0 metrics sink: ``out_dir/metrics.jsonl`` always, W&B when ``wandb=True``.
+
+    On other ranks every method is a no-op, so callers need no rank checks. W&B runs offline unless
+    the user set ``WANDB_MODE``, and never prompts for a login; the run id is kept in
+    ``out_dir/wandb_id.txt`` so that a resumed run continues the same W&B run.
+    """
+
+    def __init__(
+        self,
+        out_dir: str | os.PathLike,
+        *,
+        enabled: bool,
+        resume_step: int = 0,
+        wandb: bool = False,
+        wandb_project: str = "aim-ds",
+        wandb_run_name: str = "",
+        config: dict[str, Any] | None = None,
+    ) -> None:
+        self.enabled = enabled
+        self.out_dir = Path(out_dir)
+        self.path = self.out_dir / METRICS_FILE
+        self._wandb_run = None
+        if not enabled:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        # Lines past the checkpoint we resume from belong to steps that will be redone.
+        trim_metrics(self.path, resume_step)
+        if wandb:
+            self._wandb_run = _start_wandb(self.out_dir, wandb_project, wandb_run_name, config or {})
+
+    def log(self, kind: str, step: int, values: dict[str, Any]) -> None:
+        """Append one record ``{"kind": kind, "step": step, **values}``."""
+        if not self.enabled:
+            return
+        record = {"kind": kind, "step": int(step), **{k: _jsonable(v) for k, v in values.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._wandb_run is not None:
+            prefix = "val/" if kind == "val" else "train/"
+            numeric = {prefix + k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+            self._wandb_run.log(numeric, step=int(step))
+
+    def close(self) -> None:
+        if self._wandb_run is not None:
+            self._wandb_run.finish()
+            self._wandb_run = None
+
+
+def _start_wandb(out_dir: Path, project: str, run_name: str, config: dict[str, Any]) -> Any:
+    os.environ.setdefault("WANDB_MODE", "offline")
+    os.environ.setdefault("WANDB_SILENT", "true")
+    import wandb
+
+    id_file = out_dir / "wandb_id.txt"
+    if id_file.is_file():
+        run_id = id_file.read_text().strip()
+    else:
+        run_id = wandb.util.generate_id()
+        id_file.write_text(run_id)
+    return wandb.init(
+        project=project,
+        name=run_name or out_dir.name,
+        id=run_id,
+        resume="allow",
+        dir=str(out_dir),
+        config=config,
+    )
+
+
+def flops_per_second_per_device(flops_per_image: float, images_per_second: float, world_size: int) -> float:
+    """Model FLOP/s achieved per device (``flops_per_image`` counts forward + backward)."""
+    return flops_per_image * images_per_second / max(world_size, 1)
+
+
+def model_flops_utilisation(flops_per_second: float, peak_flops_per_second: float) -> float:
+    """MFU: achieved model FLOP/s over the device's peak (H100 SXM dense bf16: 989e12)."""
+    return flops_per_second / peak_flops_per_second
+
+
+def plot_loss(metrics_path: str | os.PathLike, png_path: str | os.PathLike) -> bool:
+    """Draw train loss (and val loss when logged) against step into ``png_path``.
+
+    Returns False (and writes nothing) when there is nothing to plot.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    train = [r for r in read_metrics(metrics_path, "train") if _finite(r.get("loss"))]
+    val = [r for r in read_metrics(metrics_path, "val") if _finite(r.get("loss"))]
+    if not train and not val:
+        return False
+    fig = Figure(figsize=(7, 4.5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    if train:
+        ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train", linewidth=1.0)
+    if val:
+        ax.plot([r["step"] for r in val], [r["loss"] for r in val], "o-", label="val", linewidth=1.5)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("normalised-pixel MSE")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    png_path = Path(png_path)
+    png_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = png_path.with_name(f".{png_path.name}.tmp.png")
+    fig.savefig(tmp)
+    os.replace(tmp, png_path)  # a reader never sees a half-written image
+    return True
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+@torch.no_grad()
+def reconstruct_from_pred(images: Tensor, pred: Tensor, patch_size: int, eps: float = 1e-6) -> Tensor:
+    """Turn predictions back into pixels, ImageNet-normalised like ``images``.
+
+    ``images`` ``[B, 3, H, W]``; ``pred`` ``[B, N, p*p*3]`` with row ``k`` predicting patch ``k+1``
+    in per-patch-normalised units. Each predicted patch is de-normalised with the *true* patch's
+    mean and variance (the model never sees them; this only makes the picture comparable). Patch 0
+    has no prediction and is copied from the image. Returns ``[B, 3, H, W]``.
+    """
+    true = patchify(images.float(), patch_size)  # [B, N, P]
+    mean = true.mean(dim=-1, keepdim=True)
+    std = torch.sqrt(true.var(dim=-1, unbiased=False, keepdim=True) + eps)
+    recon = true.clone()
+    recon[:, 1:] = pred[:, :-1].float() * std[:, 1:] + mean[:, 1:]
+    grid = images.shape[-1] // patch_size
+    return unpatchify(recon, patch_size, grid)
+
+
+def _to_uint8(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """ImageNet-normalised ``[B, 3, H, W]`` -> uint8 ``[B, H, W, 3]``."""
+    m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+    pixels = (images.detach().float().cpu() * s + m).clamp(0.0, 1.0)
+    return (pixels.permute(0, 2, 3, 1).numpy() * 255.0 + 0.5).astype(np.uint8)
+
+
+def save_patch_grid(
+    images: Tensor,
+    pred: Tensor,
+    patch_size: int,
+    path: str | os.PathLike,
+    *,
+    num_images: int = 4,
+    prefix_len: Tensor | None = None,
+    min_cell_px: int = 128,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> Path:
+    """Save a PNG with, for each of the first ``num_images`` images, the true image (left) and the
+    model's next-patch predictions (right), side by side, one image per row.
+
+    ``images`` ``[B, 3, H, W]`` ImageNet-normalised; ``pred`` ``[B, N, p*p*3]`` from the model's
+    forward. With ``prefix_len`` ``[B]``, prefix patches (inputs the loss ignores) are drawn dimmed
+    in the prediction panel. Small images are upscaled (nearest) to at least ``min_cell_px``.
+    """
+    from PIL import Image
+
+    count = min(num_images, images.shape[0])
+    images = images[:count].detach().float().cpu()
+    pred = pred[:count].detach().float().cpu()
+    recon = reconstruct_from_pred(images, pred, patch_size)
+    true_u8 = _to_uint8(images, mean, std)  # [b, H, W, 3]
+    recon_u8 = _to_uint8(recon, mean, std)
+    if prefix_len is not None:
+        grid = images.shape[-1] // patch_size
+        for b, length in enumerate(prefix_len[:count].tolist()):
+            for index in range(int(length)):
+                row, col = divmod(index, grid)
+                cell = recon_u8[b, row * patch_size : (row + 1) * patch_size, col * patch_size : (col + 1) * patch_size]
+                cell[:] = (cell.astype(np.float32) * 0.35).astype(np.uint8)
+    height, width = true_u8.shape[1:3]
+    scale = max(1, math.ceil(min_cell_px / max(height, width)))
+    gap = 4
+    canvas = np.full((count * (height * scale + gap) + gap, 2 * (width * scale + gap) + gap, 3), 255, np.uint8)
+    for b in range(count):
+        for column, picture in enumerate((true_u8[b], recon_u8[b])):
+            big = picture.repeat(scale, axis=0).repeat(scale, axis=1)
+            top = gap + b * (height * scale + gap)
+            left = gap + column * (width * scale + gap)
+            canvas[top : top + height * scale, left : left + width * scale] = big
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    Image.fromarray(canvas).save(tmp, format="PNG")
+    os.replace(tmp, path)
+    return path

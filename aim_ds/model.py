@@ -1,0 +1,346 @@
+"""The AIM pretraining model: preprocessor, prefix-causal trunk, pixel-prediction head, loss.
+
+Module and parameter names follow the authors' inference code (apple/ml-aim, ``aim-v1``) for the
+preprocessor and the trunk, so released backbones load through :mod:`aim_ds.interop` with a thin
+mapping. Shapes: ``B`` batch, ``N`` patches (raster order), ``D`` trunk width, ``P = p*p*3``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from .attention import Attention, AttentionImpl, build_mask
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class AIMConfig:
+    """Architecture of one AIM model (trunk + pixel head)."""
+
+    image_size: int = 224
+    patch_size: int = 14
+    width: int = 1536
+    depth: int = 24
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    head_width: int = 2048
+    head_depth: int = 12
+    head_mlp_ratio: float = 4.0
+    norm_eps: float = 1e-6  # the released weights' value; the authors' training config used 1e-5
+    target_eps: float = 1e-6  # per-patch target normalisation
+    attn_impl: AttentionImpl = "auto"
+
+    def __post_init__(self) -> None:
+        if self.image_size % self.patch_size != 0:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.width % self.num_heads != 0:
+            raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
+        for name in ("width", "head_width"):
+            if getattr(self, name) % 4 != 0:
+                raise ValueError(f"{name} {getattr(self, name)} must be a multiple of 4 for the 2D sin-cos embedding")
+        if self.attn_impl not in ("auto", "sdpa", "flex"):
+            raise ValueError(f"attn_impl {self.attn_impl!r} is not one of 'auto', 'sdpa', 'flex'")
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size**2
+
+    @property
+    def patch_dim(self) -> int:
+        return self.patch_size * self.patch_size * 3
+
+    def replace(self, **overrides) -> AIMConfig:
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            valid = ", ".join(f.name for f in dataclasses.fields(self))
+            raise TypeError(f"unknown model override(s) {sorted(unknown)}; valid: {valid}")
+        return dataclasses.replace(self, **overrides)
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in fp32 whatever the input and parameter dtype (bf16 autocast or bf16
+    weights under DeepSpeed), cast back to the input dtype."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            weight = self.weight.float() if self.weight is not None else None
+            bias = self.bias.float() if self.bias is not None else None
+            out = F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps)
+        return out.to(x.dtype)
+
+
+def sincos_pos_embed_2d(dim: int, grid_size: int) -> Tensor:
+    """Fixed 2D sin-cos position embedding ``[grid_size**2, dim]`` in raster order.
+
+    The first half of ``dim`` encodes the column index, the second half the row index; each half
+    is ``[sin(pos * w_k) for k] + [cos(pos * w_k) for k]`` with ``w_k = 10000 ** (-k / (dim / 4))``.
+    """
+    quarter = dim // 4
+    omega = 10000.0 ** (-torch.arange(quarter, dtype=torch.float64) / quarter)  # [D/4]
+    pos = torch.arange(grid_size, dtype=torch.float64)
+    rows, cols = torch.meshgrid(pos, pos, indexing="ij")  # [G, G]
+
+    def encode(p: Tensor) -> Tensor:
+        angles = p.reshape(-1, 1) * omega[None]  # [G*G, D/4]
+        return torch.cat([angles.sin(), angles.cos()], dim=1)  # [G*G, D/2]
+
+    return torch.cat([encode(cols), encode(rows)], dim=1).float()  # [G*G, D]
+
+
+def patchify(images: Tensor, patch_size: int) -> Tensor:
+    """``[B, 3, H, W]`` -> ``[B, N, p*p*3]``, patches in raster order, each flattened as
+    (row-in-patch, col-in-patch, channel)."""
+    batch, channels, height, width = images.shape
+    p = patch_size
+    x = images.reshape(batch, channels, height // p, p, width // p, p)
+    x = x.permute(0, 2, 4, 3, 5, 1)  # [B, gh, gw, p, p, C]
+    return x.reshape(batch, (height // p) * (width // p), p * p * channels)
+
+
+def unpatchify(patches: Tensor, patch_size: int, grid_size: int) -> Tensor:
+    """Inverse of :func:`patchify`: ``[B, N, p*p*3]`` -> ``[B, 3, H, W]``."""
+    batch = patches.shape[0]
+    p = patch_size
+    x = patches.reshape(batch, grid_size, grid_size, p, p, 3).permute(0, 5, 1, 3, 2, 4)
+    return x.reshape(batch, 3, grid_size * p, grid_size * p)
+
+
+def normalize_patches(patches: Tensor, eps: float = 1e-6) -> Tensor:
+    """Per-patch target normalisation over the last dim: ``(t - mean) / sqrt(var + eps)``."""
+    mean = patches.mean(dim=-1, keepdim=True)
+    var = patches.var(dim=-1, unbiased=False, keepdim=True)
+    return (patches - mean) / torch.sqrt(var + eps)
+
+
+class PatchEmbed(nn.Module):
+    """Conv2d(3, D, p, stride p) with bias, then LayerNorm (ml-aim's ``patchifier``)."""
+
+    def __init__(self, patch_size: int, width: int, eps: float) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size)
+        self.norm = LayerNorm(width, eps=eps)
+
+    def forward(self, images: Tensor) -> Tensor:
+        x = self.proj(images).flatten(2).transpose(1, 2)  # [B, N, D]
+        return self.norm(x)
+
+
+class Preprocessor(nn.Module):
+    """Patchify and add the fixed 2D sin-cos position embedding (kept out of the state dict)."""
+
+    def __init__(self, cfg: AIMConfig) -> None:
+        super().__init__()
+        self.patchifier = PatchEmbed(cfg.patch_size, cfg.width, cfg.norm_eps)
+        self.register_buffer("pos_embed", sincos_pos_embed_2d(cfg.width, cfg.grid_size), persistent=False)
+
+    def forward(self, images: Tensor) -> Tensor:
+        """``[B, 3, H, W]`` -> ``[B, N, D]``."""
+        x = self.patchifier(images)
+        return x + self.pos_embed.to(x.dtype)
+
+
+class MLP(nn.Module):
+    """fc1 -> exact GELU -> fc2, no biases."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden, bias=False)
+        self.fc2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: ``x + attn(norm_1(x))``, then ``x + mlp(norm_2(x))``."""
+
+    def __init__(self, cfg: AIMConfig) -> None:
+        super().__init__()
+        self.norm_1 = LayerNorm(cfg.width, eps=cfg.norm_eps)
+        self.attn = Attention(cfg.width, cfg.num_heads)
+        self.norm_2 = LayerNorm(cfg.width, eps=cfg.norm_eps)
+        self.mlp = MLP(cfg.width, int(cfg.width * cfg.mlp_ratio))
+
+    def forward(self, x: Tensor, mask=None) -> Tensor:
+        x = x + self.attn(self.norm_1(x), mask)
+        return x + self.mlp(self.norm_2(x))
+
+
+class Trunk(nn.Module):
+    """The stack of blocks and the final LayerNorm (``post_trunk_norm``)."""
+
+    def __init__(self, cfg: AIMConfig) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.depth)])
+        self.post_trunk_norm = LayerNorm(cfg.width, eps=cfg.norm_eps)
+        self.grad_checkpointing = False
+
+    def forward(self, x: Tensor, mask=None, collect: Sequence[int] = ()) -> tuple[Tensor, list[Tensor]]:
+        """Returns the normed output ``[B, N, D]`` and the raw outputs of the blocks in ``collect``."""
+        collected = []
+        wanted = set(collect)
+        for i, block in enumerate(self.blocks):
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, mask, use_reentrant=False)
+            else:
+                x = block(x, mask)
+            if i in wanted:
+                collected.append(x)
+        return self.post_trunk_norm(x), collected
+
+
+class HeadBlock(nn.Module):
+    """Residual MLP block of the pixel head: ``x + fc2(gelu(fc1(norm(x))))``, no attention."""
+
+    def __init__(self, width: int, hidden: int, eps: float) -> None:
+        super().__init__()
+        self.norm = LayerNorm(width, eps=eps)
+        self.mlp = MLP(width, hidden)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.mlp(self.norm(x))
+
+
+class PixelHead(nn.Module):
+    """Linear(D -> W) + sin-cos position, ``head_depth`` residual MLP blocks, LayerNorm,
+    Linear(W -> p*p*3). Each patch is processed on its own."""
+
+    def __init__(self, cfg: AIMConfig) -> None:
+        super().__init__()
+        self.embed = nn.Linear(cfg.width, cfg.head_width)
+        self.register_buffer("pos_embed", sincos_pos_embed_2d(cfg.head_width, cfg.grid_size), persistent=False)
+        hidden = int(cfg.head_width * cfg.head_mlp_ratio)
+        self.blocks = nn.ModuleList([HeadBlock(cfg.head_width, hidden, cfg.norm_eps) for _ in range(cfg.head_depth)])
+        self.norm = LayerNorm(cfg.head_width, eps=cfg.norm_eps)
+        self.out = nn.Linear(cfg.head_width, cfg.patch_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``[B, N, D]`` -> ``[B, N, p*p*3]``."""
+        x = self.embed(x)
+        x = x + self.pos_embed.to(x.dtype)
+        for block in self.blocks:
+            x = block(x)
+        return self.out(self.norm(x))
+
+
+class AIM(nn.Module):
+    """AIM pretraining model. ``forward(images, prefix_len)`` returns ``{"loss", "pred"}``."""
+
+    def __init__(self, cfg: AIMConfig, name: str | None = None) -> None:
+        super().__init__()
+        self.config = cfg
+        self.name = name
+        self.preprocessor = Preprocessor(cfg)
+        self.trunk = Trunk(cfg)
+        self.head = PixelHead(cfg)
+        self.register_buffer("image_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("image_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.reset_parameters()
+
+    @property
+    def num_patches(self) -> int:
+        return self.config.num_patches
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """xavier_uniform for every Linear and the (flattened) patch conv, zero biases, LayerNorm 1/0."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        conv = self.preprocessor.patchifier.proj
+        nn.init.xavier_uniform_(conv.weight.view(conv.weight.shape[0], -1))
+        nn.init.zeros_(conv.bias)
+
+    def set_grad_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each trunk block in the backward pass instead of storing its activations."""
+        self.trunk.grad_checkpointing = enabled
+
+    def sample_prefix_len(self, batch_size: int, generator: torch.Generator | None = None) -> Tensor:
+        """Prefix lengths drawn uniformly from ``[1, N-1]``, ``[B]`` int64 on the CPU."""
+        return torch.randint(1, self.num_patches, (batch_size,), generator=generator)
+
+    def forward_trunk(self, images: Tensor, prefix_len: Tensor | None) -> Tensor:
+        """``[B, 3, H, W]`` -> normed trunk output ``[B, N, D]`` under the prefix-causal mask."""
+        x = self.preprocessor(images)
+        mask = build_mask(prefix_len, x.shape[1], self.config.attn_impl, x.device)
+        out, _ = self.trunk(x, mask)
+        return out
+
+    def targets(self, images: Tensor) -> Tensor:
+        """Per-patch normalised pixel targets ``[B, N, p*p*3]`` in fp32."""
+        return normalize_patches(patchify(images.float(), self.config.patch_size), self.config.target_eps)
+
+    def loss_mask(self, prefix_len: Tensor, num_patches: int) -> Tensor:
+        """``[B, N-1]`` bool: prediction row ``k`` (of patch ``k+1``) counts iff ``k + 1 >= S``."""
+        rows = torch.arange(num_patches - 1, device=prefix_len.device)
+        return rows[None, :] + 1 >= prefix_len[:, None]
+
+    def forward_loss(self, pred: Tensor, images: Tensor, prefix_len: Tensor) -> Tensor:
+        """Token-level mean over the batch of the per-patch MSE on non-prefix targets, in fp32."""
+        with torch.autocast(device_type=pred.device.type, enabled=False):
+            target = self.targets(images)[:, 1:]  # [B, N-1, P]: patch k+1 for row k
+            per_patch = (pred[:, :-1].float() - target).pow(2).mean(dim=-1)  # [B, N-1]
+            mask = self.loss_mask(prefix_len.to(pred.device), target.shape[1] + 1).float()
+            return (per_patch * mask).sum() / mask.sum().clamp_min(1.0)
+
+    def forward(self, images: Tensor, prefix_len: Tensor | None = None) -> dict[str, Tensor]:
+        """``images`` ``[B, 3, H, W]`` ImageNet-normalised; ``prefix_len`` ``[B]`` int64 in ``[1, N-1]``
+        or None (drawn from torch's default generator). Returns ``loss`` (scalar) and ``pred``
+        ``[B, N, p*p*3]``, row ``k`` predicting patch ``k+1`` (the last row predicts nothing)."""
+        batch = images.shape[0]
+        if prefix_len is None:
+            prefix_len = self.sample_prefix_len(batch)
+        prefix_len = prefix_len.to(images.device, torch.long)
+        if prefix_len.shape != (batch,):
+            raise ValueError(f"prefix_len must have shape [{batch}], got {tuple(prefix_len.shape)}")
+        if bool(((prefix_len < 1) | (prefix_len >= self.num_patches)).any()):
+            raise ValueError(f"prefix_len values must lie in [1, {self.num_patches - 1}], got {prefix_len.tolist()}")
+        features = self.forward_trunk(images, prefix_len)
+        pred = self.head(features)
+        return {"loss": self.forward_loss(pred, images, prefix_len), "pred": pred}
+
+    def extract_features(self, images: Tensor, layers: Sequence[int] | None = None) -> Tensor:
+        """Full bidirectional attention. ``layers=None``: the final normed output ``[B, N, D]``;
+        a list of block indices: the mean of those blocks' raw outputs ``[B, N, D]``."""
+        x = self.preprocessor(images)
+        if layers is None:
+            out, _ = self.trunk(x, None)
+            return out
+        layers = [int(i) for i in layers]
+        depth = self.config.depth
+        bad = [i for i in layers if not -depth <= i < depth]
+        if bad or not layers:
+            raise ValueError(f"layers {layers} must be a non-empty list of block indices in [0, {depth - 1}]")
+        layers = [i % depth for i in layers]
+        _, collected = self.trunk(x, None, collect=layers)
+        # A layer listed twice counts twice in the mean, as the caller asked.
+        by_index = dict(zip(sorted(set(layers)), collected))
+        return torch.stack([by_index[i] for i in layers]).mean(dim=0)
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of parameters (works on the meta device)."""
+    return sum(p.numel() for p in module.parameters())
+
+
+def trunk_parameter_count(model: AIM) -> int:
+    """Preprocessor + trunk parameters: the figure Table 1 quotes."""
+    return count_parameters(model.preprocessor) + count_parameters(model.trunk)

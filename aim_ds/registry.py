@@ -1,0 +1,142 @@
+"""The model registry, keyed by the paper's Table 1 sizes plus small sizes for CPU work.
+
+Each entry holds the architecture (:class:`~aim_ds.model.AIMConfig`), the Table 1 pretraining
+recipe the drivers take their defaults from, and the probe's "best" block range.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .model import AIM, AIMConfig
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Pretraining recipe of Table 1 / Table 10. ``batch_size`` is the global batch in images."""
+
+    peak_lr: float
+    batch_size: int
+    patches_seen: float
+    warmup_fraction: float = 0.025  # 31,250 of 1.25M iterations
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+
+    def total_steps(self, num_patches: int) -> int:
+        """Optimizer steps to see ``patches_seen`` patches at ``batch_size`` images per step."""
+        return max(1, round(self.patches_seen / (self.batch_size * num_patches)))
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A registry entry."""
+
+    name: str
+    config: AIMConfig
+    recipe: Recipe
+    best_probe_layers: tuple[int, ...] = field(default=())
+    paper_params: float | None = None  # preprocessor + trunk, as counted from the authors' code
+
+    @property
+    def last_probe_layers(self) -> tuple[int, ...]:
+        depth = self.config.depth
+        return tuple(range(max(0, depth - 6), depth))
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register_model(spec: ModelSpec) -> ModelSpec:
+    """Add ``spec``; a name that is already taken is an error, never a silent overwrite."""
+    if spec.name in _REGISTRY:
+        raise ValueError(f"model {spec.name!r} is already registered")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def list_models() -> list[str]:
+    """Registered model names, smallest first."""
+    return list(_REGISTRY)
+
+
+def get_model_spec(name: str) -> ModelSpec:
+    """The registry entry for ``name``; an unknown name is a KeyError listing the known ones."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown model {name!r}; known models: {', '.join(list_models())}") from None
+
+
+def create_model(name: str, device: str | torch.device | None = None, **overrides) -> AIM:
+    """Build the pretraining model ``name`` with architecture ``overrides`` (AIMConfig fields).
+
+    ``device="meta"`` builds it without allocating memory (parameter counting, sharded init).
+    """
+    spec = get_model_spec(name)
+    cfg = spec.config.replace(**overrides) if overrides else spec.config
+    if device is None:
+        return AIM(cfg, name=name)
+    with torch.device(device):
+        return AIM(cfg, name=name)
+
+
+def _table1(name: str, width: int, depth: int, patches_seen: float, best: range, params: float) -> ModelSpec:
+    return ModelSpec(
+        name=name,
+        config=AIMConfig(width=width, depth=depth, num_heads=width // 128),
+        recipe=Recipe(peak_lr=1e-3, batch_size=4096, patches_seen=patches_seen),
+        best_probe_layers=tuple(best),
+        paper_params=params,
+    )
+
+
+# Small sizes: same architecture, smaller image, patch and width, for tests and CPU demos.
+register_model(
+    ModelSpec(
+        name="aim-test",
+        config=AIMConfig(image_size=32, patch_size=4, width=64, depth=4, num_heads=2, head_width=64, head_depth=2),
+        recipe=Recipe(peak_lr=1e-3, batch_size=32, patches_seen=32 * 64 * 200, warmup_fraction=0.1),
+        best_probe_layers=(0, 1, 2, 3),
+    )
+)
+register_model(
+    ModelSpec(
+        name="aim-tiny",
+        config=AIMConfig(image_size=32, patch_size=4, width=192, depth=6, num_heads=3, head_width=256, head_depth=2),
+        recipe=Recipe(peak_lr=1e-3, batch_size=64, patches_seen=64 * 64 * 1000, warmup_fraction=0.05),
+        best_probe_layers=(0, 1, 2, 3, 4, 5),
+    )
+)
+register_model(
+    ModelSpec(
+        name="aim-small",
+        config=AIMConfig(image_size=112, patch_size=14, width=384, depth=12, num_heads=6, head_width=512, head_depth=4),
+        recipe=Recipe(peak_lr=1e-3, batch_size=256, patches_seen=256 * 64 * 20_000),
+        best_probe_layers=(5, 6, 7, 8, 9, 10),
+    )
+)
+# Table 1. "best" probe blocks per AIM_FACTS (0-indexed).
+register_model(_table1("aim-0.6B", 1536, 24, 0.5e12, range(14, 20), 680.5e6))
+register_model(_table1("aim-1B", 2048, 24, 1.2e12, range(12, 18), 1.209e9))
+register_model(_table1("aim-3B", 3072, 24, 1.2e12, range(12, 18), 2.720e9))
+register_model(_table1("aim-7B", 4096, 32, 1.2e12, range(14, 20), 6.445e9))
+
+
+def table1_models() -> list[str]:
+    """The paper's four sizes."""
+    return [name for name, spec in _REGISTRY.items() if spec.paper_params is not None]
+
+
+__all__ = [
+    "ModelSpec",
+    "Recipe",
+    "create_model",
+    "get_model_spec",
+    "list_models",
+    "register_model",
+    "table1_models",
+]

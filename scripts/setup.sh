@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Idempotent set-up for aim-ds: apt packages (when missing), .venv, PyTorch, requirements.txt,
+# then Pillow-SIMD as the PIL in use. Quick when everything is already in place.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=${VENV:-.venv}
+PY=${PYTHON:-python3}
+STAMP="$VENV/.aim-ds-setup"
+APT_PACKAGES=(pkg-config libopencv-dev libturbojpeg0-dev libjpeg62-turbo-dev zlib1g-dev)
+TORCH_CPU_VERSION=2.13.0
+
+log() { echo "[setup] $*"; }
+
+# 1. System libraries that FFCV (OpenCV, libjpeg-turbo) and Pillow-SIMD build against.
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  log "installing apt packages: ${missing[*]}"
+  SUDO=""
+  [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# 2. The virtual environment.
+if [ ! -x "$VENV/bin/python" ]; then
+  log "creating $VENV"
+  "$PY" -m venv "$VENV"
+fi
+PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
+[ -d /opt/wheels ] && export PIP_FIND_LINKS="${PIP_FIND_LINKS:-/opt/wheels}"
+
+want="$(cat requirements.txt scripts/setup.sh | sha256sum | cut -d' ' -f1)"
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] \
+   && "$VENV/bin/python" -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in ('torch', 'deepspeed', 'ffcv', 'PIL')))" 2>/dev/null; then
+  exit 0
+fi
+
+# 3. PyTorch: the CPU build where there is no CUDA (a bare `torch` would pull several GB of CUDA).
+if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
+    log "CUDA present: installing torch from the package index"
+    "${PIP[@]}" install "torch>=2.6"
+  else
+    log "no CUDA: installing torch==$TORCH_CPU_VERSION (CPU build)"
+    "${PIP[@]}" install "torch==$TORCH_CPU_VERSION"
+  fi
+fi
+
+# 4. Everything else. numpy first: FFCV's build imports it.
+log "installing requirements.txt"
+"${PIP[@]}" install numpy
+"${PIP[@]}" install -r requirements.txt
+
+# 5. Some dependencies (matplotlib, ...) pull plain Pillow, which shares the PIL package with
+#    Pillow-SIMD and would shadow it. Remove it and put Pillow-SIMD's files back.
+if "$VENV/bin/python" -m pip show pillow >/dev/null 2>&1; then
+  log "replacing plain Pillow with Pillow-SIMD"
+  "${PIP[@]}" uninstall -y pillow
+  "${PIP[@]}" install --force-reinstall --no-deps pillow-simd
+fi
+"$VENV/bin/python" - <<'PY'
+import importlib.metadata as md, pathlib, PIL
+files = {str(pathlib.Path(f)) for f in md.files("pillow-simd") or ()}
+assert "PIL/__init__.py" in files, "Pillow-SIMD does not own the PIL package"
+print(f"[setup] PIL {PIL.__version__} from pillow-simd")
+PY
+echo "$want" > "$STAMP"
+log "done"
