@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .layers import Linear
+
 AttentionImpl = Literal["auto", "sdpa", "flex"]
 
 
@@ -59,8 +61,8 @@ class Attention(nn.Module):
         if dim % num_heads != 0:
             raise ValueError(f"width {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.proj = nn.Linear(dim, dim, bias=False)
+        self.qkv = Linear(dim, 3 * dim, bias=False)
+        self.proj = Linear(dim, dim, bias=False)
 
     def forward(self, x: Tensor, mask: "Tensor | object | None" = None) -> Tensor:
         """``x``: ``[B, N, D]``. ``mask``: None (full attention), a boolean ``[B, 1, N, N]`` tensor

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import Attention, AttentionImpl, build_mask
+from .layers import LayerNorm, Linear, PatchConv
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -70,18 +71,6 @@ class AIMConfig:
         return dataclasses.replace(self, **overrides)
 
 
-class LayerNorm(nn.LayerNorm):
-    """LayerNorm computed in fp32 whatever the input and parameter dtype (bf16 autocast or bf16
-    weights under DeepSpeed), cast back to the input dtype."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            weight = self.weight.float() if self.weight is not None else None
-            bias = self.bias.float() if self.bias is not None else None
-            out = F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps)
-        return out.to(x.dtype)
-
-
 def sincos_pos_embed_2d(dim: int, grid_size: int) -> Tensor:
     """Fixed 2D sin-cos position embedding ``[grid_size**2, dim]`` in raster order.
 
@@ -130,7 +119,7 @@ class PatchEmbed(nn.Module):
 
     def __init__(self, patch_size: int, width: int, eps: float) -> None:
         super().__init__()
-        self.proj = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size)
+        self.proj = PatchConv(3, width, kernel_size=patch_size, stride=patch_size)
         self.norm = LayerNorm(width, eps=eps)
 
     def forward(self, images: Tensor) -> Tensor:
@@ -157,8 +146,8 @@ class MLP(nn.Module):
 
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden, bias=False)
-        self.fc2 = nn.Linear(hidden, dim, bias=False)
+        self.fc1 = Linear(dim, hidden, bias=False)
+        self.fc2 = Linear(hidden, dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc2(F.gelu(self.fc1(x)))
@@ -220,12 +209,12 @@ class PixelHead(nn.Module):
 
     def __init__(self, cfg: AIMConfig) -> None:
         super().__init__()
-        self.embed = nn.Linear(cfg.width, cfg.head_width)
+        self.embed = Linear(cfg.width, cfg.head_width)
         self.register_buffer("pos_embed", sincos_pos_embed_2d(cfg.head_width, cfg.grid_size), persistent=False)
         hidden = int(cfg.head_width * cfg.head_mlp_ratio)
         self.blocks = nn.ModuleList([HeadBlock(cfg.head_width, hidden, cfg.norm_eps) for _ in range(cfg.head_depth)])
         self.norm = LayerNorm(cfg.head_width, eps=cfg.norm_eps)
-        self.out = nn.Linear(cfg.head_width, cfg.patch_dim)
+        self.out = Linear(cfg.head_width, cfg.patch_dim)
 
     def forward(self, x: Tensor) -> Tensor:
         """``[B, N, D]`` -> ``[B, N, p*p*3]``."""
@@ -246,28 +235,10 @@ class AIM(nn.Module):
         self.preprocessor = Preprocessor(cfg)
         self.trunk = Trunk(cfg)
         self.head = PixelHead(cfg)
-        self.register_buffer("image_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("image_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
-        self.reset_parameters()
 
     @property
     def num_patches(self) -> int:
         return self.config.num_patches
-
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """xavier_uniform for every Linear and the (flattened) patch conv, zero biases, LayerNorm 1/0."""
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-        conv = self.preprocessor.patchifier.proj
-        nn.init.xavier_uniform_(conv.weight.view(conv.weight.shape[0], -1))
-        nn.init.zeros_(conv.bias)
 
     def set_grad_checkpointing(self, enabled: bool = True) -> None:
         """Recompute each trunk block in the backward pass instead of storing its activations."""

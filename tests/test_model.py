@@ -91,7 +91,7 @@ def test_no_biases_in_attention_and_mlp_linears() -> None:
 
 def test_state_dict_has_no_position_keys() -> None:
     keys = aim_ds.create_model("aim-test").state_dict().keys()
-    assert not [k for k in keys if "pos_embed" in k or "image_mean" in k]
+    assert not [k for k in keys if "pos_embed" in k]
 
 
 def naive_mask(prefix_len: list[int], n: int) -> torch.Tensor:
@@ -361,3 +361,16 @@ def test_flop_counter() -> None:
     # Roughly 6 x (0.68B + 0.41B) x 256 ~ 1.7 TFLOP per image.
     assert 1.6e12 < train_flops_per_image(cfg) < 1.8e12
     assert train_flops_per_image(get_model_spec("aim-7B").config) > 3 * train_flops_per_image(cfg)
+
+
+def test_initialisation_follows_the_authors() -> None:
+    torch.manual_seed(0)
+    model = aim_ds.create_model("aim-tiny")
+    qkv = model.trunk.blocks[0].attn.qkv.weight  # [3D, D]: xavier bound sqrt(6 / (D + 3D))
+    bound = math.sqrt(6 / (qkv.shape[0] + qkv.shape[1]))
+    assert qkv.abs().max() <= bound and qkv.abs().max() > 0.9 * bound
+    conv = model.preprocessor.patchifier.proj.weight  # flattened [D, 3*p*p]
+    bound = math.sqrt(6 / (conv.shape[0] + conv[0].numel()))
+    assert conv.abs().max() <= bound and conv.abs().max() > 0.9 * bound
+    assert model.head.out.bias.abs().sum() == 0 and model.preprocessor.patchifier.proj.bias.abs().sum() == 0
+    assert torch.equal(model.trunk.post_trunk_norm.weight, torch.ones_like(model.trunk.post_trunk_norm.weight))
