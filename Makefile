@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export DS_ACCELERATOR ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1 && echo cuda || echo cpu)
 
-.PHONY: setup test test-fast lint bench demo clean
+.PHONY: setup test test-fast lint bench bench-gpu wheels demo clean
 
 setup:
 	@bash scripts/setup.sh
@@ -20,6 +20,17 @@ lint: setup
 
 bench: setup
 	$(PY) bench/bench_loader.py --out bench_out/loader.md
+
+# Training-step benchmark, ZeRO-3 against plain PyTorch (GPU; on CPU it runs the test model).
+BENCH_GPU_MODELS ?= aim-0.6B aim-1B
+BENCH_GPU_ARGS ?= --micro-batch 64
+bench-gpu: setup
+	$(PY) bench/bench_gpu.py --models $(BENCH_GPU_MODELS) $(BENCH_GPU_ARGS) --out bench_out/gpu.md
+
+# Wheels for an offline GPU machine: DeepSpeed is an sdist on PyPI; its pure-Python wheel builds here.
+wheels: setup
+	$(PY) -m pip wheel -q --no-deps -w wheels deepspeed==0.19.8 hjson ninja py-cpuinfo msgpack einops safetensors
+	@ls wheels
 
 clean:
 	rm -rf bench_out demo_out .pytest_cache
