@@ -62,6 +62,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 errors.append(str(exc))
         raise ConfigError(f"config key '{key}': cannot read {value!r} as {tp}")
     if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{key}' is a section; expected a mapping, got {value!r}")
         return _from_dict(tp, value, key)
@@ -180,7 +182,8 @@ def _set_dotted(tree: dict[str, Any], cls: type, dotted: str, raw: str) -> None:
         if i == len(parts) - 1:
             if dataclasses.is_dataclass(tp):
                 raise ConfigError(f"override '{dotted}={raw}': '{dotted}' is a section, set one of its keys")
-            node[part] = _coerce(raw, tp, dotted)
+            # Validated now (so the error names the override), stored as plain data like YAML values.
+            node[part] = to_dict(_coerce(raw, tp, dotted))
         else:
             if not dataclasses.is_dataclass(tp):
                 raise ConfigError(f"override '{dotted}={raw}': '{'.'.join(path)}' is not a section")

@@ -70,3 +70,21 @@ def test_save_round_trip(tmp_path: Path) -> None:
     assert load_config(Run, tmp_path / "run" / "config.yaml") == cfg
     assert to_dict(cfg)["train"]["scale"] == [0.4, 1.0]
     assert not list((tmp_path / "run").glob("*.tmp"))
+
+
+@dataclass
+class Source:
+    path: str = ""
+    prob: float = 1.0
+
+
+@dataclass
+class WithSources:
+    sources: list[Source] = field(default_factory=list)
+
+
+def test_list_of_sections_from_the_command_line() -> None:
+    cfg = load_config(WithSources, None, ["sources=[{path: a.beton, prob: 0.8}, {path: b.beton, prob: 0.2}]"])
+    assert cfg.sources == [Source("a.beton", 0.8), Source("b.beton", 0.2)]
+    with pytest.raises(ConfigError, match="probb"):
+        load_config(WithSources, None, ["sources=[{path: a.beton, probb: 1}]"])

@@ -1,0 +1,443 @@
+"""Load AIM trunk weights from any of the three places they live, and build a frozen trunk.
+
+Sources, told apart by what is on disk (:func:`detect_source`):
+
+- ``export``: our pretraining export, a folder holding ``model.safetensors`` + ``model.json``
+  (``<run>/export``) or the ``.safetensors`` file itself (our full state dict, pixel head included);
+- ``deepspeed``: a DeepSpeed ZeRO checkpoint, given as the run folder (``<run>``), its
+  ``checkpoints/`` folder or one tag folder (``checkpoints/step_0000100``); consolidated to fp32 on
+  the fly from the optimizer shards (no process group needed);
+- ``ml_aim``: a released apple/ml-aim backbone (``.safetensors``, ``.pth``/``.pt``/``.bin``),
+  possibly carrying a probe head (``head.cls_token``...), mapped by :func:`aim_ds.interop.from_ml_aim`.
+
+All of them end as *our* backbone state dict: ``preprocessor.*`` and ``trunk.*`` keys in fp32.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from . import checkpoint as ckpt
+from .export import EXPORT_DIR, META_FILE, ML_AIM_FILE, WEIGHTS_FILE
+from .interop import from_ml_aim, strip_wrappers
+from .model import AIM
+from .registry import create_model, get_model_spec, list_models
+
+Source = Literal["export", "deepspeed", "ml_aim"]
+
+_TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+_BACKBONE_PREFIXES = ("preprocessor.", "trunk.")
+# Keys that only our pretraining model has (the pixel head); their presence marks our layout.
+_PIXEL_HEAD = re.compile(r"^head\.(embed|blocks|norm|out)\.")
+_BLOCK = re.compile(r"^trunk\.blocks\.(\d+)\.")
+
+
+class WeightsError(ValueError):
+    """A weights path that cannot be read as any known source."""
+
+
+class WeightsMismatchError(ValueError):
+    """A checkpoint whose backbone does not fit the named model.
+
+    ``missing``: model keys absent from the checkpoint; ``unexpected``: checkpoint keys the model
+    lacks; ``mismatched``: ``(key, checkpoint shape, model shape)``.
+    """
+
+    def __init__(
+        self,
+        model_name: str,
+        missing: list[str],
+        unexpected: list[str],
+        mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]],
+        hint: str = "",
+    ) -> None:
+        self.model_name = model_name
+        self.missing = missing
+        self.unexpected = unexpected
+        self.mismatched = mismatched
+        lines = [f"checkpoint does not match model {model_name!r}:"]
+        if missing:
+            lines.append(f"  missing keys ({len(missing)}): {_abbrev(missing)}")
+        if unexpected:
+            lines.append(f"  unexpected keys ({len(unexpected)}): {_abbrev(unexpected)}")
+        for key, got, want in mismatched[:20]:
+            lines.append(f"  shape mismatch {key}: checkpoint {list(got)} vs model {list(want)}")
+        if len(mismatched) > 20:
+            lines.append(f"  ... and {len(mismatched) - 20} more shape mismatches")
+        if hint:
+            lines.append(f"  {hint}")
+        super().__init__("\n".join(lines))
+
+
+def _abbrev(keys: list[str], limit: int = 12) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+@dataclass
+class TrunkWeights:
+    """A loaded backbone: our ``preprocessor.*`` + ``trunk.*`` state dict in fp32, where it came
+    from, and the export's ``model.json`` when there was one (it names the model)."""
+
+    state_dict: dict[str, Tensor]
+    source: Source
+    path: Path
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def fingerprint(self) -> str:
+        """Content hash of the backbone (see :func:`fingerprint_state_dict`)."""
+        return fingerprint_state_dict(self.state_dict)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading files
+
+
+def read_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
+    """A flat ``{name: tensor}`` from a ``.safetensors`` file or a torch pickle (loaded with
+    ``weights_only=True``; a ``{"model": ...}``/``{"state_dict": ...}``/``{"module": ...}`` wrapper
+    is unwrapped)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device="cpu")
+    if path.suffix in _TORCH_SUFFIXES:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        for _ in range(3):  # nested wrappers, e.g. {"model": {"module": sd}}
+            if isinstance(obj, dict) and obj and all(isinstance(v, Tensor) for v in obj.values()):
+                return dict(obj)
+            if isinstance(obj, dict):
+                inner = next((obj[k] for k in ("model", "state_dict", "module") if k in obj), None)
+                if inner is not None:
+                    obj = inner
+                    continue
+            break
+        raise WeightsError(f"{path}: not a state dict (found {type(obj).__name__} without tensor values)")
+    raise WeightsError(
+        f"{path}: unknown weights file type {path.suffix!r}; expected .safetensors or one of {_TORCH_SUFFIXES}"
+    )
+
+
+def resolve_deepspeed_checkpoint(path: str | os.PathLike) -> tuple[Path, str]:
+    """``(checkpoints_dir, tag)`` for a run folder, a checkpoints folder or a tag folder.
+
+    In a checkpoints folder the newest *complete* checkpoint (``COMPLETE`` marker, written by
+    :mod:`aim_ds.checkpoint`) wins; failing that DeepSpeed's own ``latest`` file; failing that the
+    highest ``step_*`` tag, with a warning, as a checkpoint of another tool may carry no marker.
+    """
+    path = Path(path)
+    if _is_tag_dir(path):
+        return path.parent, path.name
+    ckpt_dir = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    latest = ckpt.latest_complete(ckpt_dir)
+    if latest is not None:
+        return ckpt_dir, latest[1].name
+    latest_file = ckpt_dir / "latest"
+    if latest_file.is_file():
+        tag = latest_file.read_text().strip()
+        if _is_tag_dir(ckpt_dir / tag):
+            return ckpt_dir, tag
+    tags = [p for _, p in ckpt.list_tags(ckpt_dir) if _is_tag_dir(p)]
+    if tags:
+        print(f"[weights] warning: no complete marker or 'latest' file in {ckpt_dir}; using {tags[-1].name}")
+        return ckpt_dir, tags[-1].name
+    raise WeightsError(
+        f"{path}: no DeepSpeed checkpoint found (looked for tag folders with *model_states.pt in {ckpt_dir})"
+    )
+
+
+def _is_tag_dir(path: Path) -> bool:
+    return path.is_dir() and any(path.glob("*model_states.pt"))
+
+
+def detect_source(path: str | os.PathLike) -> Source:
+    """Which kind of weights ``path`` holds (see the module docstring)."""
+    path = Path(path)
+    if not path.exists():
+        raise WeightsError(f"weights path {path} does not exist")
+    if path.is_dir():
+        if (path / WEIGHTS_FILE).is_file():
+            return "export"
+        if _is_tag_dir(path) or (path / "checkpoints").is_dir() or ckpt.list_tags(path) or (path / "latest").is_file():
+            return "deepspeed"
+        if (path / EXPORT_DIR / WEIGHTS_FILE).is_file():
+            return "export"
+        raise WeightsError(
+            f"{path}: a folder with neither {WEIGHTS_FILE} (an export), nor checkpoints/ or step_* tag "
+            "folders (a DeepSpeed checkpoint)"
+        )
+    keys = _peek_keys(path)
+    if any(_PIXEL_HEAD.match(k) for k in keys):
+        return "export"
+    return "ml_aim"
+
+
+def _peek_keys(path: Path) -> list[str]:
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return list(strip_wrappers(dict.fromkeys(f.keys(), 0)).keys())
+    return list(strip_wrappers(read_state_dict_file(path)).keys())
+
+
+def _backbone_only(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Our layout: keep every ``preprocessor.*``/``trunk.*`` key (unknown ones too, so that the
+    shape check reports them) as contiguous fp32; drop the pixel head."""
+    state_dict = strip_wrappers(state_dict)
+    out = {
+        k: v.detach().to(torch.float32).contiguous() for k, v in state_dict.items() if k.startswith(_BACKBONE_PREFIXES)
+    }
+    if not out:
+        sample = ", ".join(list(state_dict)[:6])
+        raise WeightsError(f"no preprocessor.* or trunk.* keys in the weights (first keys: {sample})")
+    return out
+
+
+def load_trunk_weights(path: str | os.PathLike) -> TrunkWeights:
+    """Read a backbone from any source; see :func:`load_trunk_state_dict`."""
+    path = Path(path)
+    source = detect_source(path)
+    meta: dict[str, Any] = {}
+    if source == "export":
+        if path.is_dir():
+            folder = path if (path / WEIGHTS_FILE).is_file() else path / EXPORT_DIR
+            file = folder / WEIGHTS_FILE
+        else:
+            folder, file = path.parent, path
+        if (folder / META_FILE).is_file():
+            meta = json.loads((folder / META_FILE).read_text())
+        state = _backbone_only(read_state_dict_file(file))
+    elif source == "deepspeed":
+        from .export import consolidate_fp32
+
+        ckpt_dir, tag = resolve_deepspeed_checkpoint(path)
+        state = _backbone_only(consolidate_fp32(ckpt_dir, tag))
+        meta = {"checkpoint": str(ckpt_dir / tag), "step": ckpt.step_from_tag(tag)}
+        meta.update(_run_meta(ckpt_dir))
+    else:
+        raw = strip_wrappers(read_state_dict_file(path))
+        state = {k: v.detach().to(torch.float32).contiguous() for k, v in from_ml_aim(raw).items()}
+    return TrunkWeights(state_dict=state, source=source, path=path, meta=meta)
+
+
+def _run_meta(ckpt_dir: Path) -> dict[str, Any]:
+    """The model name the run was trained with, from a sibling export's ``model.json``, if any."""
+    meta_file = ckpt_dir.parent / EXPORT_DIR / META_FILE
+    if meta_file.is_file():
+        meta = json.loads(meta_file.read_text())
+        return {"model": meta.get("model"), "overrides": meta.get("overrides", {})}
+    return {}
+
+
+def load_trunk_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
+    """Our backbone state dict (``preprocessor.*`` + ``trunk.*``, fp32, CPU) from an export folder
+    or file, a DeepSpeed checkpoint (run folder, ``checkpoints/`` or a tag folder) or a released
+    ml-aim backbone file."""
+    return load_trunk_weights(path).state_dict
+
+
+def ml_aim_weight_file(path: str | os.PathLike) -> Path | None:
+    """An export folder's ``trunk_ml_aim.safetensors`` when it has one."""
+    candidate = Path(path) / ML_AIM_FILE
+    return candidate if candidate.is_file() else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking and fingerprinting
+
+
+def infer_architecture(state_dict: dict[str, Tensor]) -> dict[str, int]:
+    """Width, depth and patch size read off a backbone state dict's shapes (for error hints)."""
+    info: dict[str, int] = {}
+    proj = state_dict.get("preprocessor.patchifier.proj.weight")
+    if proj is not None and proj.ndim == 4:
+        info["width"] = int(proj.shape[0])
+        info["patch_size"] = int(proj.shape[-1])
+    blocks = {int(m.group(1)) for k in state_dict if (m := _BLOCK.match(k))}
+    if blocks:
+        info["depth"] = max(blocks) + 1
+    return info
+
+
+def _matching_models(arch: dict[str, int]) -> list[str]:
+    found = []
+    for name in list_models():
+        cfg = get_model_spec(name).config
+        if all(getattr(cfg, key) == value for key, value in arch.items()):
+            found.append(name)
+    return found
+
+
+def check_backbone(state_dict: dict[str, Tensor], model: AIM, model_name: str) -> None:
+    """Raise :class:`WeightsMismatchError` unless ``state_dict`` holds exactly ``model``'s
+    preprocessor and trunk keys with the same shapes."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k.startswith(_BACKBONE_PREFIXES)}
+    missing = sorted(set(expected) - set(state_dict), key=_natural)
+    unexpected = sorted(set(state_dict) - set(expected), key=_natural)
+    mismatched = [
+        (k, tuple(state_dict[k].shape), expected[k])
+        for k in sorted(set(expected) & set(state_dict), key=_natural)
+        if tuple(state_dict[k].shape) != expected[k]
+    ]
+    if missing or unexpected or mismatched:
+        arch = infer_architecture(state_dict)
+        hint = ""
+        if arch:
+            names = _matching_models(arch)
+            described = ", ".join(f"{k} {v}" for k, v in arch.items())
+            hint = f"the checkpoint looks like {described}" + (f" (model {' or '.join(names)})" if names else "")
+        raise WeightsMismatchError(model_name, missing, unexpected, mismatched, hint)
+
+
+def _natural(key: str) -> list[Any]:
+    # Sort block 10 after block 9, so that error listings read in model order.
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", key)]
+
+
+def fingerprint_state_dict(state_dict: dict[str, Tensor]) -> str:
+    """BLAKE2b over every key, dtype, shape and byte of ``state_dict`` (hex, 32 chars).
+
+    Hashing content rather than a path means the same trunk gives the same key whatever file it
+    came from, and any change of weights (a later step, a different run) gives a new one. It
+    costs about a second per GB on one core, small next to extracting features.
+    """
+    digest = hashlib.blake2b(digest_size=16)
+    for key in sorted(state_dict):
+        tensor = state_dict[key].detach().cpu().contiguous()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# The frozen trunk
+
+
+def build_trunk(model_name: str, state_dict: dict[str, Tensor], **overrides: Any) -> AIM:
+    """The model ``model_name`` (with architecture ``overrides``) holding ``state_dict``'s backbone,
+    on the CPU, with the pixel head removed (it is not needed to probe and holds ~0.4B parameters
+    at the paper's sizes). Raises :class:`WeightsMismatchError` when the shapes do not fit.
+
+    The model is built on the meta device (no random init of billions of parameters), the
+    checkpoint tensors are assigned in place, and the non-persistent buffers (position embedding,
+    image statistics) are copied from a depth-0 twin that computes them cheaply.
+    """
+    meta_model = create_model(model_name, device="meta", **overrides)
+    check_backbone(state_dict, meta_model, model_name)
+    del meta_model.head
+    meta_model.load_state_dict(state_dict, strict=False, assign=True)
+    donor = create_model(model_name, **{**overrides, "depth": 0, "head_depth": 0})
+    donor_buffers = dict(donor.named_buffers())
+    for name, buffer in list(meta_model.named_buffers()):
+        if buffer.is_meta:
+            if name not in donor_buffers:
+                raise RuntimeError(f"cannot rebuild buffer {name!r} of {model_name} (not in a depth-0 twin)")
+            module_name, _, attr = name.rpartition(".")
+            module = meta_model.get_submodule(module_name) if module_name else meta_model
+            module._buffers[attr] = donor_buffers[name].clone()
+    leftover = [n for n, t in list(meta_model.named_parameters()) + list(meta_model.named_buffers()) if t.is_meta]
+    if leftover:
+        raise RuntimeError(f"tensors left unset after loading: {leftover[:8]}")
+    return meta_model
+
+
+class FrozenTrunk(nn.Module):
+    """A frozen AIM trunk that returns probe features.
+
+    ``forward(images)`` runs :meth:`AIM.extract_features` (full bidirectional attention) under
+    :func:`torch.inference_mode`, in bf16 autocast on CUDA, and returns the mean of the chosen
+    blocks' outputs ``[B, N, D]`` (a normal tensor, safe to feed to trainable heads). It counts
+    the images it has seen, so callers can check that a cached run did no trunk work.
+    """
+
+    def __init__(
+        self, model: AIM, layers: list[int] | None, *, autocast_dtype: torch.dtype | None = torch.bfloat16
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.layers = None if layers is None else [int(i) for i in layers]
+        self.autocast_dtype = autocast_dtype
+        self.images_seen = 0
+        self.batches_seen = 0
+        for param in self.model.parameters():
+            param.requires_grad_(False)
+        self.model.eval()
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def train(self, mode: bool = True) -> FrozenTrunk:
+        # The trunk stays in eval mode whatever the caller asks: it is frozen.
+        super().train(False)
+        return self
+
+    def forward(self, images: Tensor) -> Tensor:
+        """``images`` ``[B, 3, H, W]`` ImageNet-normalised -> features ``[B, N, D]`` fp32."""
+        device = next(self.model.parameters()).device
+        use_autocast = device.type == "cuda" and self.autocast_dtype is not None
+        with (
+            torch.inference_mode(),
+            torch.autocast(device.type, dtype=self.autocast_dtype or torch.bfloat16, enabled=use_autocast),
+        ):
+            feats = self.model.extract_features(images.to(device, non_blocking=True), self.layers)
+            feats = feats.float()
+        self.images_seen += images.shape[0]
+        self.batches_seen += 1
+        # Inference tensors cannot be saved for backward; a clone outside the mode is a normal tensor.
+        return feats.clone()
+
+
+def build_frozen_trunk(
+    model_name: str | None,
+    path: str | os.PathLike,
+    *,
+    layers: list[int] | None = None,
+    device: str | torch.device = "cpu",
+    **overrides: Any,
+) -> tuple[FrozenTrunk, TrunkWeights]:
+    """Load weights from ``path`` (any source) into model ``model_name`` and freeze it.
+
+    ``model_name=None`` takes the name from the export's ``model.json``. Returns the frozen
+    trunk on ``device`` and the loaded :class:`TrunkWeights` (for its fingerprint and source).
+    """
+    weights = load_trunk_weights(path)
+    if model_name is None:
+        model_name = weights.meta.get("model")
+        overrides = {**weights.meta.get("overrides", {}), **overrides}
+        if model_name is None:
+            raise WeightsError(f"{path}: no model.json names the model; pass the model name explicitly")
+    elif weights.meta.get("model") not in (None, model_name):
+        print(f"[weights] note: {path} was exported from {weights.meta['model']!r}, loading into {model_name!r}")
+    model = build_trunk(model_name, weights.state_dict, **overrides)
+    trunk = FrozenTrunk(model, layers).to(device)
+    return trunk, weights
+
+
+__all__ = [
+    "FrozenTrunk",
+    "TrunkWeights",
+    "WeightsError",
+    "WeightsMismatchError",
+    "build_frozen_trunk",
+    "build_trunk",
+    "check_backbone",
+    "detect_source",
+    "fingerprint_state_dict",
+    "infer_architecture",
+    "load_trunk_state_dict",
+    "load_trunk_weights",
+    "read_state_dict_file",
+    "resolve_deepspeed_checkpoint",
+]

@@ -1,0 +1,327 @@
+"""End-to-end probe runs on a real labelled image set: scikit-learn's handwritten digits (1,797
+8x8 images, 10 classes) upscaled to 32 px, written as PNG files in ImageFolder layout, converted
+to betons with data_prep, probed on a briefly pretrained aim-test trunk."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import aim_ds
+from aim_ds.config import load_config
+from aim_ds.model import IMAGENET_MEAN, IMAGENET_STD
+from aim_ds.probe import ProbeConfig, load_head, run_probe
+
+REPO = Path(__file__).resolve().parents[1]
+IMAGE_SIZE = 32
+
+
+def _driver_main():
+    """``main`` of run/probe.py, loaded from its file (run/ is a folder of scripts, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("probe_driver", REPO / "run" / "probe.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+PRETRAIN_STEPS = 100
+
+
+def _digits_uint8() -> tuple[np.ndarray, np.ndarray]:
+    """Digits as uint8 RGB ``[M, 32, 32, 3]`` (bicubic upscale of the 8x8 grey images), labels ``[M]``."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = []
+    for small in digits.images:
+        grey = Image.fromarray(np.uint8(np.round(small * 255 / 16)), mode="L")
+        images.append(np.asarray(grey.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BICUBIC).convert("RGB")))
+    return np.stack(images), digits.target.astype(np.int64)
+
+
+def _split(labels: np.ndarray, val_per_class: int = 40, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A stratified held-out split: ``val_per_class`` images of each digit for validation."""
+    rng = np.random.default_rng(seed)
+    val = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:val_per_class] for c in range(10)])
+    train = np.setdiff1d(np.arange(len(labels)), val)
+    return np.sort(train), np.sort(val)
+
+
+def _normalise(images: np.ndarray) -> torch.Tensor:
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def _write_export(model: torch.nn.Module, folder: Path, step: int) -> Path:
+    """The pretraining export layout: model.safetensors (full state dict) + model.json."""
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
+    (folder / "model.json").write_text(json.dumps({"model": "aim-test", "overrides": {}, "step": step}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Betons of the digits (train 1,397 / val 400 images) and two aim-test exports: one
+    pretrained for ``PRETRAIN_STEPS`` AdamW steps on the training images, one at random init."""
+    from PIL import Image
+
+    from aim_ds.data.writers import WriteOptions, convert_imagefolder
+
+    root = tmp_path_factory.mktemp("digits")
+    images, labels = _digits_uint8()
+    train_idx, val_idx = _split(labels)
+    for split, idx in (("train", train_idx), ("val", val_idx)):
+        for i in idx:
+            folder = root / "png" / split / f"digit_{labels[i]}"
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(images[i]).save(folder / f"{i:04d}.png")
+        convert_imagefolder(
+            root / "png" / split, root / f"{split}.beton", WriteOptions(write_mode="raw", workers=2), progress=False
+        )
+
+    torch.manual_seed(0)
+    random_init = aim_ds.create_model("aim-test")
+    _write_export(random_init, root / "random_init", 0)
+    model = aim_ds.create_model("aim-test")
+    model.load_state_dict(random_init.state_dict())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.05)
+    x = _normalise(images[train_idx])
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(PRETRAIN_STEPS):
+        batch = x[torch.randint(0, len(x), (64,), generator=generator)]
+        loss = model(batch, model.sample_prefix_len(64, generator))["loss"]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    _write_export(model, root / "pretrained", PRETRAIN_STEPS)
+    return {
+        "root": root,
+        "train": root / "train.beton",
+        "val": root / "val.beton",
+        "pretrained": root / "pretrained",
+        "random_init": root / "random_init",
+    }
+
+
+def _config(digits: dict[str, Path], out_dir: Path, *overrides: str) -> ProbeConfig:
+    base = [
+        f"data.train_path={digits['train']}",
+        f"data.val_path={digits['val']}",
+        f"out_dir={out_dir}",
+        "data.num_workers=1",
+        "train.log_every_steps=1000",
+    ]
+    return load_config(ProbeConfig, REPO / "run" / "configs" / "probe_aim-test.yaml", overrides=base + list(overrides))
+
+
+@pytest.fixture(scope="module")
+def cached_run(digits: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> tuple[ProbeConfig, dict]:
+    """The shipped aim-test recipe on cached features of the pretrained trunk."""
+    out = tmp_path_factory.mktemp("probe_cached")
+    cfg = _config(digits, out, f"features.cache_dir={out / 'cache'}", "train.epochs=12", "train.lrs=[3e-3,1e-2]")
+    return cfg, run_probe(cfg, digits["pretrained"])
+
+
+def test_attentive_probe_beats_chance(cached_run: tuple[ProbeConfig, dict]) -> None:
+    cfg, results = cached_run
+    best = results["heads"]["attentive"]["best"]
+    assert best["images"] == 400
+    assert best["top1"] > 0.5, results["heads"]  # chance is 0.1
+    assert best["top5"] >= best["top1"]
+    assert results["heads"]["linear"]["best"]["top1"] > 0.3
+    written = json.loads((Path(cfg.out_dir) / "results.json").read_text())
+    assert written["heads"]["attentive"]["best"]["top1"] == best["top1"]
+    assert set(written["heads"]["attentive"]["per_lr"]) == {f"attentive_lr{lr:g}" for lr in cfg.train.lrs}
+
+
+def test_cache_is_reused_then_invalidated(
+    cached_run: tuple[ProbeConfig, dict], digits: dict[str, Path], tmp_path: Path
+) -> None:
+    cfg, first = cached_run
+    assert first["feature_cache"] == {"used": True, "persistent": True, "reused": {"train": False, "val": False}}
+    assert first["trunk_images_forwarded"] == 1797  # every image once, whatever the epochs and LRs
+    # Same weights, layers and data, another out_dir, same cache_dir: no trunk forward at all.
+    again = run_probe(
+        _config(
+            digits,
+            tmp_path / "again",
+            f"features.cache_dir={cfg.features.cache_dir}",
+            "train.epochs=12",
+            "train.lrs=[3e-3,1e-2]",
+        ),
+        digits["pretrained"],
+    )
+    assert again["feature_cache"]["reused"] == {"train": True, "val": True}
+    assert again["trunk_images_forwarded"] == 0
+    for kind in ("attentive", "linear"):
+        for name, row in first["heads"][kind]["per_lr"].items():
+            assert again["heads"][kind]["per_lr"][name]["top1"] == row["top1"]
+    # Other weights: a new key, features extracted again.
+    other = run_probe(
+        _config(digits, tmp_path / "other", f"features.cache_dir={cfg.features.cache_dir}", "train.epochs=1"),
+        digits["random_init"],
+    )
+    assert other["feature_cache"]["reused"] == {"train": False, "val": False}
+    assert other["trunk_images_forwarded"] == 1797
+    # Other layers: a new key too.
+    layers = run_probe(
+        _config(
+            digits,
+            tmp_path / "layers",
+            f"features.cache_dir={cfg.features.cache_dir}",
+            "train.epochs=1",
+            "features.layers=[0]",
+        ),
+        digits["pretrained"],
+    )
+    assert layers["feature_cache"]["reused"] == {"train": False, "val": False}
+    # No persistent cache: features still extracted once, in a scratch folder removed afterwards.
+    scratch_out = tmp_path / "scratch"
+    scratch = run_probe(_config(digits, scratch_out, "features.cache=false", "train.epochs=1"), digits["pretrained"])
+    assert scratch["feature_cache"]["persistent"] is False and scratch["trunk_images_forwarded"] == 1797
+    assert not list(scratch_out.glob(".features-*")) and not (scratch_out / "feature_cache").exists()
+
+
+def test_saved_heads_reload_in_ml_aim_layout(
+    cached_run: tuple[ProbeConfig, dict], digits: dict[str, Path], tmp_path: Path
+) -> None:
+    """Evaluation-only from the ml-aim files gives the figures the training run reported."""
+    main = _driver_main()
+
+    cfg, results = cached_run
+    best = results["heads"]["attentive"]["best"]
+    files = results["head_files"][best["name"]]
+    kind, head, meta = load_head(files["ml_aim"], num_heads=2)
+    assert kind == "attentive" and meta["layout"] == "ml-aim" and meta["layers"] == results["layers"]
+    out = tmp_path / "eval"
+    code = main(
+        [
+            "--config",
+            str(REPO / "run" / "configs" / "probe_aim-test.yaml"),
+            "--weights",
+            str(digits["pretrained"] / "model.safetensors"),
+            "--eval-only",
+            "--head",
+            files["ml_aim"],
+            "--head",
+            files["aim_ds"],
+            f"data.val_path={digits['val']}",
+            f"out_dir={out}",
+            f"features.cache_dir={cfg.features.cache_dir}",
+            "data.num_workers=1",
+        ]
+    )
+    assert code == 0
+    evaluated = json.loads((out / "results.json").read_text())
+    rows = list(evaluated["heads"]["attentive"]["per_lr"].values())
+    assert len(rows) == 2
+    for row in rows:
+        assert row["top1"] == best["top1"] and row["top5"] == best["top5"]
+
+
+def test_one_trunk_forward_per_batch_with_augmentation(digits: dict[str, Path], tmp_path: Path) -> None:
+    """Augmented training: the trunk runs once per batch however many heads and LRs."""
+    cfg = _config(
+        digits, tmp_path, "train.augment=true", "train.epochs=1", "train.batch_size=256", "train.lrs=[1e-3,1e-2]"
+    )
+    start = time.time()
+    results = run_probe(cfg, digits["pretrained"])
+    steps = results["steps"]
+    assert steps == 1397 // 256
+    assert results["feature_cache"]["used"] is False
+    # 4 heads (2 types x 2 LRs) trained, yet one trunk pass per training batch, plus the val set once.
+    assert results["trunk_images_forwarded"] == steps * 256 + 400
+    assert len(results["heads"]["attentive"]["per_lr"]) == 2 and len(results["heads"]["linear"]["per_lr"]) == 2
+    from safetensors.torch import load_file
+
+    heads = results["head_files"]
+    lo, hi = load_file(heads["attentive_lr0.001"]["aim_ds"]), load_file(heads["attentive_lr0.01"]["aim_ds"])
+    assert not torch.equal(lo["k.weight"], hi["k.weight"])
+    assert time.time() - start < 120
+
+
+def test_driver_rejects_bad_input(digits: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    main = _driver_main()
+
+    config = str(REPO / "run" / "configs" / "probe_aim-test.yaml")
+    assert main(["--config", config, "--weights", str(digits["pretrained"]), "train.epoch=2"]) == 2
+    assert "did you mean 'train.epochs'" in capsys.readouterr().err
+    assert main(["--config", config, "--weights", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    wrong = ["--config", str(REPO / "run" / "configs" / "probe_aim-tiny.yaml"), "--weights", str(digits["pretrained"])]
+    wrong += [f"data.train_path={digits['train']}", f"data.val_path={digits['val']}", f"out_dir={tmp_path}"]
+    assert main(wrong) == 2
+    assert "does not match model 'aim-tiny'" in capsys.readouterr().err
+
+
+@pytest.mark.deepspeed
+def test_two_ranks_shard_data_and_share_heads(digits: dict[str, Path], tmp_path: Path) -> None:
+    """Two CPU ranks (gloo, torchrun-style environment) running the real driver on a DeepSpeed
+    ZeRO-3 checkpoint of the pretrained trunk: rank 0 consolidates it once, each rank extracts and
+    trains on its half, gradients are averaged, evaluation counts every val image once."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from test_weights import make_deepspeed_run  # tests/ is on sys.path under pytest
+
+    run = make_deepspeed_run(tmp_path / "ds_run", steps=0, init=digits["pretrained"] / "model.safetensors")
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "ddp"
+    command = [
+        sys.executable,
+        str(REPO / "run" / "probe.py"),
+        "--config",
+        str(REPO / "run" / "configs" / "probe_aim-test.yaml"),
+        "--weights",
+        str(run),
+        f"data.train_path={digits['train']}",
+        f"data.val_path={digits['val']}",
+        f"out_dir={out}",
+        "data.num_workers=1",
+        "train.epochs=8",
+        "train.lrs=[1e-2]",
+        "heads.types=[attentive]",
+    ]
+    procs = []
+    for rank in range(2):
+        env = dict(
+            os.environ,
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE="2",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+        )
+        env["OMP_NUM_THREADS"] = "1"
+        procs.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(log[-3000:] for log in logs)
+    results = json.loads((out / "results.json").read_text())
+    assert results["world_size"] == 2 and results["weights_source"] == "deepspeed"
+    assert not (out / ".trunk_from_deepspeed.safetensors").exists()  # the hand-over file is removed
+    # The ZeRO-3 checkpoint holds the pretrained trunk: same content hash as the export.
+    from aim_ds.weights import load_trunk_weights
+
+    assert results["weights_fingerprint"] == load_trunk_weights(digits["pretrained"]).fingerprint()
+    best = results["heads"]["attentive"]["best"]
+    assert best["images"] == 400  # rank 0's 200 + rank 1's 200, summed
+    assert results["trunk_images_forwarded"] == 1397 + 400  # each image once, on one of the ranks
+    assert results["steps"] == 8 * ((1397 // 2) // 64)  # per-rank batch 64 of the global 128
+    assert best["top1"] > 0.5
+    assert "probe results" in logs[0] and "probe results" not in logs[1]  # rank 0 reports

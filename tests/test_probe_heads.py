@@ -1,0 +1,211 @@
+"""Probe heads without data: the attentive head against a naive loop, the ml-aim layout round
+trip, the per-LR bank, layer choice, config checks."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import aim_ds
+from aim_ds.config import ConfigError, load_config
+from aim_ds.optim import lr_at_step
+from aim_ds.probe import (
+    AttentiveProbe,
+    HeadBank,
+    LinearProbe,
+    ProbeConfig,
+    TrainConfig,
+    build_head,
+    head_from_state_dict,
+    head_to_ml_aim,
+    load_head,
+    resolve_layers,
+    save_head,
+    validate_config,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _naive_attentive(head: AttentiveProbe, x: torch.Tensor) -> torch.Tensor:
+    """The attentive head written out with loops over samples, heads and queries."""
+    bn = head.bn
+    mean, var = bn.running_mean, bn.running_var
+    x = (x - mean) / torch.sqrt(var + bn.eps)  # eval-mode BatchNorm per channel
+    dim = x.shape[-1]
+    hd = dim // head.num_heads
+    out = []
+    for b in range(x.shape[0]):
+        keys, values = x[b] @ head.k.weight.T, x[b] @ head.v.weight.T  # [N, D]
+        pooled = torch.zeros(dim, dtype=torch.float64)
+        queries = head.cls_token[0]
+        for q in range(queries.shape[0]):
+            for h in range(head.num_heads):
+                sl = slice(h * hd, (h + 1) * hd)
+                scores = keys[:, sl] @ queries[q, sl] / math.sqrt(hd)  # [N]
+                pooled[sl] += (torch.softmax(scores, 0)[:, None] * values[:, sl]).sum(0) / queries.shape[0]
+        out.append(pooled @ head.linear.weight.T + head.linear.bias)
+    return torch.stack(out)
+
+
+def test_attentive_head_matches_naive_loop() -> None:
+    torch.manual_seed(0)
+    head = AttentiveProbe(16, 4, 5, num_queries=2)
+    head.bn.running_mean.normal_()
+    head.bn.running_var.uniform_(0.5, 2.0)
+    head.eval()
+    x = torch.randn(3, 7, 16)
+    got = head(x)
+    want = _naive_attentive(head.double(), x.double()).float()
+    assert got.shape == (3, 5)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_batchnorm_normalises_over_tokens_and_batch() -> None:
+    head = AttentiveProbe(8, 2, 3)
+    head.train()
+    x = 5.0 + 3.0 * torch.randn(4, 10, 8)
+    head(x)
+    # Running mean moves 10% of the way to the per-channel mean over batch and tokens.
+    torch.testing.assert_close(head.bn.running_mean, 0.1 * x.mean(dim=(0, 1)))
+
+
+def test_ml_aim_layout_round_trip(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    head = build_head("attentive", 32, 4, 10, seed=3)
+    head.train()
+    for _ in range(3):
+        head(torch.randn(8, 6, 32))  # give the BatchNorm real running statistics
+    head.eval()
+    state = head_to_ml_aim(head)
+    assert set(state) == {
+        "head.cls_token",
+        "head.k.weight",
+        "head.v.weight",
+        "head.linear.weight",
+        "head.linear.bias",
+        "head.bn.running_mean",
+        "head.bn.running_var",
+        "head.bn.num_batches_tracked",
+    }
+    assert state["head.cls_token"].shape == (1, 1, 32)
+    path = tmp_path / "head_ml_aim.safetensors"
+    save_head(head, path, {"lr": 1e-3, "layers": [1, 2]}, ml_aim=True)
+    kind, loaded, meta = load_head(path, num_heads=4)
+    assert kind == "attentive" and meta["lr"] == 1e-3 and meta["layers"] == [1, 2] and meta["layout"] == "ml-aim"
+    loaded.eval()
+    x = torch.randn(5, 6, 32)
+    assert torch.equal(loaded(x), head(x))
+
+
+def test_released_head_without_bias_and_with_backbone(tmp_path: Path) -> None:
+    """Older releases carry no head.linear.bias; a released file holds backbone and head together."""
+    head = build_head("attentive", 64, 2, 7).eval()
+    state = head_to_ml_aim(head)
+    del state["head.linear.bias"]
+    backbone = aim_ds.interop.to_ml_aim(aim_ds.create_model("aim-test").state_dict())
+    path = tmp_path / "released.pth"
+    torch.save({**backbone, **state}, path)
+    kind, loaded, _ = load_head(path, num_heads=2)
+    assert kind == "attentive" and loaded.linear.bias is None
+    x = torch.randn(2, 4, 64)
+    expected = head(x) - head.linear.bias  # same head, minus the bias the file lacks
+    torch.testing.assert_close(loaded.eval()(x), expected)
+
+
+def test_linear_head_round_trip() -> None:
+    head = build_head("linear", 16, 2, 4).eval()
+    kind, loaded = head_from_state_dict(head.state_dict(), num_heads=2)
+    assert kind == "linear" and isinstance(loaded, LinearProbe)
+    x = torch.randn(3, 5, 16)
+    assert torch.equal(loaded.eval()(x), head(x))
+    with pytest.raises(TypeError):
+        head_to_ml_aim(head)
+
+
+def test_bank_trains_independent_heads_per_lr() -> None:
+    torch.manual_seed(0)
+    train = TrainConfig(lrs=[1e-4, 1e-2], weight_decay=0.05, grad_clip=3.0)
+    bank = HeadBank.create(["attentive", "linear"], train.lrs, dim=16, num_heads=2, num_classes=3, train=train)
+    assert [s.name for s in bank.slots] == [
+        "attentive_lr0.0001",
+        "attentive_lr0.01",
+        "linear_lr0.0001",
+        "linear_lr0.01",
+    ]
+    # Same start for every LR of a type: the LR is the only difference.
+    a_lo, a_hi = bank.slots[0].head, bank.slots[1].head
+    assert torch.equal(a_lo.k.weight, a_hi.k.weight) and torch.equal(a_lo.cls_token, a_hi.cls_token)
+    feats, labels = torch.randn(32, 5, 16), torch.randint(0, 3, (32,))
+    for _ in range(3):
+        bank.train_step(feats, labels, {s.name: s.lr for s in bank.slots})
+    assert not torch.equal(a_lo.k.weight, a_hi.k.weight)
+    # The bigger LR moved its head further from the shared start.
+    start = build_head("attentive", 16, 2, 3, seed=train.seed)
+    assert (a_hi.k.weight - start.k.weight).norm() > 10 * (a_lo.k.weight - start.k.weight).norm()
+
+
+def test_bank_clips_each_head_and_sets_its_lr() -> None:
+    train = TrainConfig(lrs=[1e-3], grad_clip=1e-3)
+    bank = HeadBank.create(["linear"], train.lrs, dim=8, num_heads=1, num_classes=2, train=train)
+    slot = bank.slots[0]
+    before = slot.head.linear.weight.detach().clone()
+    bank.train_step(100 * torch.randn(16, 3, 8), torch.randint(0, 2, (16,)), {slot.name: 0.5})
+    assert slot.optimizer.param_groups[0]["lr"] == 0.5
+    # Adam's first step moves each weight by ~lr (sign of the gradient), whatever the clipping.
+    assert (slot.head.linear.weight - before).abs().max() <= 0.5 * (1 + 1e-3) + 0.5 * 0.05
+
+
+def test_lr_schedule_points() -> None:
+    # The probe uses the shared pure schedule: warmup, then cosine to min_lr.
+    args = dict(peak_lr=1e-3, total_steps=100, warmup_steps=10, min_lr=1e-5)
+    assert lr_at_step(0, **args) == pytest.approx(1e-4)
+    assert lr_at_step(9, **args) == pytest.approx(1e-3)
+    assert lr_at_step(55, **args) == pytest.approx(1e-5 + (1e-3 - 1e-5) * 0.5)
+    assert lr_at_step(100, **args) == pytest.approx(1e-5)
+
+
+@pytest.mark.parametrize("name", aim_ds.list_models())
+def test_layers_last_and_best(name: str) -> None:
+    depth = aim_ds.get_model_spec(name).config.depth
+    last = resolve_layers("last", name, depth)
+    assert last == list(range(max(0, depth - 6), depth))
+    best = resolve_layers("best", name, depth)
+    expected = {"aim-0.6B": range(14, 20), "aim-7B": range(14, 20), "aim-1B": range(12, 18), "aim-3B": range(12, 18)}
+    if name in expected:
+        assert best == list(expected[name])
+    assert len(best) == min(6, depth) and best == list(range(best[0], best[0] + len(best)))
+    assert resolve_layers([-1, 0], name, depth) == [depth - 1, 0]
+    with pytest.raises(ValueError):
+        resolve_layers([depth], name, depth)
+    with pytest.raises(ValueError):
+        resolve_layers("first", name, depth)
+
+
+def test_shipped_configs_load() -> None:
+    for name in ("aim-test", "aim-tiny", "aim-0.6B", "aim-1B", "aim-3B", "aim-7B"):
+        cfg = load_config(ProbeConfig, REPO / "run" / "configs" / f"probe_{name}.yaml")
+        validate_config(cfg)
+        assert cfg.model == name
+        if "B" in name:  # the paper's IN-1k recipe
+            assert cfg.train.batch_size == 1024 and cfg.train.epochs == 100 and cfg.train.warmup_epochs == 5
+            assert min(cfg.train.lrs) >= 5e-5 and max(cfg.train.lrs) <= 2e-3
+            assert cfg.train.betas == (0.9, 0.999) and cfg.train.grad_clip == 3.0 and cfg.train.min_lr == 1e-5
+            assert (cfg.data.image_size, cfg.data.resize_size) == (224, 256)
+
+
+def test_config_overrides_and_errors() -> None:
+    path = REPO / "run" / "configs" / "probe_aim-test.yaml"
+    cfg = load_config(
+        ProbeConfig, path, overrides=["train.lrs=[1e-3,2e-3]", "features.layers=[0,1]", "train.augment=false"]
+    )
+    assert cfg.train.lrs == [1e-3, 2e-3] and cfg.features.layers == [0, 1] and cfg.train.augment is False
+    assert load_config(ProbeConfig, path, overrides=["features.layers=best"]).features.layers == "best"
+    with pytest.raises(ConfigError, match="train.epochs"):
+        load_config(ProbeConfig, path, overrides=["train.epoch=3"])
+    bad = load_config(ProbeConfig, path, overrides=["heads.types=[attentive,mlp]"])
+    with pytest.raises(ConfigError, match="mlp"):
+        validate_config(bad)

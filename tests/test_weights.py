@@ -1,0 +1,229 @@
+"""Trunk weights from the three sources (export, DeepSpeed ZeRO-3 checkpoint, released ml-aim
+layout) give identical features; mismatched checkpoints fail naming what differs."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import aim_ds
+from aim_ds import weights as W
+from aim_ds.interop import to_ml_aim
+
+REPO = Path(__file__).resolve().parents[1]
+LAYERS = [1, 2, 3]
+
+# One ZeRO-3 step of aim-test on one CPU rank, then a checkpoint through aim_ds.checkpoint (the
+# pretraining driver's format) and the gathered full weights as a reference to compare against.
+_DS_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch, deepspeed
+    from safetensors.torch import save_file
+    import aim_ds
+    from aim_ds import checkpoint as ckpt
+
+    out, steps, init = sys.argv[1], int(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else None
+    deepspeed.init_distributed(dist_backend="gloo")
+    torch.manual_seed(0)
+    model = aim_ds.create_model("aim-test")
+    if init:
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(init))
+    config = {
+        "train_micro_batch_size_per_gpu": 4,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": 3},
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-2}},
+    }
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    for _ in range(steps):
+        loss = engine(images)["loss"]
+        engine.backward(loss)
+        engine.step()
+    ckpt.save(engine, out + "/checkpoints", steps, {"note": "test"}, keep_last=2)
+    params = list(engine.module.parameters())
+    with deepspeed.zero.GatheredParameters(params):
+        state = {k: v.detach().clone().contiguous() for k, v in engine.module.state_dict().items()}
+    save_file(state, out + "/reference.safetensors")
+    """
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_deepspeed_run(run: Path, steps: int, init: Path | None = None) -> Path:
+    """A real 1-rank ZeRO-3 (CPU, gloo) run folder ``run`` with one complete checkpoint at ``steps``
+    (aim-test, from ``init``'s weights when given) and ``reference.safetensors``, the gathered weights."""
+    run.mkdir(parents=True, exist_ok=True)
+    script = run / "make_ds_ckpt.py"
+    script.write_text(_DS_SCRIPT)
+    env = dict(
+        os.environ,
+        DS_ACCELERATOR="cpu",
+        RANK="0",
+        LOCAL_RANK="0",
+        WORLD_SIZE="1",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(_free_port()),
+        PYTHONPATH=str(REPO),
+    )
+    command = [sys.executable, str(script), str(run), str(steps)] + ([str(init)] if init else [])
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return run
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A real 1-rank ZeRO-3 run folder, plus an export folder and an ml-aim file made from the
+    same (gathered) weights."""
+    root = tmp_path_factory.mktemp("weights")
+    run = make_deepspeed_run(root / "run", steps=2)
+    reference = load_file(str(run / "reference.safetensors"))
+    export = root / "export"
+    export.mkdir()
+    save_file(reference, str(export / "model.safetensors"))
+    (export / "model.json").write_text(json.dumps({"model": "aim-test", "overrides": {}, "step": 2}))
+    ml_aim = root / "aim_test_ml_aim.safetensors"
+    save_file(to_ml_aim(reference), str(ml_aim))
+    ml_aim_pth = root / "aim_test_ml_aim.pth"
+    torch.save({"model": to_ml_aim(reference)}, ml_aim_pth)
+    return {
+        "run": run,
+        "export": export,
+        "ml_aim": ml_aim,
+        "ml_aim_pth": ml_aim_pth,
+        "reference": run / "reference.safetensors",
+    }
+
+
+def _images() -> torch.Tensor:
+    return torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+
+
+@pytest.mark.deepspeed
+def test_sources_are_detected(sources: dict[str, Path]) -> None:
+    run = sources["run"]
+    assert W.detect_source(sources["export"]) == "export"
+    assert W.detect_source(sources["export"] / "model.safetensors") == "export"
+    assert W.detect_source(sources["ml_aim"]) == "ml_aim"
+    assert W.detect_source(sources["ml_aim_pth"]) == "ml_aim"
+    for path in (run, run / "checkpoints", run / "checkpoints" / "step_0000002"):
+        assert W.detect_source(path) == "deepspeed"
+        assert W.resolve_deepspeed_checkpoint(path) == (run / "checkpoints", "step_0000002")
+
+
+@pytest.mark.deepspeed
+def test_three_sources_give_identical_features(sources: dict[str, Path]) -> None:
+    reference = load_file(str(sources["reference"]))
+    model = aim_ds.create_model("aim-test")
+    model.load_state_dict(reference)
+    model.eval()
+    images = _images()
+    with torch.no_grad():
+        expected = model.extract_features(images, LAYERS)
+    # A freshly initialised model differs: the comparison below can fail.
+    with torch.no_grad():
+        fresh = aim_ds.create_model("aim-test").eval().extract_features(images, LAYERS)
+    assert not torch.allclose(fresh, expected)
+
+    fingerprints = set()
+    paths = [
+        sources["export"],
+        sources["export"] / "model.safetensors",
+        sources["run"],
+        sources["run"] / "checkpoints" / "step_0000002",
+        sources["ml_aim"],
+        sources["ml_aim_pth"],
+    ]
+    for path in paths:
+        trunk, loaded = W.build_frozen_trunk("aim-test", path, layers=LAYERS)
+        assert set(loaded.state_dict) == {k for k in reference if k.startswith(("preprocessor.", "trunk."))}
+        feats = trunk(images)
+        assert feats.shape == (3, 64, 64)
+        assert torch.equal(feats, expected), f"features from {path} differ"
+        fingerprints.add(loaded.fingerprint())
+    assert len(fingerprints) == 1  # the cache key follows content, not the file it came from
+
+
+@pytest.mark.deepspeed
+def test_frozen_trunk_is_frozen_and_bidirectional(sources: dict[str, Path]) -> None:
+    trunk, _ = W.build_frozen_trunk("aim-test", sources["export"], layers=[3])
+    trunk.train()  # asking for train mode must not unfreeze it
+    assert not trunk.model.training
+    assert all(not p.requires_grad for p in trunk.parameters())
+    assert not hasattr(trunk.model, "head")  # pixel head dropped: not needed to probe
+    images = _images()
+    feats = trunk(images)
+    assert not feats.requires_grad and not feats.is_inference()
+    # Full attention: the first token's features depend on the last patch of the image.
+    changed = images.clone()
+    changed[:, :, -4:, -4:] += 1.0
+    assert not torch.allclose(trunk(changed)[:, 0], feats[:, 0])
+    assert trunk.images_seen == 6 and trunk.batches_seen == 2
+
+
+@pytest.mark.deepspeed
+def test_export_name_from_model_json(sources: dict[str, Path]) -> None:
+    trunk, loaded = W.build_frozen_trunk(None, sources["export"])
+    assert trunk.config.width == 64 and loaded.meta["model"] == "aim-test"
+    with pytest.raises(W.WeightsError, match="no model.json"):
+        W.build_frozen_trunk(None, sources["ml_aim"])
+
+
+@pytest.mark.deepspeed
+def test_mismatched_checkpoint_names_keys_and_shapes(sources: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(W.WeightsMismatchError) as info:
+        W.build_frozen_trunk("aim-tiny", sources["export"])
+    err = info.value
+    assert "trunk.blocks.5.mlp.fc1.weight" in err.missing  # aim-tiny has 6 blocks, aim-test 4
+    assert ("trunk.blocks.0.attn.qkv.weight", (192, 64), (576, 192)) in err.mismatched
+    text = str(err)
+    assert "trunk.blocks.0.attn.qkv.weight: checkpoint [192, 64] vs model [576, 192]" in text
+    assert "(model aim-test)" in text  # the hint names the model the checkpoint fits
+
+    state = load_file(str(sources["ml_aim"]))
+    state["trunk.blocks.7.norm_1.weight"] = torch.ones(64)
+    del state["trunk.post_trunk_norm.bias"]
+    odd = tmp_path / "odd.safetensors"
+    save_file(state, str(odd))
+    with pytest.raises(W.WeightsMismatchError) as info:
+        W.build_frozen_trunk("aim-test", odd)
+    assert info.value.unexpected == ["trunk.blocks.7.norm_1.weight"]
+    assert info.value.missing == ["trunk.post_trunk_norm.bias"]
+    assert not info.value.mismatched
+
+
+def test_unreadable_paths(tmp_path: Path) -> None:
+    with pytest.raises(W.WeightsError, match="does not exist"):
+        W.load_trunk_state_dict(tmp_path / "nope.safetensors")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(W.WeightsError, match="neither"):
+        W.load_trunk_state_dict(tmp_path / "empty")
+    save_file({"foo.weight": torch.ones(2)}, str(tmp_path / "foo.safetensors"))
+    with pytest.raises(KeyError, match="not an ml-aim AIM backbone"):
+        W.load_trunk_state_dict(tmp_path / "foo.safetensors")
+
+
+def test_fingerprint_changes_with_any_weight() -> None:
+    state = {k: v for k, v in aim_ds.create_model("aim-test").state_dict().items() if k.startswith("trunk.")}
+    before = W.fingerprint_state_dict(state)
+    state["trunk.blocks.2.mlp.fc2.weight"] = state["trunk.blocks.2.mlp.fc2.weight"].clone()
+    assert W.fingerprint_state_dict(state) == before
+    state["trunk.blocks.2.mlp.fc2.weight"][0, 0] += 1e-6
+    assert W.fingerprint_state_dict(state) != before
