@@ -102,7 +102,13 @@ def export_latest(run_dir: str | os.PathLike, *, model_name: str, overrides: dic
         raise FileNotFoundError(f"no complete checkpoint under {run_dir / 'checkpoints'}")
     step, path = latest
     return export_checkpoint(
-        path.parent, path.name, run_dir / EXPORT_DIR, model_name=model_name, overrides=overrides, step=step, ml_aim=ml_aim
+        path.parent,
+        path.name,
+        run_dir / EXPORT_DIR,
+        model_name=model_name,
+        overrides=overrides,
+        step=step,
+        ml_aim=ml_aim,
     )
 
 

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import tempfile
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -129,7 +130,7 @@ def _start_wandb(out_dir: Path, project: str, run_name: str, config: dict[str, A
     if id_file.is_file():
         run_id = id_file.read_text().strip()
     else:
-        run_id = wandb.util.generate_id()
+        run_id = uuid.uuid4().hex[:8]  # W&B's own id helper moved between versions
         id_file.write_text(run_id)
     return wandb.init(
         project=project,
@@ -229,8 +230,8 @@ def save_patch_grid(
     model's next-patch predictions (right), side by side, one image per row.
 
     ``images`` ``[B, 3, H, W]`` ImageNet-normalised; ``pred`` ``[B, N, p*p*3]`` from the model's
-    forward. With ``prefix_len`` ``[B]``, prefix patches (inputs the loss ignores) are drawn dimmed
-    in the prediction panel. Small images are upscaled (nearest) to at least ``min_cell_px``.
+    forward. With ``prefix_len`` ``[B]``, prefix patches (whose predictions the loss ignores) are
+    washed out towards white in the prediction panel. Small images are upscaled (nearest) to at least ``min_cell_px``.
     """
     from PIL import Image
 
@@ -246,7 +247,7 @@ def save_patch_grid(
             for index in range(int(length)):
                 row, col = divmod(index, grid)
                 cell = recon_u8[b, row * patch_size : (row + 1) * patch_size, col * patch_size : (col + 1) * patch_size]
-                cell[:] = (cell.astype(np.float32) * 0.35).astype(np.uint8)
+                cell[:] = (cell.astype(np.float32) * 0.5 + 127.5).astype(np.uint8)
     height, width = true_u8.shape[1:3]
     scale = max(1, math.ceil(min_cell_px / max(height, width)))
     gap = 4

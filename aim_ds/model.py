@@ -123,7 +123,9 @@ class PatchEmbed(nn.Module):
         self.norm = LayerNorm(width, eps=eps)
 
     def forward(self, images: Tensor) -> Tensor:
-        x = self.proj(images).flatten(2).transpose(1, 2)  # [B, N, D]
+        # Images stay fp32 outside (the pixel targets are computed from them); the conv takes
+        # them in its own dtype (bf16 under DeepSpeed's bf16 mode).
+        x = self.proj(images.to(self.proj.weight.dtype)).flatten(2).transpose(1, 2)  # [B, N, D]
         return self.norm(x)
 
 

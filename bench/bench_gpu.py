@@ -127,8 +127,6 @@ def run_zero3(name: str, micro_batch: int, device: torch.device, args) -> dict:
 
     def step() -> None:
         images, prefix = _batch(engine.module, micro_batch, device, gen)
-        if engine.bfloat16_enabled():
-            images = images.to(torch.bfloat16)
         loss = engine(images, prefix)["loss"]
         engine.backward(loss)
         engine.step()

@@ -374,3 +374,12 @@ def test_initialisation_follows_the_authors() -> None:
     assert conv.abs().max() <= bound and conv.abs().max() > 0.9 * bound
     assert model.head.out.bias.abs().sum() == 0 and model.preprocessor.patchifier.proj.bias.abs().sum() == 0
     assert torch.equal(model.trunk.post_trunk_norm.weight, torch.ones_like(model.trunk.post_trunk_norm.weight))
+
+
+def test_bf16_weights_take_fp32_images_and_keep_fp32_targets() -> None:
+    torch.manual_seed(0)
+    model = aim_ds.create_model("aim-test").to(torch.bfloat16)  # as under DeepSpeed's bf16 mode
+    images = torch.randn(2, 3, 32, 32)  # fp32 pixels
+    out = model(images, torch.tensor([3, 9]))
+    assert out["pred"].dtype == torch.bfloat16 and out["loss"].dtype == torch.float32
+    assert model.targets(images).dtype == torch.float32

@@ -1,0 +1,186 @@
+"""Run configs and the DeepSpeed config merge, in-process (no ranks launched)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import aim_ds
+from aim_ds.config import ConfigError, load_config
+from aim_ds.pretrain import (
+    BatchConfigError,
+    PretrainConfig,
+    build_ds_config,
+    load_ds_config,
+    optimizer_offloaded,
+    resolve_plan,
+    resolved_config,
+    zero_stage,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "run" / "configs"
+DS_CONFIGS = ROOT / "ds_configs"
+RUN_CONFIGS = ["aim-test", "aim-tiny", "aim-0.6B", "aim-1B", "aim-3B", "aim-7B"]
+
+
+def _plan(cfg: PretrainConfig, world: int):
+    model_cfg = aim_ds.get_model_spec(cfg.model.name).config
+    return resolve_plan(cfg, world, model_cfg.image_size, model_cfg.num_patches)
+
+
+@pytest.mark.parametrize("name", RUN_CONFIGS)
+def test_every_run_config_loads_and_fits_every_ds_config(name: str) -> None:
+    cfg = load_config(PretrainConfig, CONFIGS / f"{name}.yaml")
+    assert cfg.model.name == name
+    world = 2 if name in ("aim-test", "aim-tiny") else 8
+    plan = _plan(cfg, world)
+    assert plan.micro_batch_size * plan.grad_accum_steps * world == cfg.train.batch_size
+    for ds_file in DS_CONFIGS.glob("*.json"):
+        ds, _ = build_ds_config(load_ds_config(ds_file), cfg, plan, on_cpu=False)
+        assert ds["train_batch_size"] == cfg.train.batch_size
+
+
+@pytest.mark.parametrize(
+    ("name", "patches", "steps"),
+    [
+        ("aim-0.6B", 0.5e12, 476_838),
+        ("aim-1B", 1.2e12, 1_144_410),
+        ("aim-3B", 1.2e12, 1_144_410),
+        ("aim-7B", 1.2e12, 1_144_410),
+    ],
+)
+def test_table1_recipe(name: str, patches: float, steps: int) -> None:
+    cfg = load_config(PretrainConfig, CONFIGS / f"{name}.yaml")
+    plan = _plan(cfg, 8)
+    assert cfg.train.batch_size == 4096
+    assert cfg.optim.peak_lr == 1e-3 and cfg.optim.min_lr == 0.0
+    assert tuple(cfg.optim.betas) == (0.9, 0.95) and cfg.optim.eps == 1e-8
+    assert cfg.optim.weight_decay == 0.05 and cfg.optim.grad_clip == 1.0
+    assert plan.total_steps == steps  # patches seen / (4096 * 256)
+    assert plan.warmup_steps == round(steps * 0.025)
+    assert {s.prob for s in cfg.data.sources} == {0.8, 0.2}
+    # The same number from patches_seen when steps is left to be derived.
+    derived = load_config(
+        PretrainConfig, CONFIGS / f"{name}.yaml", overrides=["train.steps=0", f"train.patches_seen={patches}"]
+    )
+    assert _plan(derived, 8).total_steps == steps
+
+
+def test_unknown_key_names_it_and_the_nearest() -> None:
+    with pytest.raises(ConfigError, match=r"train\.setps.*train\.steps"):
+        load_config(PretrainConfig, CONFIGS / "aim-test.yaml", overrides=["train.setps=3"])
+    with pytest.raises(ConfigError, match=r"optim\.peak_l"):
+        load_config(PretrainConfig, CONFIGS / "aim-test.yaml", overrides=["optim.peak_l=1"])
+
+
+def test_unknown_key_in_yaml(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  batch_sise: 8\n")
+    with pytest.raises(ConfigError, match="batch_sise.*batch_size"):
+        load_config(PretrainConfig, bad)
+
+
+def test_overrides_are_typed() -> None:
+    cfg = load_config(
+        PretrainConfig,
+        CONFIGS / "aim-test.yaml",
+        overrides=["train.steps=7", "optim.peak_lr=3e-4", "data.scale=[0.2, 1.0]", "model.overrides={depth: 2}"],
+    )
+    assert cfg.train.steps == 7 and cfg.optim.peak_lr == 3e-4
+    assert tuple(cfg.data.scale) == (0.2, 1.0)
+    mixed = load_config(
+        PretrainConfig,
+        CONFIGS / "aim-0.6B.yaml",
+        overrides=["data.sources=[{path: a.beton, prob: 0.7}, {path: 'shards/*.beton', prob: 0.3}]"],
+    )
+    assert [(s.path, s.prob) for s in mixed.data.sources] == [("a.beton", 0.7), ("shards/*.beton", 0.3)]
+    assert cfg.model.overrides == {"depth": 2}
+    with pytest.raises(ConfigError, match="train.steps"):
+        load_config(PretrainConfig, CONFIGS / "aim-test.yaml", overrides=["train.steps=many"])
+
+
+def test_batch_not_divisible_names_the_knobs() -> None:
+    cfg = load_config(
+        PretrainConfig, CONFIGS / "aim-test.yaml", overrides=["train.batch_size=20", "train.micro_batch_size=8"]
+    )
+    with pytest.raises(BatchConfigError, match=r"train\.batch_size=20.*train\.micro_batch_size=8.*world size 2"):
+        _plan(cfg, 2)
+
+
+def test_micro_batch_defaults_to_batch_over_world() -> None:
+    cfg = load_config(PretrainConfig, CONFIGS / "aim-test.yaml", overrides=["train.micro_batch_size=0"])
+    plan = _plan(cfg, 4)
+    assert (plan.micro_batch_size, plan.grad_accum_steps) == (4, 1)
+    assert resolved_config(cfg, plan).train.micro_batch_size == 4
+
+
+def test_ds_json_disagreeing_with_run_config() -> None:
+    cfg = load_config(PretrainConfig, CONFIGS / "aim-test.yaml")  # batch 16, micro 8
+    plan = _plan(cfg, 2)
+    base = load_ds_config(DS_CONFIGS / "zero3.json")
+    with pytest.raises(BatchConfigError, match=r"train_micro_batch_size_per_gpu=4.*train\.micro_batch_size"):
+        build_ds_config({**base, "train_micro_batch_size_per_gpu": 4}, cfg, plan, on_cpu=True)
+    with pytest.raises(BatchConfigError, match=r"train_batch_size=32.*train\.batch_size"):
+        build_ds_config({**base, "train_batch_size": 32}, cfg, plan, on_cpu=True)
+    with pytest.raises(BatchConfigError, match=r"gradient_clipping=0.5.*optim\.grad_clip"):
+        build_ds_config({**base, "gradient_clipping": 0.5}, cfg, plan, on_cpu=True)
+    with pytest.raises(ConfigError, match="optimizer"):
+        build_ds_config({**base, "optimizer": {"type": "Adam"}}, cfg, plan, on_cpu=True)
+    # Agreeing values and "auto" pass.
+    ds, _ = build_ds_config(
+        {**base, "train_batch_size": 16, "gradient_accumulation_steps": "auto"}, cfg, plan, on_cpu=True
+    )
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (
+        16,
+        8,
+        1,
+    )
+    assert ds["gradient_clipping"] == 1.0
+
+
+def test_cpu_turns_bf16_and_offload_off_and_says_so() -> None:
+    cfg = load_config(PretrainConfig, CONFIGS / "aim-test.yaml")
+    plan = _plan(cfg, 2)
+    base = load_ds_config(DS_CONFIGS / "zero3_offload.json")
+    assert optimizer_offloaded(base)
+    ds, notes = build_ds_config(base, cfg, plan, on_cpu=True)
+    assert ds["bf16"]["enabled"] is False and not optimizer_offloaded(ds)
+    assert any("bf16" in n for n in notes)
+    assert base["bf16"]["enabled"] is True  # the caller's dict is not modified
+    gpu, gpu_notes = build_ds_config(base, cfg, plan, on_cpu=False)
+    assert gpu["bf16"]["enabled"] is True and optimizer_offloaded(gpu) and not gpu_notes
+
+
+def test_zero3_buckets_keep_norms_whole_and_shard_matrices() -> None:
+    """The persistence threshold lies above every 1-D parameter and below every matrix of the
+    Table 1 models, so norms and biases stay gathered and all matrices are sharded."""
+    for ds_file in ("zero3.json", "zero3_offload.json"):
+        ds = json.loads((DS_CONFIGS / ds_file).read_text())
+        assert zero_stage(ds) == 3 and ds["bf16"]["enabled"]
+        zero = ds["zero_optimization"]
+        assert zero["overlap_comm"] and zero["contiguous_gradients"]
+        threshold = zero["stage3_param_persistence_threshold"]
+        for name in ("aim-0.6B", "aim-1B", "aim-3B", "aim-7B"):
+            with __import__("torch").device("meta"):
+                model = aim_ds.create_model(name)
+            sizes = [(p.ndim, p.numel()) for p in model.parameters()]
+            assert max(n for d, n in sizes if d == 1) < threshold < min(n for d, n in sizes if d >= 2)
+            largest = max(n for _, n in sizes)
+            assert zero["reduce_bucket_size"] >= largest / 2  # buckets not smaller than a big layer
+    assert zero_stage(load_ds_config(DS_CONFIGS / "zero2.json")) == 2
+
+
+def test_driver_reports_bad_key_with_exit_code_2(caplog: pytest.LogCaptureFixture) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("pretrain_driver", ROOT / "run" / "pretrain.py")
+    driver = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(driver)
+    code = driver.main(
+        ["--deepspeed", str(DS_CONFIGS / "zero3.json"), "--config", str(CONFIGS / "aim-test.yaml"), "optim.lr=1"]
+    )
+    assert code == 2
+    assert "optim.lr" in caplog.text and "optim.peak_lr" in caplog.text

@@ -1,0 +1,335 @@
+"""The real driver under the deepspeed launcher: ZeRO-3 on two CPU ranks (gloo, fp32), aim-test,
+a small beton of real photo tiles. Four launches shared by the assertions:
+
+- A: a straight run of 2k steps (gradient accumulation 2, activation checkpointing, validation,
+  periodic checkpoints, shard report, export);
+- B: the same run killed with SIGTERM (to the whole process group, as a scheduler does) mid-run;
+- C: B started again with the same out_dir: resumes and finishes;
+- D: a run whose loss blows up (peak LR 1e30), its model built under deepspeed.zero.Init.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from aim_ds import checkpoint as ckpt
+from aim_ds.metrics import read_metrics
+
+pytestmark = pytest.mark.deepspeed
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+DEEPSPEED = shutil.which("deepspeed", path=str(VENV_BIN)) or shutil.which("deepspeed")
+STEPS = 24  # "2k"
+PERSISTENCE_THRESHOLD = 1024  # between aim-test's largest 1-D parameter (64) and smallest matrix (3072)
+LAUNCH_TIMEOUT_S = 300
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="session")
+def betons(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Train / val betons of 64 px tiles cut from scikit-learn's two sample photos."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    root = tmp_path_factory.mktemp("data")
+    photos = load_sample_images()
+    for split in ("train", "val"):
+        for name in photos.filenames:
+            (root / split / Path(name).stem).mkdir(parents=True)
+    count = {"train": 0, "val": 0}
+    for name, photo in zip(photos.filenames, photos.images, strict=True):  # [427, 640, 3] uint8
+        for row in range(photo.shape[0] // 64):
+            for col in range(photo.shape[1] // 64):
+                split = "val" if (row + col) % 6 == 0 else "train"
+                tile = photo[row * 64 : (row + 1) * 64, col * 64 : (col + 1) * 64]
+                Image.fromarray(tile).save(root / split / Path(name).stem / f"{row:02d}_{col:02d}.png")
+                count[split] += 1
+    out = {}
+    for split in ("train", "val"):
+        out[split] = root / f"{split}.beton"
+        subprocess.run(
+            [sys.executable, "-m", "data_prep", "imagefolder", str(root / split), str(out[split]), "--workers", "1"],
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+            timeout=300,
+        )
+    assert count["train"] >= 90 and count["val"] >= 15
+    return out
+
+
+@pytest.fixture(scope="module")
+def run_files(betons: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A run config over the test betons and a ZeRO-3 config whose persistence threshold makes
+    aim-test's matrices go through ZeRO-3's gather / release path (zero3.json would keep them all)."""
+    root = tmp_path_factory.mktemp("cfg")
+    cfg = yaml.safe_load((ROOT / "run/configs/aim-test.yaml").read_text())
+    cfg["data"].update(sources=[{"path": str(betons["train"]), "prob": 1.0}], val_path=str(betons["val"]))
+    cfg["model"]["grad_checkpointing"] = True
+    cfg["train"].update(batch_size=16, micro_batch_size=4, steps=STEPS)  # accumulation 2 on 2 ranks
+    cfg["val"] = {"every_steps": 12, "max_batches": 2}
+    cfg["log"] = {"every_steps": 1}
+    cfg["checkpoint"] = {"every_steps": 8, "keep_last": 2}
+    (root / "run.yaml").write_text(yaml.safe_dump(cfg))
+    ds = json.loads((ROOT / "ds_configs/zero3.json").read_text())
+    ds["zero_optimization"]["stage3_param_persistence_threshold"] = PERSISTENCE_THRESHOLD
+    (root / "zero3.json").write_text(json.dumps(ds))
+    return {"config": root / "run.yaml", "ds": root / "zero3.json", "root": root}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _command(run_files: dict[str, Path], out_dir: Path, *overrides: str) -> list[str]:
+    assert DEEPSPEED, "the deepspeed launcher is not installed next to this Python"
+    return [
+        DEEPSPEED, "--num_gpus", "2", "--master_port", str(_free_port()),
+        str(ROOT / "run/pretrain.py"), "--deepspeed", str(run_files["ds"]), "--config", str(run_files["config"]),
+        f"out_dir={out_dir}", *overrides,
+    ]  # fmt: skip
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def _launch(run_files: dict[str, Path], out_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        _command(run_files, out_dir, *overrides),
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=LAUNCH_TIMEOUT_S,
+    )
+
+
+def _losses(out_dir: Path, kind: str = "train") -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(out_dir / "metrics.jsonl", kind)}
+
+
+@pytest.fixture(scope="module")
+def straight(run_files: dict[str, Path]) -> tuple[Path, subprocess.CompletedProcess]:
+    out = run_files["root"] / "A"
+    result = _launch(run_files, out, "log.shard_report=true")
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    return out, result
+
+
+@pytest.fixture(scope="module")
+def killed_and_resumed(run_files: dict[str, Path]) -> dict[str, object]:
+    out = run_files["root"] / "B"
+    log_path = run_files["root"] / "B.log"
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen(
+            _command(run_files, out),
+            cwd=ROOT,
+            env=_env(),
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + LAUNCH_TIMEOUT_S
+        signalled_at = None
+        while time.monotonic() < deadline and proc.poll() is None:
+            steps = _losses(out)
+            if steps and max(steps) >= 5:
+                signalled_at = max(steps)
+                os.killpg(proc.pid, signal.SIGTERM)  # launcher, its children and both ranks
+                break
+            time.sleep(0.05)
+        assert signalled_at is not None, "the run ended or timed out before it could be signalled"
+        proc.wait(timeout=60)
+        # The launchers die at once; the ranks checkpoint first. Wait for the group to empty.
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.2)
+    first_log = log_path.read_text()
+    latest = ckpt.latest_complete(out / "checkpoints")
+    assert latest is not None, first_log[-4000:]
+    stopped_at = latest[0]
+    resumed = _launch(run_files, out)
+    assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-4000:]
+    return {
+        "out": out,
+        "signalled_at": signalled_at,
+        "stopped_at": stopped_at,
+        "first_log": first_log,
+        "resumed": resumed,
+    }
+
+
+# ----------------------------------------------------------------------------- tests
+
+
+def test_loss_falls(straight: tuple[Path, subprocess.CompletedProcess]) -> None:
+    out, _ = straight
+    losses = _losses(out)
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    first = sum(losses[s] for s in range(1, 5)) / 4
+    last = sum(losses[s] for s in range(STEPS - 3, STEPS + 1)) / 4
+    assert last < 0.8 * first, (first, last)
+    val = _losses(out, "val")
+    assert sorted(val) == [12, 24] and all(math.isfinite(v) for v in val.values())
+    assert val[24] < losses[1]
+
+
+def test_log_fields_and_artifacts(straight: tuple[Path, subprocess.CompletedProcess]) -> None:
+    out, result = straight
+    record = read_metrics(out / "metrics.jsonl", "train")[-1]
+    assert {"step", "loss", "lr", "grad_norm", "images_per_second"} <= set(record)
+    assert record["lr"] == pytest.approx(0.0, abs=1e-4) and record["grad_norm"] > 0
+    assert "step 24/24 loss" in result.stdout + result.stderr
+    assert "bf16 turned off" in result.stdout + result.stderr  # CPU: fp32, and the log says so
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["train"]["steps"] == STEPS and saved["train"]["micro_batch_size"] == 4
+    assert saved["optim"]["warmup_steps"] == round(STEPS * 0.1)
+    ds = json.loads((out / "ds_config.json").read_text())
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (
+        16,
+        4,
+        2,
+    )
+    for png in ("loss.png", "patches.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_parameters_are_sharded(straight: tuple[Path, subprocess.CompletedProcess]) -> None:
+    out, _ = straight
+    reports = [json.loads((out / f"shards_rank{r}.json").read_text()) for r in (0, 1)]
+    assert reports[0].keys() == reports[1].keys() and len(reports[0]) > 10
+    for name, info in reports[0].items():
+        other = reports[1][name]
+        full = info["ds_numel"]
+        # Each rank holds its own half (ZeRO pads the last partition up to ceil(n / 2)).
+        assert info["local_numel"] == other["local_numel"] == math.ceil(full / 2), name
+        assert info["persist"] == (full <= PERSISTENCE_THRESHOLD) == (info["ndim"] == 1), name
+
+
+def test_checkpoints_kept_and_complete(straight: tuple[Path, subprocess.CompletedProcess]) -> None:
+    out, _ = straight
+    tags = ckpt.list_tags(out / "checkpoints")
+    assert [s for s, _ in tags] == [16, 24]  # keep_last=2 of 8, 16, 24
+    assert all(ckpt.is_complete(p) for _, p in tags)
+    assert sorted(p.name for p in tags[-1][1].glob("rng_state_rank*.pt")) == [
+        "rng_state_rank0.pt",
+        "rng_state_rank1.pt",
+    ]
+
+
+def test_export_reloads_without_deepspeed(straight: tuple[Path, subprocess.CompletedProcess]) -> None:
+    out, _ = straight
+    code = (
+        "import sys, json, torch\n"
+        "from safetensors.torch import load_file\n"
+        "import aim_ds\n"
+        f"export = {str(out / 'export')!r}\n"
+        "meta = json.load(open(export + '/model.json'))\n"
+        "model = aim_ds.create_model(meta['model'], **meta['overrides'])\n"
+        "model.load_state_dict(load_file(export + '/model.safetensors'), strict=True)\n"
+        "model.eval()\n"
+        "ref = load_file(export + '/reference_forward.safetensors')\n"
+        "with torch.no_grad():\n"
+        "    out = model(ref['images'], prefix_len=ref['prefix_len'])\n"
+        "torch.testing.assert_close(out['pred'], ref['pred'], rtol=1e-5, atol=1e-5)\n"
+        "torch.testing.assert_close(out['loss'].reshape(1), ref['loss'], rtol=1e-5, atol=1e-6)\n"
+        "trunk = load_file(export + '/trunk_ml_aim.safetensors')\n"
+        "assert set(trunk) == set(aim_ds.interop.to_ml_aim(model.state_dict())), 'ml-aim keys'\n"
+        "assert 'deepspeed' not in sys.modules, 'loading must not need DeepSpeed'\n"
+        "print('OK', meta['step'])\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == f"OK {STEPS}"
+
+
+def test_export_only_matches_end_of_run_export(
+    straight: tuple[Path, subprocess.CompletedProcess], tmp_path: Path
+) -> None:
+    out, _ = straight
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("export"))
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "run/pretrain.py"), "--export-only", str(copy)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    a, b = load_file(out / "export/model.safetensors"), load_file(copy / "export/model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigterm_checkpoints_and_exits_cleanly(killed_and_resumed: dict[str, object]) -> None:
+    log = killed_and_resumed["first_log"]
+    stopped_at = killed_and_resumed["stopped_at"]
+    assert "(signal SIGTERM)" in log
+    assert killed_and_resumed["signalled_at"] <= stopped_at < STEPS
+    assert f"stopped at step {stopped_at}" in log
+
+
+def test_resume_is_exact(
+    straight: tuple[Path, subprocess.CompletedProcess], killed_and_resumed: dict[str, object]
+) -> None:
+    out_a, _ = straight
+    out_c = killed_and_resumed["out"]
+    stopped_at = killed_and_resumed["stopped_at"]
+    resumed = killed_and_resumed["resumed"]
+    assert f"resumed from {ckpt.tag_for_step(stopped_at)} at step {stopped_at}" in resumed.stdout + resumed.stderr
+    a, c = _losses(out_a), _losses(out_c)
+    assert sorted(c) == list(range(1, STEPS + 1))  # the file reads as one straight run
+    for step in range(stopped_at + 1, STEPS + 1):
+        assert c[step] == pytest.approx(a[step], rel=1e-6, abs=0), step
+    va, vc = _losses(out_a, "val"), _losses(out_c, "val")
+    assert vc[24] == pytest.approx(va[24], rel=1e-6)
+
+
+def test_non_finite_loss_stops_without_saving(
+    straight: tuple[Path, subprocess.CompletedProcess], run_files: dict[str, Path]
+) -> None:
+    out = run_files["root"] / "D"
+    result = _launch(
+        run_files,
+        out,
+        "optim.peak_lr=1e30",
+        "optim.warmup_steps=0",
+        "checkpoint.every_steps=1",
+        "val.every_steps=0",
+        "model.zero_init=true",  # also: the model built already partitioned starts from the same weights
+    )
+    text = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "non-finite loss" in text and "at optimizer step 2" in text, text[-3000:]
+    # Step 1 was saved before the blow-up; nothing after it, nothing half-written left behind.
+    assert [s for s, _ in ckpt.list_tags(out / "checkpoints")] == [1]
+    assert ckpt.is_complete(out / "checkpoints" / ckpt.tag_for_step(1))
+    # The first loss comes before any update: same seed, data and prefixes as run A, built under
+    # zero.Init instead of in full, so it must match A's to the last bit.
+    assert _losses(out)[1] == _losses(straight[0])[1]
