@@ -9,6 +9,11 @@ export DS_ACCELERATOR ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia
 setup:
 	@bash scripts/setup.sh
 
+# The whole pipeline on real images (sklearn digits): data_prep -> DeepSpeed ZeRO-3 -> probes.
+DEMO_ARGS ?=
+demo: setup
+	$(PY) run/demo.py --out demo_out $(DEMO_ARGS)
+
 test: setup
 	$(PY) -m pytest tests -q -ra
 

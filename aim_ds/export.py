@@ -56,30 +56,32 @@ def _complete_state_dict(state: dict[str, Tensor], model: AIM) -> dict[str, Tens
     return {key: state[key] for key in expected}
 
 
-def export_checkpoint(
-    ckpt_dir: str | os.PathLike,
-    tag: str,
+def save_export(
+    state: dict[str, Tensor],
     export_dir: str | os.PathLike,
     *,
     model_name: str,
     overrides: dict[str, Any],
     step: int,
     ml_aim: bool = False,
+    checkpoint: str | None = None,
 ) -> Path:
-    """Write ``model.safetensors``, ``model.json`` (and ``trunk_ml_aim.safetensors`` when ``ml_aim``)
-    for checkpoint ``ckpt_dir/tag`` into ``export_dir``. Returns ``export_dir``."""
+    """Write a full model state dict as ``model.safetensors`` + ``model.json`` (and the ml-aim trunk
+    when ``ml_aim``) into ``export_dir``; keys and shapes are checked against ``model_name`` first.
+    Every file is written under a temporary name and renamed. Returns ``export_dir``."""
     from safetensors.torch import save_file
 
     from . import __version__
 
-    state = consolidate_fp32(ckpt_dir, tag)
     with torch.device("meta"):
         reference = create_model(model_name, **overrides)
     state = _complete_state_dict(state, reference)
+    state = {k: v.detach().to(torch.float32).contiguous() for k, v in state.items()}
     export_dir = Path(export_dir)
     export_dir.mkdir(parents=True, exist_ok=True)
     meta = {"model": model_name, "overrides": dict(overrides), "step": int(step), "aim_ds_version": __version__}
-    meta["checkpoint"] = f"{Path(ckpt_dir).name}/{tag}"
+    if checkpoint is not None:
+        meta["checkpoint"] = checkpoint
     # Write under temporary names, then rename: a reader never picks up a half-written export.
     tmp = export_dir / f".{WEIGHTS_FILE}.tmp"
     save_file(state, str(tmp), metadata={"format": "pt", "model": model_name, "step": str(step)})
@@ -92,6 +94,28 @@ def export_checkpoint(
     tmp.write_text(json.dumps(meta, indent=2) + "\n")
     os.replace(tmp, export_dir / META_FILE)
     return export_dir
+
+
+def export_checkpoint(
+    ckpt_dir: str | os.PathLike,
+    tag: str,
+    export_dir: str | os.PathLike,
+    *,
+    model_name: str,
+    overrides: dict[str, Any],
+    step: int,
+    ml_aim: bool = False,
+) -> Path:
+    """Consolidate checkpoint ``ckpt_dir/tag`` and :func:`save_export` it into ``export_dir``."""
+    return save_export(
+        consolidate_fp32(ckpt_dir, tag),
+        export_dir,
+        model_name=model_name,
+        overrides=overrides,
+        step=step,
+        ml_aim=ml_aim,
+        checkpoint=f"{Path(ckpt_dir).name}/{tag}",
+    )
 
 
 def export_latest(run_dir: str | os.PathLike, *, model_name: str, overrides: dict[str, Any], ml_aim: bool) -> Path:
