@@ -64,7 +64,7 @@ class Attention(nn.Module):
         self.qkv = Linear(dim, 3 * dim, bias=False)
         self.proj = Linear(dim, dim, bias=False)
 
-    def forward(self, x: Tensor, mask: "Tensor | object | None" = None) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor | object | None = None) -> Tensor:
         """``x``: ``[B, N, D]``. ``mask``: None (full attention), a boolean ``[B, 1, N, N]`` tensor
         (SDPA) or a FlexAttention ``BlockMask``; :func:`build_mask` makes either, once per forward."""
         batch, tokens, dim = x.shape

@@ -37,9 +37,7 @@ def _unknown_key_error(key: str, valid: list[str], where: str) -> ConfigError:
     if close:
         full = [v for v in valid if v.split(".")[-1] == close[0]]
         hint = f"; did you mean '{full[0]}'?"
-    return ConfigError(
-        f"unknown config key '{key}' in {where}{hint} (valid keys here: {', '.join(sorted(valid))})"
-    )
+    return ConfigError(f"unknown config key '{key}' in {where}{hint} (valid keys here: {', '.join(sorted(valid))})")
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:

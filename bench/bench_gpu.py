@@ -92,7 +92,6 @@ def run_plain(name: str, micro_batch: int, device: torch.device, args) -> dict:
 
     times = _time_steps(step, device, args.warmup, args.steps)
     result = _summary(name, "plain", micro_batch, times, model.config, device, args)
-    del model, optimizer
     return result
 
 
@@ -132,9 +131,10 @@ def run_zero3(name: str, micro_batch: int, device: torch.device, args) -> dict:
         engine.step()
 
     times = _time_steps(step, device, args.warmup, args.steps)
-    result = _summary(name, f"zero3{'+offload' if offload else ''}", micro_batch, times, engine.module.config, device, args)
+    result = _summary(
+        name, f"zero3{'+offload' if offload else ''}", micro_batch, times, engine.module.config, device, args
+    )
     engine.destroy()
-    del engine, model, optimizer
     return result
 
 
@@ -184,7 +184,9 @@ def _table(results: list[dict], args, device: torch.device) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["aim-0.6B", "aim-1B"], help="registry names")
-    parser.add_argument("--micro-batch", type=int, nargs="+", default=[64], help="images per step (one per model, or one for all)")
+    parser.add_argument(
+        "--micro-batch", type=int, nargs="+", default=[64], help="images per step (one per model, or one for all)"
+    )
     parser.add_argument("--modes", nargs="+", default=["zero3", "plain"], choices=["zero3", "plain"])
     parser.add_argument("--ds-config", default="ds_configs/zero3.json")
     parser.add_argument("--steps", type=int, default=10, help="measured steps")

@@ -103,7 +103,10 @@ def main(argv: list[str] | None = None) -> int:
         # Raw pixels: at 32 px a JPEG round trip would cost more fidelity than the bytes it saves.
         beton = out / f"digits_{split}.beton"
         if not beton.exists():
-            stages.run("convert", [py, "-m", "data_prep", "imagefolder", str(out / "digits" / split), str(beton), "--write-mode", "raw"])
+            stages.run(
+                "convert",
+                [py, "-m", "data_prep", "imagefolder", str(out / "digits" / split), str(beton), "--write-mode", "raw"],
+            )
 
     # 2. Pretraining with DeepSpeed ZeRO-3
     run_dir = out / "pretrain"
@@ -121,8 +124,10 @@ def main(argv: list[str] | None = None) -> int:
         launcher
         + [
             "run/pretrain.py",
-            "--deepspeed", "ds_configs/zero3.json",
-            "--config", f"run/configs/{args.model}.yaml",
+            "--deepspeed",
+            "ds_configs/zero3.json",
+            "--config",
+            f"run/configs/{args.model}.yaml",
             f"data.sources=[{{path: {out / 'digits_train.beton'}, prob: 1.0}}]",
             f"data.val_path={out / 'digits_val.beton'}",
             f"train.steps={args.steps}",
@@ -140,9 +145,12 @@ def main(argv: list[str] | None = None) -> int:
         stages.run(
             "probe",
             [
-                py, "run/probe.py",
-                "--config", f"run/configs/probe_{args.model}.yaml",
-                "--weights", str(weights),
+                py,
+                "run/probe.py",
+                "--config",
+                f"run/configs/probe_{args.model}.yaml",
+                "--weights",
+                str(weights),
                 f"data.train_path={out / 'digits_train.beton'}",
                 f"data.val_path={out / 'digits_val.beton'}",
                 f"train.epochs={args.probe_epochs}",

@@ -17,8 +17,22 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_bench_gpu_harness_runs_zero3_and_plain_on_cpu(tmp_path: Path) -> None:
     out = tmp_path / "gpu.md"
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "MASTER_PORT": "29541"}
-    cmd = [sys.executable, "bench/bench_gpu.py", "--models", "aim-test", "--micro-batch", "8", "--device", "cpu",
-           "--steps", "2", "--warmup", "1", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "bench/bench_gpu.py",
+        "--models",
+        "aim-test",
+        "--micro-batch",
+        "8",
+        "--device",
+        "cpu",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--out",
+        str(out),
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads(out.with_suffix(".json").read_text())

@@ -35,8 +35,17 @@ class Run:
 def test_yaml_then_overrides_with_types(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"train": {"steps": 5}, "data": {"sources": [{"path": "a.beton", "prob": 1.0}]}}))
-    cfg = load_config(Run, path, ["train.lr=3e-4", "train.grad_checkpointing=true", "out_dir=runs/try",
-                                  "train.scale=[0.08,1]", "data.val_path=none"])
+    cfg = load_config(
+        Run,
+        path,
+        [
+            "train.lr=3e-4",
+            "train.grad_checkpointing=true",
+            "out_dir=runs/try",
+            "train.scale=[0.08,1]",
+            "data.val_path=none",
+        ],
+    )
     assert cfg.train.steps == 5 and cfg.train.lr == 3e-4 and cfg.train.grad_checkpointing is True
     assert cfg.train.scale == (0.08, 1.0) and cfg.out_dir == "runs/try" and cfg.data.val_path is None
     assert cfg.data.sources == [{"path": "a.beton", "prob": 1.0}]

@@ -15,8 +15,9 @@ from aim_ds.export import load_exported, save_export
 def test_save_export_round_trip_and_checks(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = aim_ds.create_model("aim-test", head_depth=1).eval()
-    out = save_export(model.state_dict(), tmp_path / "export", model_name="aim-test",
-                      overrides={"head_depth": 1}, step=7, ml_aim=True)
+    out = save_export(
+        model.state_dict(), tmp_path / "export", model_name="aim-test", overrides={"head_depth": 1}, step=7, ml_aim=True
+    )
     meta = json.loads((out / "model.json").read_text())
     assert meta["model"] == "aim-test" and meta["step"] == 7 and meta["overrides"] == {"head_depth": 1}
     assert (out / "trunk_ml_aim.safetensors").is_file() and not list(out.glob(".*.tmp"))
