@@ -22,6 +22,7 @@ def write_digits_imagefolder(
     *,
     image_size: int = 32,
     val_fraction: float = 0.2,
+    val_per_class: int | None = None,
     seed: int = 0,
     tint: bool = True,
 ) -> dict[str, int]:
@@ -30,13 +31,19 @@ def write_digits_imagefolder(
     Each 8x8 scan (values 0-16) is scaled to 0-255 and upsampled to ``image_size`` with bicubic
     interpolation. With ``tint``, each image gets a random foreground and background colour
     (seeded), so colour carries no label information and the three channels differ. The split is
-    stratified: ``val_fraction`` of every class goes to ``val``. Idempotent: a finished folder
+    stratified: ``val_fraction`` of every class (or exactly ``val_per_class`` images) goes to ``val``. Idempotent: a finished folder
     (marked by ``root/digits.json``) with the same settings is left as it is. Returns counts.
     """
     from sklearn.datasets import load_digits
 
     root = Path(root)
-    settings = {"image_size": image_size, "val_fraction": val_fraction, "seed": seed, "tint": tint}
+    settings = {
+        "image_size": image_size,
+        "val_fraction": val_fraction,
+        "val_per_class": val_per_class,
+        "seed": seed,
+        "tint": tint,
+    }
     marker = root / "digits.json"
     if marker.is_file():
         info = json.loads(marker.read_text())
@@ -54,7 +61,7 @@ def write_digits_imagefolder(
     for label in range(10):
         indices = np.flatnonzero(digits.target == label)
         rng.shuffle(indices)
-        n_val = max(1, int(round(len(indices) * val_fraction)))
+        n_val = val_per_class if val_per_class is not None else max(1, int(round(len(indices) * val_fraction)))
         for rank, index in enumerate(indices):
             split = "val" if rank < n_val else "train"
             gray = (digits.images[index] / 16.0 * 255.0).clip(0, 255).astype(np.uint8)

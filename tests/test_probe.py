@@ -11,10 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
 
 import aim_ds
 from aim_ds.config import load_config
+from aim_ds.datasets import write_digits_imagefolder
+from aim_ds.export import save_export
 from aim_ds.model import IMAGENET_MEAN, IMAGENET_STD
 from aim_ds.probe import ProbeConfig, load_head, run_probe
 
@@ -35,27 +36,6 @@ def _driver_main():
 PRETRAIN_STEPS = 100
 
 
-def _digits_uint8() -> tuple[np.ndarray, np.ndarray]:
-    """Digits as uint8 RGB ``[M, 32, 32, 3]`` (bicubic upscale of the 8x8 grey images), labels ``[M]``."""
-    from PIL import Image
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    images = []
-    for small in digits.images:
-        grey = Image.fromarray(np.uint8(np.round(small * 255 / 16)), mode="L")
-        images.append(np.asarray(grey.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BICUBIC).convert("RGB")))
-    return np.stack(images), digits.target.astype(np.int64)
-
-
-def _split(labels: np.ndarray, val_per_class: int = 40, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """A stratified held-out split: ``val_per_class`` images of each digit for validation."""
-    rng = np.random.default_rng(seed)
-    val = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:val_per_class] for c in range(10)])
-    train = np.setdiff1d(np.arange(len(labels)), val)
-    return np.sort(train), np.sort(val)
-
-
 def _normalise(images: np.ndarray) -> torch.Tensor:
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
     mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
@@ -63,11 +43,7 @@ def _normalise(images: np.ndarray) -> torch.Tensor:
 
 
 def _write_export(model: torch.nn.Module, folder: Path, step: int) -> Path:
-    """The pretraining export layout: model.safetensors (full state dict) + model.json."""
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
-    (folder / "model.json").write_text(json.dumps({"model": "aim-test", "overrides": {}, "step": step}))
-    return folder
+    return save_export(model.state_dict(), folder, model_name="aim-test", overrides={}, step=step)
 
 
 @pytest.fixture(scope="module")
@@ -79,16 +55,14 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from aim_ds.data.writers import WriteOptions, convert_imagefolder
 
     root = tmp_path_factory.mktemp("digits")
-    images, labels = _digits_uint8()
-    train_idx, val_idx = _split(labels)
-    for split, idx in (("train", train_idx), ("val", val_idx)):
-        for i in idx:
-            folder = root / "png" / split / f"digit_{labels[i]}"
-            folder.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(images[i]).save(folder / f"{i:04d}.png")
+    counts = write_digits_imagefolder(root / "png", image_size=IMAGE_SIZE, tint=False, val_per_class=40)
+    for split in ("train", "val"):
         convert_imagefolder(
             root / "png" / split, root / f"{split}.beton", WriteOptions(write_mode="raw", workers=2), progress=False
         )
+    train_files = sorted((root / "png" / "train").glob("*/*.png"))
+    assert len(train_files) == counts["train"]
+    images = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in train_files])
 
     torch.manual_seed(0)
     random_init = aim_ds.create_model("aim-test")
@@ -96,7 +70,7 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     model = aim_ds.create_model("aim-test")
     model.load_state_dict(random_init.state_dict())
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.05)
-    x = _normalise(images[train_idx])
+    x = _normalise(images)
     generator = torch.Generator().manual_seed(0)
     for _ in range(PRETRAIN_STEPS):
         batch = x[torch.randint(0, len(x), (64,), generator=generator)]

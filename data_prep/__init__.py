@@ -1,0 +1,1 @@
+"""``python -m data_prep``: convert ImageNet folders and WebDataset shards to FFCV betons (see __main__)."""

@@ -1,0 +1,181 @@
+"""Command line for the aim_ds.data writers.
+
+    python -m data_prep imagefolder SRC OUT.beton [options]
+    python -m data_prep webdataset 'dfn-{00000..00099}.tar' OUT_DIR [--shard-index i --num-shards n] [options]
+    python -m data_prep inspect PATH [--json]
+
+Errors the user can fix (missing or empty source, bad option) print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _resolution(text: str) -> int:
+    value = int(text)
+    if value != 0 and not 16 <= value <= 16384:
+        raise argparse.ArgumentTypeError(f"must be 0 (keep original size) or in [16, 16384], got {value}")
+    return value
+
+
+def _quality(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"must be in [1, 100], got {value}")
+    return value
+
+
+def _probability(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
+    return value
+
+
+def _add_write_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("how images are stored")
+    group.add_argument(
+        "--max-resolution",
+        type=_resolution,
+        default=512,
+        help="longer side in px after a Pillow bicubic downscale; 0 keeps the original (default 512: every 224 px "
+        "random-resized crop at scale >= 0.4 stays a downscale)",
+    )
+    group.add_argument(
+        "--write-mode",
+        choices=("jpg", "raw", "smart", "proportion"),
+        default="jpg",
+        help="FFCV RGBImageField mode (default jpg; raw costs ~590 KB per 512x384 image)",
+    )
+    group.add_argument("--jpeg-quality", type=_quality, default=90, help="JPEG quality 1-100 (default 90)")
+    group.add_argument(
+        "--smart-threshold",
+        type=int,
+        default=3 * 256 * 256,
+        help="smart mode: JPEG-encode images whose raw pixels exceed this many bytes (default 196608)",
+    )
+    group.add_argument(
+        "--compress-probability",
+        type=_probability,
+        default=0.5,
+        help="proportion mode: probability that an image is JPEG-encoded (default 0.5)",
+    )
+    group.add_argument(
+        "--workers", type=_positive_int, default=os.cpu_count() or 1, help="processes (default: all cores)"
+    )
+    group.add_argument(
+        "--chunk-size", type=_positive_int, default=100, help="images per work item of a writer process (default 100)"
+    )
+    group.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m data_prep", description="Convert images to FFCV .beton files for aim_ds."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    folder = commands.add_parser(
+        "imagefolder",
+        help="SRC/<class>/<image> (ImageNet layout) -> one beton, labels from sorted class folder names",
+    )
+    folder.add_argument("source", help="folder with one sub-folder per class, e.g. ILSVRC/train")
+    folder.add_argument("output", help="output .beton; OUT.beton.json (sidecar) and OUT.classes.json go beside it")
+    _add_write_options(folder)
+
+    shards = commands.add_parser(
+        "webdataset", help="img2dataset WebDataset tars -> one beton per tar in OUT_DIR (label -1: unlabeled)"
+    )
+    shards.add_argument("shards", help="glob and/or brace pattern, e.g. 'dfn/{00000..00099}.tar' (quote it)")
+    shards.add_argument("out_dir", help="output folder; tar NAME.tar becomes NAME.beton + NAME.beton.json")
+    shards.add_argument("--shard-index", type=int, default=0, help="this process's index in [0, num_shards)")
+    shards.add_argument(
+        "--num-shards", type=_positive_int, default=1, help="processes splitting the tars: tar k goes to k %% n"
+    )
+    shards.add_argument(
+        "--overwrite", action="store_true", help="rewrite complete outputs too (default: only missing/incomplete)"
+    )
+    _add_write_options(shards)
+
+    inspect = commands.add_parser("inspect", help="counts, fields, stored resolutions and sidecar of betons")
+    inspect.add_argument("path", help="a .beton, a folder of betons, or a glob")
+    inspect.add_argument("--json", action="store_true", help="print JSON instead of text")
+    return parser
+
+
+def _options(args: argparse.Namespace):  # -> WriteOptions (imported lazily: --help stays fast)
+    from aim_ds.data.writers import WriteOptions
+
+    return WriteOptions(
+        max_resolution=args.max_resolution,
+        write_mode=args.write_mode,
+        jpeg_quality=args.jpeg_quality,
+        smart_threshold=args.smart_threshold,
+        compress_probability=args.compress_probability,
+        workers=args.workers,
+        chunk_size=args.chunk_size,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from aim_ds.data.writers import (
+        ConversionError,
+        convert_imagefolder,
+        convert_webdataset,
+        format_inspection,
+        inspect_betons,
+    )
+
+    try:
+        if args.command == "imagefolder":
+            result = convert_imagefolder(args.source, args.output, _options(args), progress=not args.quiet)
+            print(
+                f"wrote {result.beton_path}: {result.num_images} images, {len(result.skipped)} skipped, "
+                f"{result.seconds:.1f} s"
+            )
+            for entry in result.skipped[:20]:
+                print(f"  skipped {entry['file']}: {entry['reason']}")
+        elif args.command == "webdataset":
+            if not 0 <= args.shard_index < args.num_shards:
+                parser.error(f"--shard-index must be in [0, {args.num_shards}), got {args.shard_index}")
+            report = convert_webdataset(
+                args.shards,
+                args.out_dir,
+                _options(args),
+                shard_index=args.shard_index,
+                num_shards=args.num_shards,
+                overwrite=args.overwrite,
+                progress=not args.quiet,
+            )
+            images = sum(r.num_images for r in report.results)
+            skipped = sum(len(r.skipped) for r in report.results)
+            print(
+                f"process {args.shard_index}/{args.num_shards}: {len(report.assigned)} tars assigned, "
+                f"{len(report.converted)} converted ({images} images, {skipped} skipped), "
+                f"{len(report.already_complete)} already complete"
+            )
+        else:
+            info = inspect_betons(args.path)
+            print(json.dumps(info, indent=1) if args.json else format_inspection(info))
+    except (ConversionError, FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

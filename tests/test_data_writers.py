@@ -1,0 +1,216 @@
+"""data_prep / aim_ds.data.writers on real JPEG/PNG bytes made from sample photographs."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from data_fixtures import jpeg_bytes, make_imagefolder, make_tar, photo_variant
+from PIL import Image
+
+from aim_ds.data import read_class_names, read_sidecar
+from aim_ds.data.writers import beton_num_samples, is_complete, scan_tar
+from data_prep.__main__ import main as cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    return subprocess.run([sys.executable, "-m", "data_prep", *args], capture_output=True, text=True, env=env, cwd=ROOT)
+
+
+def _read_all(beton: Path) -> tuple[list[np.ndarray], np.ndarray]:
+    """Decode every stored image with FFCV's reader metadata + Pillow (independent of our loader)."""
+    from ffcv.reader import Reader
+
+    reader = Reader(str(beton))
+    image_col = f"f{reader.field_names.index('image')}"
+    label_col = f"f{reader.field_names.index('label')}"
+    data = np.memmap(beton, dtype=np.uint8, mode="r")
+    table = reader.alloc_table
+    sizes = dict(zip(table["ptr"].tolist(), table["size"].tolist(), strict=True))
+    images = []
+    for meta in reader.metadata[image_col]:
+        pointer = int(meta["data_ptr"])
+        raw = bytes(data[pointer : pointer + sizes[pointer]])
+        if meta["mode"] == 0:
+            images.append(np.asarray(Image.open(io.BytesIO(raw)).convert("RGB")))
+        else:
+            images.append(np.frombuffer(raw, np.uint8).reshape(meta["height"], meta["width"], 3))
+    return images, reader.metadata[label_col].astype(np.int64)
+
+
+@pytest.fixture(scope="module")
+def folder_beton(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """An image folder with odd modes and bad files, converted once through the CLI's main()."""
+    root = tmp_path_factory.mktemp("folder")
+    src = make_imagefolder(root / "src", {"n02_zebra": 6, "n01_apple": 5})
+    odd = src / "n01_apple"
+    base = photo_variant(40, (96, 64))
+    base.convert("L").save(odd / "gray.JPEG", quality=90)
+    base.convert("CMYK").save(odd / "cmyk.JPEG", quality=90)
+    base.convert("P", palette=Image.ADAPTIVE).save(odd / "palette.png")
+    rgba = base.convert("RGBA")
+    alpha = np.asarray(rgba).copy()
+    alpha[:, :10, 3] = 0  # transparent left strip -> white
+    Image.fromarray(alpha, "RGBA").save(odd / "rgba.png")
+    # EXIF orientation 6: stored 96x64 landscape, displayed rotated 90 degrees clockwise (64x96 portrait).
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    base.save(odd / "rotated.JPEG", quality=95, exif=exif.tobytes())
+    good = jpeg_bytes(photo_variant(41, (96, 64)))
+    (odd / "truncated.JPEG").write_bytes(good[: len(good) // 2])
+    corrupt = bytearray(good)
+    corrupt[200:4000] = os.urandom(3800)
+    (odd / "corrupt.JPEG").write_bytes(bytes(corrupt))
+    (odd / "notes.JPEG").write_text("this is not an image")
+    out = root / "out" / "train.beton"
+    assert cli(["imagefolder", str(src), str(out), "--workers", "2", "--quiet"]) == 0
+    return {"src": src, "out": out, "base": np.asarray(base)}
+
+
+def test_imagefolder_counts_labels_classes_sidecar(folder_beton: dict) -> None:
+    out = folder_beton["out"]
+    assert read_class_names(out) == ["n01_apple", "n02_zebra"]
+    sidecar = read_sidecar(out)
+    assert sidecar is not None and is_complete(out)
+    images, labels = _read_all(out)
+    skipped = {Path(s["file"]).name for s in sidecar["skipped"]}
+    # The corrupt file may still decode (libjpeg tolerates some damage); truncated and non-image never do.
+    assert {"truncated.JPEG", "notes.JPEG"} <= skipped <= {"truncated.JPEG", "notes.JPEG", "corrupt.JPEG"}
+    assert all(s["reason"] for s in sidecar["skipped"])
+    n_apple = 5 + 5 + 3 - len(skipped)  # 5 photos + 5 odd-mode images + 3 bad files, minus skips
+    assert sidecar["num_images"] == beton_num_samples(out) == len(images) == n_apple + 6
+    assert np.bincount(labels).tolist() == [n_apple, 6]
+    assert sidecar["options"]["max_resolution"] == 512 and sidecar["options"]["jpeg_quality"] == 90
+    assert sidecar["options"]["write_mode"] == "jpg" and sidecar["aim_ds_version"] == "0.1.0"
+    assert sidecar["source"] == str(folder_beton["src"].resolve())
+    assert all(im.ndim == 3 and im.shape[2] == 3 for im in images)
+
+
+def test_imagefolder_modes_and_exif(folder_beton: dict) -> None:
+    images, labels = _read_all(folder_beton["out"])
+    base = folder_beton["base"].astype(float)  # [64, 96, 3]
+    # Files are sorted by name inside the class: cmyk, corrupt?, gray, n01_apple_*, notes(skipped), palette, rgba, rotated
+    shapes = [im.shape for im in images]
+    assert (96, 64, 3) in shapes, "EXIF-rotated image should be stored upright (portrait)"
+    rotated = next(im for im in images if im.shape == (96, 64, 3)).astype(float)
+    upright = np.rot90(base, k=-1)  # orientation 6 = rotate 90 degrees clockwise for display
+    assert np.abs(rotated - upright).mean() < 6.0
+    assert np.abs(rotated - np.rot90(base, k=1)).mean() > 20.0
+    # Greyscale stays grey in RGB; the RGBA image's transparent strip became white.
+    gray = [im for im in images if im.shape == (64, 96, 3) and np.abs(im[..., 0].astype(int) - im[..., 2]).max() <= 3]
+    assert gray, "greyscale input should come out as RGB with equal channels"
+    assert any(im.shape == (64, 96, 3) and im[:, :8].mean() > 245 and im[:, 20:].mean() < 200 for im in images)
+
+
+def test_missing_and_empty_source_errors(tmp_path: Path) -> None:
+    result = _run_cli("imagefolder", str(tmp_path / "nope"), str(tmp_path / "x.beton"))
+    assert result.returncode != 0 and str(tmp_path / "nope") in result.stderr and "Traceback" not in result.stderr
+    (tmp_path / "empty").mkdir()
+    result = _run_cli("imagefolder", str(tmp_path / "empty"), str(tmp_path / "x.beton"))
+    assert result.returncode != 0 and str(tmp_path / "empty") in result.stderr and "Traceback" not in result.stderr
+    result = _run_cli("webdataset", str(tmp_path / "shard-{0000..0003}.tar"), str(tmp_path / "o"))
+    assert result.returncode != 0 and "shard-0000.tar" in result.stderr
+    assert not list(tmp_path.glob("**/*.beton"))
+
+
+@pytest.fixture(scope="module")
+def tars(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("wds")
+    for i in range(5):
+        make_tar(root / f"dfn-{i:05d}.tar", 12, start=12 * i, png_every=4)
+    return root
+
+
+def test_webdataset_split_rerun_and_inspect(tars: Path, tmp_path: Path) -> None:
+    out = tmp_path / "betons"
+    pattern = str(tars / "dfn-{00000..00004}.tar")
+    for index in range(2):
+        assert (
+            cli(
+                [
+                    "webdataset",
+                    pattern,
+                    str(out),
+                    "--shard-index",
+                    str(index),
+                    "--num-shards",
+                    "2",
+                    "--workers",
+                    "1",
+                    "--quiet",
+                ]
+            )
+            == 0
+        )
+    names = sorted(p.name for p in out.glob("*.beton"))
+    assert names == [f"dfn-{i:05d}.beton" for i in range(5)]
+    for beton in out.glob("*.beton"):
+        assert is_complete(beton) and beton_num_samples(beton) == 12
+        assert read_sidecar(beton)["label"] == "unlabeled (-1)"
+    assert len(scan_tar(str(tars / "dfn-00000.tar"))[0]) == 12
+
+    # Re-run with a glob: one output deleted, one left as a half-written temp beside a lone sidecar.
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("*.beton")}
+    (out / "dfn-00001.beton").unlink()
+    (out / "dfn-00003.beton").rename(out / "dfn-00003.beton.partial")
+    time.sleep(0.01)
+    assert cli(["webdataset", str(tars / "dfn-*.tar"), str(out), "--workers", "1", "--quiet"]) == 0
+    rewritten = {p.name for p in out.glob("*.beton") if p.stat().st_mtime_ns != mtimes.get(p.name)}
+    assert rewritten == {"dfn-00001.beton", "dfn-00003.beton"}
+    assert not list(out.glob("*.partial"))
+
+    result = _run_cli("inspect", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "images:       60" in result.stdout and "files:        5" in result.stdout
+    assert "jpeg_quality=90" in result.stdout and "write_mode=jpg" in result.stdout
+    assert "width:" in result.stdout and "160" in result.stdout
+    info = json.loads(_run_cli("inspect", str(out / "dfn-00000.beton"), "--json").stdout)
+    assert info["num_images"] == 12 and info["fields"] == {"image": "RGBImageField", "label": "IntField"}
+
+
+def test_killed_conversion_leaves_nothing_finished(tmp_path: Path) -> None:
+    """Kill a real conversion mid-write: no beton under its final name, and a re-run completes it."""
+    src = make_imagefolder(tmp_path / "src", {"a": 60, "b": 60}, size=(400, 300))
+    out = tmp_path / "o" / "x.beton"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "data_prep",
+            "imagefolder",
+            str(src),
+            str(out),
+            "--workers",
+            "1",
+            "--chunk-size",
+            "2",
+            "--quiet",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.time() + 60
+    partial = Path(str(out) + ".partial")
+    while not partial.exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    assert process.poll() is None, "conversion finished before it could be killed"
+    os.killpg(process.pid, 9)
+    process.wait()
+    assert not out.exists() and not is_complete(out)
+    assert cli(["imagefolder", str(src), str(out), "--workers", "2", "--quiet"]) == 0
+    assert is_complete(out) and beton_num_samples(out) == 120
