@@ -33,6 +33,10 @@ fi
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 [ -d /opt/wheels ] && export PIP_FIND_LINKS="${PIP_FIND_LINKS:-/opt/wheels}"
 
+# This machine's pip config lists local index folders that may not exist; drop its per-package
+# "is ignored" warnings so real errors stay readable.
+pipq() { "${PIP[@]}" "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }; }
+
 want="$(cat requirements.txt scripts/setup.sh | sha256sum | cut -d' ' -f1)"
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] \
    && "$VENV/bin/python" -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in ('torch', 'deepspeed', 'ffcv', 'PIL')))" 2>/dev/null; then
@@ -43,24 +47,24 @@ fi
 if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
     log "CUDA present: installing torch from the package index"
-    "${PIP[@]}" install "torch>=2.6"
+    pipq install "torch>=2.6"
   else
     log "no CUDA: installing torch==$TORCH_CPU_VERSION (CPU build)"
-    "${PIP[@]}" install "torch==$TORCH_CPU_VERSION"
+    pipq install "torch==$TORCH_CPU_VERSION"
   fi
 fi
 
 # 4. Everything else. numpy first: FFCV's build imports it.
 log "installing requirements.txt"
-"${PIP[@]}" install numpy
-"${PIP[@]}" install -r requirements.txt
+pipq install numpy
+pipq install -r requirements.txt
 
 # 5. Some dependencies (matplotlib, ...) pull plain Pillow, which shares the PIL package with
 #    Pillow-SIMD and would shadow it. Remove it and put Pillow-SIMD's files back.
 if "$VENV/bin/python" -m pip show pillow >/dev/null 2>&1; then
   log "replacing plain Pillow with Pillow-SIMD"
-  "${PIP[@]}" uninstall -y pillow
-  "${PIP[@]}" install --force-reinstall --no-deps pillow-simd
+  pipq uninstall -y pillow
+  pipq install --force-reinstall --no-deps pillow-simd
 fi
 "$VENV/bin/python" - <<'PY'
 import importlib.metadata as md, pathlib, PIL

@@ -36,7 +36,7 @@ SourceSpec = str | os.PathLike | Sequence[tuple[str | os.PathLike, float]]
 
 #: The paper's pretraining data: DFN-2B with probability 0.8, ImageNet-1k with probability 0.2, per image.
 #: Paths are placeholders for where data_prep writes them; pass your own list to override.
-DEFAULT_MIXTURE: list[tuple[str, float]] = [("data/dfn/*.beton", 0.8), ("data/imagenet/train.beton", 0.2)]
+DEFAULT_MIXTURE: list[tuple[str, float]] = [("data/dfn2b", 0.8), ("data/imagenet/train.beton", 0.2)]
 
 #: Decode a JPEG at libjpeg's 1/2, 1/4 or 1/8 DCT scale when the bicubic step that follows still shrinks by
 #: at least this factor. Measured against Pillow (full decode + resize(BICUBIC, box)) on 96 RRC crops of
