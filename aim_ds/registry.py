@@ -28,7 +28,9 @@ class Recipe:
 
     def total_steps(self, num_patches: int) -> int:
         """Optimizer steps to see ``patches_seen`` patches at ``batch_size`` images per step."""
-        return max(1, round(self.patches_seen / (self.batch_size * num_patches)))
+        from .optim import steps_from_patches
+
+        return steps_from_patches(self.patches_seen, self.batch_size, num_patches)
 
 
 @dataclass(frozen=True)

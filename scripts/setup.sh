@@ -37,7 +37,7 @@ PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 # "is ignored" warnings so real errors stay readable.
 pipq() { "${PIP[@]}" "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }; }
 
-want="$(cat requirements.txt scripts/setup.sh | sha256sum | cut -d' ' -f1)"
+want="$(cat requirements.txt pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)"
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] \
    && "$VENV/bin/python" -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in ('torch', 'deepspeed', 'ffcv', 'PIL')))" 2>/dev/null; then
   exit 0
@@ -58,6 +58,8 @@ fi
 log "installing requirements.txt"
 pipq install numpy
 pipq install -r requirements.txt
+# aim_ds and data_prep importable from anywhere (editable: the checkout is the code that runs).
+pipq install --no-deps -e .
 
 # 5. Some dependencies (matplotlib, ...) pull plain Pillow, which shares the PIL package with
 #    Pillow-SIMD and would shadow it. Remove it and put Pillow-SIMD's files back.
