@@ -549,16 +549,25 @@ def expand_braces(pattern: str) -> list[str]:
     return [pattern]
 
 
-def expand_shards(pattern: str) -> list[str]:
-    """Sorted, de-duplicated tar paths for a brace and/or glob pattern. A literal path must exist."""
-    paths: set[str] = set()
+def match_pattern(pattern: str) -> tuple[set[str], list[str]]:
+    """Paths matching a brace and/or glob pattern, and the literal (non-glob) pieces that do not exist."""
+    matches: set[str] = set()
+    missing: list[str] = []
     for piece in expand_braces(pattern):
         if glob.has_magic(piece):
-            paths.update(glob.glob(piece))
+            matches.update(glob.glob(piece))
         elif os.path.exists(piece):
-            paths.add(piece)
+            matches.add(piece)
         else:
-            raise ConversionError(f"shard not found: {piece}")
+            missing.append(piece)
+    return matches, missing
+
+
+def expand_shards(pattern: str) -> list[str]:
+    """Sorted, de-duplicated tar paths for a brace and/or glob pattern. A literal path must exist."""
+    paths, missing = match_pattern(pattern)
+    if missing:
+        raise ConversionError(f"shard not found: {missing[0]}")
     if not paths:
         raise ConversionError(f"no files match {pattern}")
     return sorted(paths)
@@ -685,12 +694,7 @@ def resolve_betons(path_or_glob: str | os.PathLike[str]) -> list[Path]:
         return found
     if path.is_file():
         return [path]
-    matches: set[str] = set()
-    for piece in expand_braces(text):
-        if glob.has_magic(piece):
-            matches.update(glob.glob(piece))
-        elif os.path.isfile(piece):
-            matches.add(piece)
+    matches, _ = match_pattern(text)
     found = sorted(Path(m) for m in matches if fnmatch.fnmatch(m, "*.beton") or Path(m).is_file())
     if not found:
         raise FileNotFoundError(f"no beton found at {text}")
