@@ -1,0 +1,143 @@
+"""Publishing files and folders atomically: one temporary-name scheme for the whole project.
+
+Everything aim-ds writes that a reader may pick up (betons, sidecars, checkpoints' markers, exports,
+configs, metrics, plots, probe heads, feature caches) is written under ``<name>.partial`` in the same
+folder, flushed to disk, then renamed onto its final name. A reader therefore sees either the old
+file or the new one, never a half-written one, and a killed writer leaves only ``*.partial`` debris
+that the next writer of the same name removes.
+
+Files are created with the mode the user's umask gives (``0666 & ~umask``), like ``open()`` would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+PARTIAL_SUFFIX = ".partial"
+
+
+def partial_path(path: str | os.PathLike) -> Path:
+    """The temporary name ``path`` is written under before it is published."""
+    path = Path(path)
+    return path.with_name(path.name + PARTIAL_SUFFIX)
+
+
+def remove_if_exists(*paths: str | os.PathLike) -> None:
+    """Remove files or folders; a missing one is not an error."""
+    for path in paths:
+        path = Path(path)
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# Read once at import: os.umask can only be read by setting it, which races with other threads.
+_FILE_MODE = 0o666 & ~_read_umask()
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    # The rename itself is durable only once the folder's entry is on disk (POSIX; best effort).
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def publish(tmp: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """Flush the finished file ``tmp`` to disk and rename it onto ``path``. Returns ``path``."""
+    tmp, path = Path(tmp), Path(path)
+    _fsync_file(tmp)
+    # Writers that create files with 0600 (mkstemp, some libraries) would otherwise leak that mode.
+    os.chmod(tmp, _FILE_MODE)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    return path
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield the temporary name to write ``path`` under; publish it when the block ends without an
+    error, remove it when the block raises (or is interrupted)::
+
+        with atomic_path(out / "loss.png") as tmp:
+            fig.savefig(tmp, format="png")
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = partial_path(path)
+    remove_if_exists(tmp)
+    try:
+        yield tmp
+        publish(tmp, path)
+    except BaseException:
+        remove_if_exists(tmp)
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically. Returns ``path``."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically. Returns ``path``."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = 2) -> Path:
+    """Write ``obj`` as JSON (with a final newline) to ``path`` atomically. Returns ``path``."""
+    return atomic_write_text(path, json.dumps(obj, indent=indent) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a fresh temporary folder to fill; when the block succeeds it replaces ``path`` whole
+    (an existing ``path`` is moved aside first and removed only after the new one is in place), so
+    a reader never sees a mix of old and new files. When the block raises, the temporary folder goes.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = partial_path(path)
+    remove_if_exists(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+        for child in tmp.rglob("*"):
+            if child.is_file():
+                _fsync_file(child)
+        old = path.with_name(path.name + ".old")
+        remove_if_exists(old)
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+        remove_if_exists(old)
+    except BaseException:
+        remove_if_exists(tmp)
+        raise
