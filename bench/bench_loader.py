@@ -82,6 +82,122 @@ def images_per_second(batches: Callable[[], Iterable], epochs: int) -> float:
     return best
 
 
+def _pillow_loader(
+    files: list[Path], size: int, normalise: bool, args: argparse.Namespace
+) -> torch.utils.data.DataLoader:
+    """(c)/(d): a torch DataLoader over Pillow-SIMD random-resized crops of ``size`` px."""
+    return torch.utils.data.DataLoader(
+        PillowRRC(files, size, normalise),
+        batch_size=args.batch_size,
+        shuffle=True,
+        num_workers=args.workers,
+        drop_last=True,
+        persistent_workers=True,
+    )
+
+
+def _ffcv_stock_loader(beton: Path, args: argparse.Namespace) -> Iterable:
+    """(b): FFCV's stock RandomResizedCropRGBImageDecoder (OpenCV INTER_AREA) + flip, uint8."""
+    from ffcv.fields.decoders import IntDecoder, RandomResizedCropRGBImageDecoder
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.transforms import RandomHorizontalFlip, ToTensor
+
+    return Loader(
+        str(beton),
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        order=OrderOption.RANDOM,
+        drop_last=True,
+        seed=0,
+        pipelines={
+            "image": [
+                RandomResizedCropRGBImageDecoder((224, 224), (0.4, 1.0), (3 / 4, 4 / 3)),
+                RandomHorizontalFlip(),
+                ToTensor(),
+            ],
+            "label": [IntDecoder(), ToTensor()],
+        },
+    )
+
+
+def measure(args: argparse.Namespace, scratch: Path) -> dict[str, float]:
+    """Write the bench beton under ``scratch`` and time every loader: images/s, bytes and seconds by name."""
+    from data_fixtures import make_imagefolder
+
+    from aim_ds.data import WriteOptions, build_train_loader, convert_imagefolder
+
+    src = make_imagefolder(
+        scratch / "src", {"c0": args.images // 2, "c1": args.images - args.images // 2}, size=(500, 375)
+    )
+    files = sorted(src.glob("*/*.JPEG"))
+    beton = scratch / "bench.beton"
+    start = time.perf_counter()
+    result = convert_imagefolder(src, beton, WriteOptions(workers=args.workers), progress=False)
+    seconds = time.perf_counter() - start
+    found = {
+        "files": len(files),
+        "convert_images_per_second": result.num_images / seconds,
+        "bytes_per_image": beton.stat().st_size / result.num_images,
+        "source_bytes": sum(f.stat().st_size for f in files) / len(files),
+    }
+    epoch = iter(range(10**6))  # a fresh epoch per pass: no pass reuses another's crops
+    ours = build_train_loader(str(beton), batch_size=args.batch_size, image_size=224, num_workers=args.workers, seed=0)
+    found["a_u8"] = images_per_second(lambda: ours.iter_epoch_uint8(next(epoch)), args.epochs)
+    found["a_f32"] = images_per_second(lambda: ours.iter_epoch(next(epoch)), args.epochs)
+    stock = _ffcv_stock_loader(beton, args)
+    found["b_u8"] = images_per_second(lambda: stock, args.epochs)
+    c_loader, d_loader = _pillow_loader(files, 224, False, args), _pillow_loader(files, 224, True, args)
+    found["c_u8"] = images_per_second(lambda: c_loader, args.epochs)
+    found["d_f32"] = images_per_second(lambda: d_loader, args.epochs)
+    # Small outputs (CPU-sized models): where scaled DCT decoding applies.
+    for name, kwargs in (("small_dct", {}), ("small_full", {"dct_min_shrink": 0.0})):
+        loader64 = build_train_loader(
+            str(beton), batch_size=args.batch_size, image_size=64, num_workers=args.workers, seed=0, **kwargs
+        )
+        found[name] = images_per_second(lambda loader64=loader64: loader64.iter_epoch_uint8(next(epoch)), args.epochs)
+    pillow64 = _pillow_loader(files, 64, False, args)
+    found["small_pillow"] = images_per_second(lambda: pillow64, args.epochs)
+    return found
+
+
+def report(found: dict[str, float], args: argparse.Namespace) -> str:
+    """The markdown tables of :func:`measure`'s numbers."""
+    rows = [
+        ("(a) aim_ds bicubic loader, uint8 crops", found["a_u8"]),
+        ("(a') aim_ds bicubic loader, float32 normalised (what iter_epoch yields on CPU)", found["a_f32"]),
+        ("(b) FFCV stock RandomResizedCropRGBImageDecoder (INTER_AREA) + flip, uint8", found["b_u8"]),
+        ("(c) torch DataLoader, Pillow-SIMD decode + resize(BICUBIC, box) + flip, uint8", found["c_u8"]),
+        ("(d) (c) + float conversion and normalisation in the workers", found["d_f32"]),
+        ("64 px: aim_ds loader, default (scaled DCT decode when the crop shrinks >= 5x), uint8", found["small_dct"]),
+        ("64 px: aim_ds loader, dct_min_shrink=0 (always full decode), uint8", found["small_full"]),
+        ("64 px: (c) at 64 px", found["small_pillow"]),
+    ]
+    ratios = (
+        f"Ratios: (a)/(c) = {found['a_u8'] / found['c_u8']:.2f}, (a)/(b) = {found['a_u8'] / found['b_u8']:.2f}, "
+        f"(a')/(d) = {found['a_f32'] / found['d_f32']:.2f}"
+    )
+    lines = [
+        f"Loader throughput: {found['files']} real-photo JPEGs 500x375, 224 px random-resized crops (scale 0.4-1, "
+        f"ratio 3/4-4/3), batch {args.batch_size}, {args.workers} workers, best of {args.epochs} epochs after a "
+        f"warm-up; {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"{time.strftime('%Y-%m-%d')}",
+        "",
+        "| loader | images/s |",
+        "|---|---|",
+        *[f"| {name} | {value:,.0f} |" for name, value in rows],
+        "",
+        ratios,
+        "",
+        "| conversion (data_prep defaults: max side 512, jpg q90) | value |",
+        "|---|---|",
+        f"| images/s ({args.workers} workers, validation + write, incl. process start-up) "
+        f"| {found['convert_images_per_second']:,.0f} |",
+        f"| bytes on disk per image (beton incl. page padding) | {found['bytes_per_image'] / 1024:,.1f} KiB |",
+        f"| source JPEG bytes per image, for comparison | {found['source_bytes'] / 1024:,.1f} KiB |",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench_out/loader.md")
@@ -91,122 +207,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=2, help="timed passes per loader (best is reported)")
     args = parser.parse_args(argv)
 
-    from data_fixtures import make_imagefolder
-    from ffcv.fields.decoders import IntDecoder, RandomResizedCropRGBImageDecoder
-    from ffcv.loader import Loader, OrderOption
-    from ffcv.transforms import RandomHorizontalFlip, ToTensor
+    from aim_ds.io import atomic_write_text
 
-    from aim_ds.data import WriteOptions, build_train_loader, convert_imagefolder
-
-    rows: list[tuple[str, str]] = []
     with tempfile.TemporaryDirectory(prefix="aim_ds_bench_") as scratch:
-        src = make_imagefolder(
-            Path(scratch) / "src", {"c0": args.images // 2, "c1": args.images - args.images // 2}, size=(500, 375)
-        )
-        files = sorted(src.glob("*/*.JPEG"))
-        beton = Path(scratch) / "bench.beton"
-        start = time.perf_counter()
-        result = convert_imagefolder(src, beton, WriteOptions(workers=args.workers), progress=False)
-        convert_seconds = time.perf_counter() - start
-        bytes_per_image = beton.stat().st_size / result.num_images
-        source_bytes = sum(f.stat().st_size for f in files) / len(files)
-
-        ours = build_train_loader(
-            str(beton), batch_size=args.batch_size, image_size=224, num_workers=args.workers, seed=0
-        )
-        epoch = iter(range(10**6))
-        a_u8 = images_per_second(lambda: ours.iter_epoch_uint8(next(epoch)), args.epochs)
-        a_f32 = images_per_second(lambda: ours.iter_epoch(next(epoch)), args.epochs)
-
-        stock = Loader(
-            str(beton),
-            batch_size=args.batch_size,
-            num_workers=args.workers,
-            order=OrderOption.RANDOM,
-            drop_last=True,
-            seed=0,
-            pipelines={
-                "image": [
-                    RandomResizedCropRGBImageDecoder((224, 224), (0.4, 1.0), (3 / 4, 4 / 3)),
-                    RandomHorizontalFlip(),
-                    ToTensor(),
-                ],
-                "label": [IntDecoder(), ToTensor()],
-            },
-        )
-        b_u8 = images_per_second(lambda: stock, args.epochs)
-
-        def torch_loader(normalise: bool) -> torch.utils.data.DataLoader:
-            return torch.utils.data.DataLoader(
-                PillowRRC(files, 224, normalise),
-                batch_size=args.batch_size,
-                shuffle=True,
-                num_workers=args.workers,
-                drop_last=True,
-                persistent_workers=True,
-            )
-
-        c_loader, d_loader = torch_loader(False), torch_loader(True)
-        c_u8 = images_per_second(lambda: c_loader, args.epochs)
-        d_f32 = images_per_second(lambda: d_loader, args.epochs)
-
-        # Small outputs (CPU-sized models): where scaled DCT decoding applies.
-        small = {}
-        for name, shrink in (("dct", None), ("full", 0.0)):
-            kwargs = {} if shrink is None else {"dct_min_shrink": shrink}
-            loader64 = build_train_loader(
-                str(beton), batch_size=args.batch_size, image_size=64, num_workers=args.workers, seed=0, **kwargs
-            )
-            small[name] = images_per_second(
-                lambda loader64=loader64: loader64.iter_epoch_uint8(next(epoch)), args.epochs
-            )
-        pillow64 = torch.utils.data.DataLoader(
-            PillowRRC(files, 64, False),
-            batch_size=args.batch_size,
-            shuffle=True,
-            num_workers=args.workers,
-            drop_last=True,
-            persistent_workers=True,
-        )
-        small["pillow"] = images_per_second(lambda: pillow64, args.epochs)
-
-    rows = [
-        ("(a) aim_ds bicubic loader, uint8 crops", f"{a_u8:,.0f}"),
-        ("(a') aim_ds bicubic loader, float32 normalised (what iter_epoch yields on CPU)", f"{a_f32:,.0f}"),
-        ("(b) FFCV stock RandomResizedCropRGBImageDecoder (INTER_AREA) + flip, uint8", f"{b_u8:,.0f}"),
-        ("(c) torch DataLoader, Pillow-SIMD decode + resize(BICUBIC, box) + flip, uint8", f"{c_u8:,.0f}"),
-        ("(d) (c) + float conversion and normalisation in the workers", f"{d_f32:,.0f}"),
-        (
-            "64 px: aim_ds loader, default (scaled DCT decode when the crop shrinks >= 5x), uint8",
-            f"{small['dct']:,.0f}",
-        ),
-        ("64 px: aim_ds loader, dct_min_shrink=0 (always full decode), uint8", f"{small['full']:,.0f}"),
-        ("64 px: (c) at 64 px", f"{small['pillow']:,.0f}"),
-    ]
-    lines = [
-        f"Loader throughput: {len(files)} real-photo JPEGs 500x375, 224 px random-resized crops (scale 0.4-1, "
-        f"ratio 3/4-4/3), batch {args.batch_size}, {args.workers} workers, best of {args.epochs} epochs after a "
-        f"warm-up; {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"{time.strftime('%Y-%m-%d')}",
-        "",
-        "| loader | images/s |",
-        "|---|---|",
-        *[f"| {name} | {value} |" for name, value in rows],
-        "",
-        f"Ratios: (a)/(c) = {a_u8 / c_u8:.2f}, (a)/(b) = {a_u8 / b_u8:.2f}, (a')/(d) = {a_f32 / d_f32:.2f}",
-        "",
-        "| conversion (data_prep defaults: max side 512, jpg q90) | value |",
-        "|---|---|",
-        f"| images/s ({args.workers} workers, validation + write, incl. process start-up) "
-        f"| {result.num_images / convert_seconds:,.0f} |",
-        f"| bytes on disk per image (beton incl. page padding) | {bytes_per_image / 1024:,.1f} KiB |",
-        f"| source JPEG bytes per image, for comparison | {source_bytes / 1024:,.1f} KiB |",
-    ]
-    text = "\n".join(lines) + "\n"
+        found = measure(args, Path(scratch))
+    text = report(found, args)
     print(text)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    atomic_write_text(args.out, text)
     return 0
 
 

@@ -10,10 +10,15 @@ Errors the user can fix (missing or empty source, bad option) print one line and
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from aim_ds.data.writers import WriteOptions
 
 
 def _positive_int(text: str) -> int:
@@ -44,39 +49,60 @@ def _probability(text: str) -> float:
     return value
 
 
+def _write_defaults() -> dict[str, Any]:
+    """Each :class:`WriteOptions` field's default, by field name: the one place those defaults live."""
+    from aim_ds.data.writers import WriteOptions
+
+    return {f.name: f.default for f in dataclasses.fields(WriteOptions)}
+
+
 def _add_write_options(parser: argparse.ArgumentParser) -> None:
+    from aim_ds.data.writers import WRITE_MODES
+
+    default = _write_defaults()
     group = parser.add_argument_group("how images are stored")
     group.add_argument(
         "--max-resolution",
         type=_resolution,
-        default=512,
-        help="longer side in px after a Pillow bicubic downscale; 0 keeps the original (default 512: every 224 px "
-        "random-resized crop at scale >= 0.4 stays a downscale)",
+        default=default["max_resolution"],
+        help=f"longer side in px after a Pillow bicubic downscale; 0 keeps the original (default "
+        f"{default['max_resolution']}: every 224 px random-resized crop at scale >= 0.4 stays a downscale)",
     )
     group.add_argument(
         "--write-mode",
-        choices=("jpg", "raw", "smart", "proportion"),
-        default="jpg",
-        help="FFCV RGBImageField mode (default jpg; raw costs ~590 KB per 512x384 image)",
+        choices=WRITE_MODES,
+        default=default["write_mode"],
+        help=f"FFCV RGBImageField mode (default {default['write_mode']}; raw costs ~590 KB per 512x384 image)",
     )
-    group.add_argument("--jpeg-quality", type=_quality, default=90, help="JPEG quality 1-100 (default 90)")
+    group.add_argument(
+        "--jpeg-quality",
+        type=_quality,
+        default=default["jpeg_quality"],
+        help=f"JPEG quality 1-100 (default {default['jpeg_quality']})",
+    )
     group.add_argument(
         "--smart-threshold",
         type=int,
-        default=3 * 256 * 256,
-        help="smart mode: JPEG-encode images whose raw pixels exceed this many bytes (default 196608)",
+        default=default["smart_threshold"],
+        help=f"smart mode: JPEG-encode images whose raw pixels exceed this many bytes "
+        f"(default {default['smart_threshold']})",
     )
     group.add_argument(
         "--compress-probability",
         type=_probability,
-        default=0.5,
-        help="proportion mode: probability that an image is JPEG-encoded (default 0.5)",
+        default=default["compress_probability"],
+        help=f"proportion mode: probability that an image is JPEG-encoded (default {default['compress_probability']})",
     )
+    # The one default of its own: a conversion run from the shell owns the machine, so it takes every core,
+    # where the library's WriteOptions stays modest for callers that share it.
     group.add_argument(
         "--workers", type=_positive_int, default=os.cpu_count() or 1, help="processes (default: all cores)"
     )
     group.add_argument(
-        "--chunk-size", type=_positive_int, default=100, help="images per work item of a writer process (default 100)"
+        "--chunk-size",
+        type=_positive_int,
+        default=default["chunk_size"],
+        help=f"images per work item of a writer process (default {default['chunk_size']})",
     )
     group.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -115,30 +141,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _options(args: argparse.Namespace):  # -> WriteOptions (imported lazily: --help stays fast)
+def _options(args: argparse.Namespace) -> WriteOptions:
+    """The write options the parsed arguments ask for (every WriteOptions field has a flag)."""
     from aim_ds.data.writers import WriteOptions
 
-    return WriteOptions(
-        max_resolution=args.max_resolution,
-        write_mode=args.write_mode,
-        jpeg_quality=args.jpeg_quality,
-        smart_threshold=args.smart_threshold,
-        compress_probability=args.compress_probability,
-        workers=args.workers,
-        chunk_size=args.chunk_size,
-    )
+    return WriteOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(WriteOptions)})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from aim_ds.data.writers import (
-        ConversionError,
-        convert_imagefolder,
-        convert_webdataset,
-        format_inspection,
-        inspect_betons,
-    )
+    from aim_ds.data.beton import ConversionError, format_inspection, inspect_betons
+    from aim_ds.data.writers import convert_imagefolder, convert_webdataset
 
     try:
         if args.command == "imagefolder":

@@ -12,7 +12,7 @@ from PIL import Image
 
 from aim_ds.data import build_eval_loader, build_train_loader, sample_crop_boxes
 from aim_ds.data.bicubic import resize_crop_bicubic
-from aim_ds.data.loader import feistel_permutation
+from aim_ds.data.sampling import feistel_permutation
 from aim_ds.data.writers import WriteOptions, convert_imagefolder, convert_webdataset
 
 
@@ -137,7 +137,7 @@ def test_train_mixture_shapes_and_share(data: dict) -> None:
 
 def test_train_crops_match_pillow_end_to_end(data: dict) -> None:
     """Decoded training crops (incl. scaled DCT decoding for big shrinks) vs Pillow on the same stored bytes."""
-    from aim_ds.data.loader import gather
+    from aim_ds.data.sources import gather
 
     loader = build_train_loader(str(data["dfn"]), batch_size=24, image_size=24, seed=1)
     step_batches = loader.iter_epoch_uint8(2, start_step=1)

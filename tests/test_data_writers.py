@@ -1,7 +1,8 @@
-"""data_prep / aim_ds.data.writers on real JPEG/PNG bytes made from sample photographs."""
+"""data_prep / aim_ds.data.writers and aim_ds.data.beton on real JPEG/PNG bytes made from sample photographs."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -16,7 +17,9 @@ from data_fixtures import jpeg_bytes, make_imagefolder, make_tar, photo_variant
 from PIL import Image
 
 from aim_ds.data import read_class_names, read_sidecar
-from aim_ds.data.writers import beton_num_samples, is_complete, scan_tar
+from aim_ds.data.beton import beton_num_samples, is_complete, resolve_betons, sidecar_path
+from aim_ds.data.writers import scan_tar
+from aim_ds.io import partial_path
 from data_prep.__main__ import main as cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -159,14 +162,22 @@ def test_webdataset_split_rerun_and_inspect(tars: Path, tmp_path: Path) -> None:
         assert read_sidecar(beton)["label"] == "unlabeled (-1)"
     assert len(scan_tar(str(tars / "dfn-00000.tar"))[0]) == 12
 
-    # Re-run with a glob: one output deleted, one left as a half-written temp beside a lone sidecar.
+    # Re-run with a glob over what killed runs leave behind (the sidecar is published last):
+    # 00001 deleted, its sidecar alone; 00003 killed mid-write (old sidecar already removed, beton half-written
+    # as a temp); 00004 killed between the two renames (a whole beton, its sidecar still a temp).
     mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("*.beton")}
     (out / "dfn-00001.beton").unlink()
-    (out / "dfn-00003.beton").rename(out / "dfn-00003.beton.partial")
-    time.sleep(0.01)
+    (out / "dfn-00003.beton").rename(partial_path(out / "dfn-00003.beton"))
+    sidecar_path(out / "dfn-00003.beton").unlink()
+    side4 = sidecar_path(out / "dfn-00004.beton")
+    side4.rename(partial_path(side4))
+    assert not any(is_complete(out / f"dfn-0000{i}.beton") for i in (1, 3, 4))
+    assert resolve_betons(str(out / "dfn-*")) == [out / f"dfn-0000{i}.beton" for i in (0, 2, 4)]
+    time.sleep(0.01)  # so that a rewritten file's mtime differs (coarse file-system clocks), not a wait
     assert cli(["webdataset", str(tars / "dfn-*.tar"), str(out), "--workers", "1", "--quiet"]) == 0
     rewritten = {p.name for p in out.glob("*.beton") if p.stat().st_mtime_ns != mtimes.get(p.name)}
-    assert rewritten == {"dfn-00001.beton", "dfn-00003.beton"}
+    assert rewritten == {"dfn-00001.beton", "dfn-00003.beton", "dfn-00004.beton"}
+    assert all(is_complete(beton) for beton in out.glob("*.beton"))
     assert not list(out.glob("*.partial"))
 
     result = _run_cli("inspect", str(out))
@@ -203,14 +214,22 @@ def test_killed_conversion_leaves_nothing_finished(tmp_path: Path) -> None:
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-    deadline = time.time() + 60
-    partial = Path(str(out) + ".partial")
-    while not partial.exists() and time.time() < deadline and process.poll() is None:
-        time.sleep(0.05)
-    time.sleep(0.3)
-    assert process.poll() is None, "conversion finished before it could be killed"
-    os.killpg(process.pid, 9)
-    process.wait()
-    assert not out.exists() and not is_complete(out)
+    try:
+        # The FFCV write has begun once the temp beton holds its header: validation is over, nothing is
+        # published yet. Kill right then (bounded wait; the bound only turns a hang into a clear failure).
+        partial = partial_path(out)
+        deadline = time.monotonic() + 120
+        while not (partial.exists() and partial.stat().st_size > 0):
+            assert process.poll() is None, f"conversion exited ({process.returncode}) before {partial} appeared"
+            assert time.monotonic() < deadline, f"{partial} did not appear within 120 s"
+            time.sleep(0.01)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # already gone: the assertion above says why
+            os.killpg(process.pid, 9)
+        process.wait()
+    assert process.returncode == -9, "conversion finished before it could be killed"
+    assert partial.exists(), "the kill should leave the half-written temp beton as debris"
+    assert not out.exists() and not sidecar_path(out).exists() and not is_complete(out)
     assert cli(["imagefolder", str(src), str(out), "--workers", "2", "--quiet"]) == 0
     assert is_complete(out) and beton_num_samples(out) == 120
+    assert not list(out.parent.glob("*.partial")), "the re-run should remove the killed run's debris"

@@ -1,25 +1,16 @@
-"""Data for AIM pretraining: beton writers (used by ``python -m data_prep``) and FFCV-backed loaders."""
+"""Data for AIM pretraining: beton writers (used by ``python -m data_prep``) and FFCV-backed loaders.
 
-from .loader import (
-    DEFAULT_MIXTURE,
-    EvalLoader,
-    TrainLoader,
-    build_eval_loader,
-    build_train_loader,
-    center_crop_boxes,
-    sample_crop_boxes,
-)
-from .writers import (
-    ConversionError,
-    WriteOptions,
-    convert_imagefolder,
-    convert_webdataset,
-    decode_image,
-    inspect_betons,
-    is_complete,
-    read_class_names,
-    read_sidecar,
-)
+Rooms, each above what it imports: ``writers`` (-> ``images``, ``beton``) writes betons; ``loader``
+(-> ``sources``, ``sampling``, ``kernels``, ``bicubic``) reads them; ``beton`` is the read side of a beton
+and its sidecar that both share; ``ffcv_ops`` offers the same decoders inside ``ffcv.loader.Loader``.
+"""
+
+from .beton import ConversionError, inspect_betons, is_complete, read_class_names, read_sidecar
+from .images import decode_image
+from .loader import EvalLoader, TrainLoader, build_eval_loader, build_train_loader
+from .sampling import center_crop_boxes, sample_crop_boxes
+from .sources import DEFAULT_MIXTURE
+from .writers import WriteOptions, convert_imagefolder, convert_webdataset
 
 __all__ = [
     "DEFAULT_MIXTURE",

@@ -1,19 +1,11 @@
 """Training and evaluation loaders over FFCV betons: a DFN/IN-1k mixture drawn per image, bicubic crops.
 
 Why not one ``ffcv.loader.Loader`` per source: a source at DFN scale is thousands of beton shards, and each
-FFCV Loader compiles its own pipeline (~9 s). Here every shard is opened lazily (header, metadata, a
-memory map), a batch gathers the stored bytes of its images from whichever shards hold them, and one
-compiled kernel decodes (FFCV's libturbojpeg call) and bicubic-crops the whole batch in parallel.
-
-Everything random is a pure function of (seed, epoch, step, rank), never of iteration history:
-
-* the epoch's source schedule: for each global step, how many of its ``batch_size * world_size`` slots
-  come from each source is a multinomial draw, and their arrangement a seeded shuffle (together, exactly
-  an independent categorical draw per slot), so cumulative per-source counts up to any step cost one
-  vectorised draw and ``iter_epoch(epoch, start_step)`` skips consumed batches without decoding them;
-* within a source, slot k of the epoch takes image ``perm(k mod N)``, a keyed Feistel permutation (O(1)
-  memory at any N, a fresh key per pass over the source), so ranks read disjoint images within one pass;
-* crop boxes and flips of a batch come from a generator seeded by (seed, epoch, step, rank).
+FFCV Loader compiles its own pipeline (~9 s). Here every shard is opened lazily and a batch gathers the
+stored bytes of its images from whichever shards hold them (:mod:`aim_ds.data.sources`), and one compiled
+kernel decodes (FFCV's libturbojpeg call) and bicubic-crops the whole batch in parallel
+(:mod:`aim_ds.data.kernels`). Everything random is a pure function of (seed, epoch, step, rank)
+(:mod:`aim_ds.data.sampling`), so ``iter_epoch(epoch, start_step)`` resumes without decoding what was consumed.
 """
 
 from __future__ import annotations
@@ -23,331 +15,21 @@ import os
 import queue
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
 from .kernels import IMAGENET_MEAN, IMAGENET_STD, KERNEL_LOCK, decode_crop_batch, normalize_batch
-from .writers import resolve_betons
-
-SourceSpec = str | os.PathLike | Sequence[tuple[str | os.PathLike, float]]
-
-#: The paper's pretraining data: DFN-2B with probability 0.8, ImageNet-1k with probability 0.2, per image.
-#: Paths are placeholders for where data_prep writes them; pass your own list to override.
-DEFAULT_MIXTURE: list[tuple[str, float]] = [("data/dfn2b", 0.8), ("data/imagenet/train.beton", 0.2)]
+from .sampling import MixtureSchedule, StepPlan, center_crop_boxes, sample_crop_boxes
+from .sources import Source, SourceSpec, gather, open_source, parse_sources
 
 #: Decode a JPEG at libjpeg's 1/2, 1/4 or 1/8 DCT scale when the bicubic step that follows still shrinks by
 #: at least this factor. Measured against Pillow (full decode + resize(BICUBIC, box)) on 96 RRC crops of
 #: 500x375 photos: 2.5 keeps the worst image's MAE at 0.72 (32 px) / 0.62 (64 px), inside the 1.0 floor;
-#: 2.0 reaches 1.05. With <= 512 px betons it only triggers for small outputs (<= ~100 px). 0 disables.
+#: 2.0 reaches 1.05 (BENCHMARKS.md). With <= 512 px betons it only triggers for small outputs (<= ~100 px).
+#: 0 disables.
 DEFAULT_DCT_MIN_SHRINK = 2.5
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Storage
-
-
-class BetonShard:
-    """One beton, opened lazily: sample count from the header, the rest on first use."""
-
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        from .writers import beton_num_samples, read_sidecar
-
-        self.path = str(path)
-        self.num_images = beton_num_samples(self.path)
-        # Betons written elsewhere have no sidecar and are accepted; one whose sidecar disagrees is not.
-        sidecar = read_sidecar(self.path)
-        if sidecar is not None and int(sidecar.get("num_images", self.num_images)) != self.num_images:
-            raise ValueError(
-                f"{self.path}: holds {self.num_images} images but its sidecar says {sidecar['num_images']}; "
-                "re-run data_prep for it"
-            )
-        self._opened = False
-
-    def _open(self) -> None:
-        from ffcv.reader import Reader
-
-        reader = Reader(self.path)
-        names = reader.field_names
-        if "image" not in names or "label" not in names:
-            raise ValueError(f"{self.path}: expected fields 'image' and 'label', found {names}")
-        metadata = reader.metadata
-        image = metadata[f"f{names.index('image')}"]
-        self.modes = np.ascontiguousarray(image["mode"]).astype(np.uint8)
-        self.heights = np.ascontiguousarray(image["height"]).astype(np.int64)
-        self.widths = np.ascontiguousarray(image["width"]).astype(np.int64)
-        self.pointers = np.ascontiguousarray(image["data_ptr"]).astype(np.int64)
-        self.labels = np.ascontiguousarray(metadata[f"f{names.index('label')}"]).astype(np.int64)
-        # Only the image field allocates, so the allocation table maps each data pointer to its byte count.
-        table = reader.alloc_table
-        order = np.argsort(table["ptr"])
-        table_ptrs = table["ptr"][order].astype(np.int64)
-        table_sizes = table["size"][order].astype(np.int64)
-        self.sizes = table_sizes[np.searchsorted(table_ptrs, self.pointers)]
-        self.memmap = np.memmap(self.path, dtype=np.uint8, mode="r")
-        self._opened = True
-
-    def ensure_open(self) -> BetonShard:
-        if not self._opened:
-            self._open()
-        return self
-
-
-@dataclass
-class Source:
-    """A set of beton shards read as one indexable collection of images."""
-
-    name: str
-    shards: list[BetonShard]
-    probability: float = 1.0
-    starts: np.ndarray = field(init=False)
-
-    def __post_init__(self) -> None:
-        counts = np.array([s.num_images for s in self.shards], dtype=np.int64)
-        self.starts = np.concatenate([[0], np.cumsum(counts)])
-        if self.num_images == 0:
-            raise ValueError(f"source {self.name} holds no images")
-
-    @property
-    def num_images(self) -> int:
-        return int(self.starts[-1])
-
-    def locate(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Global image indices -> (shard number, index inside that shard)."""
-        shard = np.searchsorted(self.starts, indices, side="right") - 1
-        return shard, indices - self.starts[shard]
-
-
-def _open_source(path_or_glob: str | os.PathLike[str], probability: float = 1.0) -> Source:
-    paths = resolve_betons(path_or_glob)
-    return Source(str(path_or_glob), [BetonShard(p) for p in paths], probability)
-
-
-def parse_sources(sources: SourceSpec) -> list[Source]:
-    """A beton path, a folder/glob of shards, or [(path_or_glob, probability), ...] -> Sources.
-
-    Probabilities must be positive; they are normalised to sum 1.
-    """
-    if isinstance(sources, (str, os.PathLike)):
-        return [_open_source(sources, 1.0)]
-    entries = list(sources)
-    if not entries:
-        raise ValueError("empty source list")
-    opened = []
-    for entry in entries:
-        if not (isinstance(entry, (tuple, list)) and len(entry) == 2):
-            raise ValueError(f"expected (path_or_glob, probability), got {entry!r}")
-        path, probability = entry
-        if not (isinstance(probability, (int, float)) and probability > 0 and math.isfinite(probability)):
-            raise ValueError(f"probability of {path} must be a positive number, got {probability!r}")
-        opened.append(_open_source(path, float(probability)))
-    total = sum(s.probability for s in opened)
-    for s in opened:
-        s.probability /= total
-    return opened
-
-
-@dataclass
-class Gathered:
-    """The stored bytes and metadata of a batch, ready for the kernel."""
-
-    payload: np.ndarray  # uint8, all images back to back
-    offsets: np.ndarray  # int64 [B]
-    sizes: np.ndarray  # int64 [B]
-    heights: np.ndarray  # int64 [B]
-    widths: np.ndarray  # int64 [B]
-    modes: np.ndarray  # uint8 [B]
-    labels: np.ndarray  # int64 [B]
-
-
-def gather(sources: Sequence[Source], source_ids: np.ndarray, indices: np.ndarray) -> Gathered:
-    """Collect image bytes and metadata for (source, index-within-source) pairs, in that order."""
-    count = len(indices)
-    heights = np.empty(count, np.int64)
-    widths = np.empty(count, np.int64)
-    modes = np.empty(count, np.uint8)
-    labels = np.empty(count, np.int64)
-    sizes = np.empty(count, np.int64)
-    pieces: list[np.ndarray] = []
-    for i in range(count):
-        source = sources[int(source_ids[i])]
-        shard_number, local = source.locate(np.array([indices[i]]))
-        shard = source.shards[int(shard_number[0])].ensure_open()
-        j = int(local[0])
-        pointer, size = int(shard.pointers[j]), int(shard.sizes[j])
-        pieces.append(shard.memmap[pointer : pointer + size])
-        heights[i], widths[i], modes[i], labels[i], sizes[i] = (
-            shard.heights[j],
-            shard.widths[j],
-            shard.modes[j],
-            shard.labels[j],
-            size,
-        )
-    offsets = np.zeros(count, np.int64)
-    if count > 1:
-        offsets[1:] = np.cumsum(sizes)[:-1]
-    payload = np.concatenate(pieces) if pieces else np.zeros(0, np.uint8)
-    return Gathered(payload, offsets, sizes, heights, widths, modes, labels)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Randomness as pure functions
-
-
-def _mix64(x: np.ndarray) -> np.ndarray:
-    """splitmix64's finaliser on uint64 arrays (wrapping arithmetic)."""
-    with np.errstate(over="ignore"):
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return x ^ (x >> np.uint64(31))
-
-
-def feistel_permutation(positions: np.ndarray, n: int, key: Sequence[int]) -> np.ndarray:
-    """A keyed bijection of [0, n) evaluated at `positions` (int64 array), in O(len(positions)) memory.
-
-    Four Feistel rounds over the smallest even number of bits covering n, with cycle walking to stay
-    inside [0, n).
-    """
-    if n <= 1:
-        return np.zeros_like(positions)
-    half = max(1, math.ceil(math.log2(n) / 2))
-    mask = np.uint64((1 << half) - 1)
-    seeds = np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in key]).generate_state(4, np.uint64)
-    x = positions.astype(np.uint64)
-    todo = np.ones(len(x), dtype=bool)
-    while todo.any():
-        y = x[todo]
-        left, right = y >> np.uint64(half), y & mask
-        for round_key in seeds:
-            left, right = right, left ^ (_mix64(right ^ round_key) & mask)
-        y = (left << np.uint64(half)) | right
-        x[todo] = y
-        todo[todo] = y >= np.uint64(n)
-    return x.astype(np.int64)
-
-
-def sample_crop_boxes(
-    heights: np.ndarray,
-    widths: np.ndarray,
-    scale: tuple[float, float],
-    ratio: tuple[float, float],
-    rng: np.random.Generator,
-    attempts: int = 10,
-) -> np.ndarray:
-    """torchvision RandomResizedCrop boxes, vectorised: int64 [B, 4] as (x0, y0, x1, y1) in pixels.
-
-    Area fraction ~ U(scale), log aspect ratio (w/h) ~ U(log ratio); the first of `attempts` draws that fits
-    is used, else a centre crop clamped to the ratio range (torchvision's fallback).
-    """
-    count = len(heights)
-    heights = heights.astype(np.float64)
-    widths = widths.astype(np.float64)
-    area = heights * widths
-    target = area[:, None] * rng.uniform(scale[0], scale[1], size=(count, attempts))
-    aspect = np.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1]), size=(count, attempts)))
-    crop_w = np.round(np.sqrt(target * aspect))
-    crop_h = np.round(np.sqrt(target / aspect))
-    fits = (crop_w > 0) & (crop_h > 0) & (crop_w <= widths[:, None]) & (crop_h <= heights[:, None])
-    first = np.argmax(fits, axis=1)
-    found = fits[np.arange(count), first]
-    w = crop_w[np.arange(count), first]
-    h = crop_h[np.arange(count), first]
-    u = rng.random((count, 2))
-    top = np.floor(u[:, 0] * (heights - h + 1))
-    left = np.floor(u[:, 1] * (widths - w + 1))
-    # Fallback: the whole image, trimmed to the nearest allowed aspect ratio, centred.
-    in_ratio = widths / heights
-    fb_w = np.where(in_ratio < ratio[0], widths, np.where(in_ratio > ratio[1], np.round(heights * ratio[1]), widths))
-    fb_h = np.where(in_ratio < ratio[0], np.round(widths / ratio[0]), heights)
-    w = np.where(found, w, fb_w)
-    h = np.where(found, h, fb_h)
-    top = np.where(found, top, np.floor((heights - h) / 2))
-    left = np.where(found, left, np.floor((widths - w) / 2))
-    return np.stack([left, top, left + w, top + h], axis=1).astype(np.int64)
-
-
-def center_crop_boxes(heights: np.ndarray, widths: np.ndarray, image_size: int, resize_size: int) -> np.ndarray:
-    """Boxes (float64 [B, 4], x0 y0 x1 y1) equal to "resize the shorter side to resize_size, centre-crop
-    image_size": in the resized image's pixel grid the crop starts at ((W' - S) // 2, (H' - S) // 2), and
-    mapping it back with the exact scale W / W' gives Pillow the same sampling positions and filter support
-    as the two-step version."""
-    heights = heights.astype(np.float64)
-    widths = widths.astype(np.float64)
-    short = np.minimum(heights, widths)
-    new_w = np.where(widths <= heights, resize_size, np.floor(resize_size * widths / short))
-    new_h = np.where(widths <= heights, np.floor(resize_size * heights / short), resize_size)
-    # torchvision/Pillow size rounding: int(long * resize / short), the shorter side exactly resize_size.
-    left = np.floor((new_w - image_size) / 2.0)
-    top = np.floor((new_h - image_size) / 2.0)
-    sx = widths / new_w
-    sy = heights / new_h
-    return np.stack([left * sx, top * sy, (left + image_size) * sx, (top + image_size) * sy], axis=1)
-
-
-@dataclass
-class StepPlan:
-    """What rank `rank` reads at one step: which source and which image of it, per batch slot."""
-
-    source_ids: np.ndarray  # int64 [B]
-    indices: np.ndarray  # int64 [B], index within the source
-
-
-class MixtureSchedule:
-    """The per-epoch draw of sources and images for every (step, rank); pure function of its arguments."""
-
-    def __init__(
-        self,
-        sizes: Sequence[int],
-        probabilities: Sequence[float],
-        batch_size: int,
-        world_size: int,
-        seed: int,
-        steps_per_epoch: int,
-    ) -> None:
-        self.sizes = np.asarray(sizes, dtype=np.int64)
-        self.probabilities = np.asarray(probabilities, dtype=np.float64)
-        self.probabilities /= self.probabilities.sum()
-        self.batch_size = batch_size
-        self.world_size = world_size
-        self.seed = seed
-        self.steps_per_epoch = steps_per_epoch
-        self._cache: tuple[int, np.ndarray] | None = None
-
-    def step_counts(self, epoch: int) -> np.ndarray:
-        """int64 [steps + 1, K]: images taken from each source before each step (exclusive prefix sums)."""
-        if self._cache is None or self._cache[0] != epoch:
-            rng = np.random.default_rng([self.seed, epoch, 0x5EED])
-            per_step = rng.multinomial(self.batch_size * self.world_size, self.probabilities, size=self.steps_per_epoch)
-            counts = np.zeros((self.steps_per_epoch + 1, len(self.sizes)), dtype=np.int64)
-            np.cumsum(per_step, axis=0, out=counts[1:])
-            self._cache = (epoch, counts)
-        return self._cache[1]
-
-    def plan(self, epoch: int, step: int, rank: int) -> StepPlan:
-        counts = self.step_counts(epoch)
-        taken = counts[step + 1] - counts[step]
-        slots = np.repeat(np.arange(len(self.sizes)), taken)
-        np.random.default_rng([self.seed, epoch, step, 0xA44A]).shuffle(slots)
-        # Position of each slot inside its source's stream for this epoch.
-        positions = np.empty(len(slots), dtype=np.int64)
-        for k in range(len(self.sizes)):
-            where = np.flatnonzero(slots == k)
-            positions[where] = counts[step, k] + np.arange(len(where))
-        mine = slice(rank * self.batch_size, (rank + 1) * self.batch_size)
-        source_ids, positions = slots[mine], positions[mine]
-        indices = np.empty(self.batch_size, dtype=np.int64)
-        for k in np.unique(source_ids):
-            where = source_ids == k
-            n = int(self.sizes[k])
-            passes, offsets = np.divmod(positions[where], n)
-            result = np.empty(len(offsets), dtype=np.int64)
-            for p in np.unique(passes):
-                sel = passes == p
-                result[sel] = feistel_permutation(offsets[sel], n, (self.seed, epoch, int(k), int(p), 0xFE15))
-            indices[where] = result
-        return StepPlan(source_ids.astype(np.int64), indices)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -632,7 +314,7 @@ def build_train_loader(
     """The pretraining loader: per-image mixture draw, random-resized crop (bicubic), flip, normalisation.
 
     sources: a .beton path; a folder or glob of beton shards; or [(path_or_glob, probability), ...]
-    (e.g. :data:`DEFAULT_MIXTURE`). len(loader) = steps per epoch for this rank (remainder dropped);
+    (e.g. :data:`aim_ds.data.sources.DEFAULT_MIXTURE`). len(loader) = steps per epoch for this rank (remainder dropped);
     loader.num_images = images in all sources; ``loader.iter_epoch(epoch, start_step)`` yields
     (float32 [B, 3, image_size, image_size], int64 [B]) deterministically from (seed, epoch, rank, world_size).
     num_workers: decoding threads. dct_min_shrink: see :data:`DEFAULT_DCT_MIN_SHRINK` (0 = always full decode).
@@ -680,7 +362,7 @@ def build_eval_loader(
         raise ValueError(f"need batch_size >= 1 and resize_size >= image_size, got {resize_size} < {image_size}")
     if not 0 <= rank < world_size:
         raise ValueError(f"need 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
-    source = _open_source(path)
+    source = open_source(path)
     return EvalLoader(
         source,
         batch_size=batch_size,
@@ -696,13 +378,8 @@ def build_eval_loader(
 
 __all__ = [
     "DEFAULT_DCT_MIN_SHRINK",
-    "DEFAULT_MIXTURE",
     "EvalLoader",
-    "MixtureSchedule",
     "TrainLoader",
     "build_eval_loader",
     "build_train_loader",
-    "center_crop_boxes",
-    "feistel_permutation",
-    "sample_crop_boxes",
 ]

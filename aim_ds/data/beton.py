@@ -1,0 +1,297 @@
+"""The read side of a beton and its companions: names, the sidecar, completeness, finding and inspecting.
+
+``OUT.beton`` is written by :mod:`aim_ds.data.writers` with two companions beside it:
+
+* ``OUT.beton.json``, the sidecar: how the beton was written (source, counts, options, skipped files);
+* ``OUT.classes.json``: the class names, index = label (image folders only).
+
+Every file is published through :mod:`aim_ds.io` (written as ``NAME.partial``, then renamed), and the sidecar
+goes last: a sidecar under its final name that agrees with its beton is what says "finished". A beton
+without its sidecar is therefore incomplete (a run was killed between the two renames) and is redone on
+re-run; the loader still reads it, since it is whole and betons written elsewhere have no sidecar at all.
+This module imports neither the writer nor FFCV's writer, so the loader does not pay for them.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import glob
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..io import PARTIAL_SUFFIX
+
+SIDECAR_SUFFIX = ".json"
+SIDECAR_FORMAT = "aim-ds-beton-sidecar/1"
+CLASSES_SUFFIX = ".classes.json"
+
+
+class ConversionError(RuntimeError):
+    """A user-facing conversion error (missing source, nothing to convert); the CLI prints it without traceback."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Names and the sidecar
+
+
+def sidecar_path(beton_path: str | os.PathLike[str]) -> Path:
+    """``OUT.beton`` -> ``OUT.beton.json``."""
+    return Path(str(beton_path) + SIDECAR_SUFFIX)
+
+
+def classes_path(beton_path: str | os.PathLike[str]) -> Path:
+    """``OUT.beton`` -> ``OUT.classes.json`` (the class names, index = label)."""
+    path = Path(beton_path)
+    stem = path.name[: -len(".beton")] if path.name.endswith(".beton") else path.name
+    return path.with_name(stem + CLASSES_SUFFIX)
+
+
+def read_sidecar(beton_path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The sidecar of a beton as a dict, or None when missing or unreadable."""
+    path = sidecar_path(beton_path)
+    try:
+        with open(path) as f:
+            content = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return content if isinstance(content, dict) else None
+
+
+def beton_num_samples(beton_path: str | os.PathLike[str]) -> int:
+    """Number of samples from the beton header (reads 24 bytes, not the metadata)."""
+    from ffcv.types import HeaderType
+
+    header = np.fromfile(str(beton_path), dtype=HeaderType, count=1)
+    if len(header) != 1:
+        raise ValueError(f"{beton_path}: not an FFCV beton (file too short)")
+    return int(header[0]["num_samples"])
+
+
+def is_complete(beton_path: str | os.PathLike[str]) -> bool:
+    """True when the beton is finished: it exists and its sidecar (published last) exists, is ours and
+    agrees with it on the image count. A beton without its sidecar is not finished."""
+    path = Path(beton_path)
+    if not path.is_file():
+        return False
+    sidecar = read_sidecar(path)
+    if sidecar is None or sidecar.get("format") != SIDECAR_FORMAT:
+        return False
+    try:
+        return beton_num_samples(path) == int(sidecar["num_images"])
+    except (ValueError, KeyError, TypeError, OSError):
+        return False
+
+
+def read_class_names(beton_path: str | os.PathLike[str]) -> list[str]:
+    """Class names of a beton written by :func:`aim_ds.data.writers.convert_imagefolder` (index = label)."""
+    path = classes_path(beton_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no class list beside {beton_path} (expected {path})")
+    with open(path) as f:
+        names = json.load(f)
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        raise ValueError(f"{path}: expected a JSON list of strings")
+    return names
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Brace and glob patterns (shard lists and beton sets)
+
+_BRACE_RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
+_BRACE_LIST = re.compile(r"\{([^{}]*,[^{}]*)\}")
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """Expand ``{00000..00099}`` (zero padding kept) and ``{a,b}`` the way shells and webdataset do."""
+    match = _BRACE_RANGE.search(pattern)
+    if match:
+        first, last = match.group(1), match.group(2)
+        width = len(first) if first.startswith("0") or len(first) == len(last) else 0
+        low, high = int(first), int(last)
+        step = 1 if high >= low else -1
+        out: list[str] = []
+        for number in range(low, high + step, step):
+            out += expand_braces(pattern[: match.start()] + str(number).zfill(width) + pattern[match.end() :])
+        return out
+    match = _BRACE_LIST.search(pattern)
+    if match:
+        out = []
+        for option in match.group(1).split(","):
+            out += expand_braces(pattern[: match.start()] + option + pattern[match.end() :])
+        return out
+    return [pattern]
+
+
+def match_pattern(pattern: str) -> tuple[set[str], list[str]]:
+    """Paths matching a brace and/or glob pattern, and the literal (non-glob) pieces that do not exist."""
+    matches: set[str] = set()
+    missing: list[str] = []
+    for piece in expand_braces(pattern):
+        if glob.has_magic(piece):
+            matches.update(glob.glob(piece))
+        elif os.path.exists(piece):
+            matches.add(piece)
+        else:
+            missing.append(piece)
+    return matches, missing
+
+
+def expand_shards(pattern: str) -> list[str]:
+    """Sorted, de-duplicated tar paths for a brace and/or glob pattern. A literal path must exist."""
+    paths, missing = match_pattern(pattern)
+    if missing:
+        raise ConversionError(f"shard not found: {missing[0]}")
+    if not paths:
+        raise ConversionError(f"no files match {pattern}")
+    return sorted(paths)
+
+
+def _is_companion(name: str) -> bool:
+    """Files that live beside betons but are not betons: write debris and our JSON companions."""
+    return name.endswith((PARTIAL_SUFFIX, ".beton" + SIDECAR_SUFFIX, CLASSES_SUFFIX))
+
+
+def resolve_betons(path_or_glob: str | os.PathLike[str]) -> list[Path]:
+    """A .beton path, a directory of betons, or a glob/brace pattern -> sorted beton paths (must be non-empty).
+
+    A pattern never picks up ``*.partial`` debris of a killed write, sidecars or class lists.
+    """
+    text = str(path_or_glob)
+    path = Path(text)
+    if path.is_dir():
+        found = sorted(path.glob("*.beton"))
+        if not found:
+            raise FileNotFoundError(f"no .beton files in folder {path}")
+        return found
+    if path.is_file():
+        return [path]
+    matches, _ = match_pattern(text)
+    found = sorted(
+        Path(m)
+        for m in matches
+        if not _is_companion(os.path.basename(m)) and (fnmatch.fnmatch(m, "*.beton") or Path(m).is_file())
+    )
+    if not found:
+        raise FileNotFoundError(f"no beton found at {text}")
+    return found
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Inspection
+
+
+def _stats(values: np.ndarray) -> dict[str, float]:
+    """min / median / mean / max of an int array ({} when empty)."""
+    if values.size == 0:
+        return {}
+    return {
+        "min": int(values.min()),
+        "median": float(np.median(values)),
+        "mean": round(float(values.mean()), 1),
+        "max": int(values.max()),
+    }
+
+
+def _read_columns(path: Path) -> tuple[dict[str, str], int, dict[str, np.ndarray]]:
+    """(field name -> handler type, sample count, int64 columns width/height/mode/label present) of one beton."""
+    from ffcv.reader import Reader
+
+    reader = Reader(str(path))
+    fields = {name: type(handler).__name__ for name, handler in reader.handlers.items()}
+    # FFCV names the metadata columns by position (f0, f1, ...), not by field name.
+    column = {name: f"f{i}" for i, name in enumerate(reader.field_names)}
+    metadata = reader.metadata
+    columns: dict[str, np.ndarray] = {}
+    if "image" in column:
+        image = metadata[column["image"]]
+        for key in ("width", "height", "mode"):
+            columns[key] = image[key].astype(np.int64)
+    if "label" in column:
+        columns["label"] = metadata[column["label"]].astype(np.int64)
+    return fields, int(reader.num_samples), columns
+
+
+def inspect_betons(path_or_glob: str | os.PathLike[str]) -> dict[str, Any]:
+    """Counts, fields, stored-resolution statistics (px) and the sidecar of one beton or a set of shards."""
+    paths = resolve_betons(path_or_glob)
+    gathered: dict[str, list[np.ndarray]] = {"width": [], "height": [], "mode": [], "label": []}
+    files = []
+    fields: dict[str, str] = {}
+    for path in paths:
+        fields, num_images, columns = _read_columns(path)
+        for key, values in columns.items():
+            gathered[key].append(values)
+        files.append(
+            {
+                "path": str(path),
+                "num_images": num_images,
+                "bytes": path.stat().st_size,
+                "complete": is_complete(path),
+                "sidecar": read_sidecar(path),
+            }
+        )
+    num_images = sum(f["num_images"] for f in files)
+    total_bytes = sum(f["bytes"] for f in files)
+    info: dict[str, Any] = {"files": files, "num_files": len(files), "num_images": num_images, "fields": fields}
+    info["bytes"] = total_bytes
+    info["bytes_per_image"] = total_bytes / max(num_images, 1)
+    if gathered["width"]:
+        w, h = np.concatenate(gathered["width"]), np.concatenate(gathered["height"])
+        mode = np.concatenate(gathered["mode"])
+        info["width"] = _stats(w)
+        info["height"] = _stats(h)
+        info["longer_side"] = _stats(np.maximum(w, h))
+        info["stored_as"] = {"jpg": int((mode == 0).sum()), "raw": int((mode == 1).sum())}
+    if gathered["label"]:
+        all_labels = np.concatenate(gathered["label"])
+        if all_labels.size:
+            info["labels"] = {
+                "min": int(all_labels.min()),
+                "max": int(all_labels.max()),
+                "distinct": int(np.unique(all_labels).size),
+            }
+    return info
+
+
+def format_inspection(info: dict[str, Any]) -> str:
+    """Human-readable text for :func:`inspect_betons`."""
+    lines = [
+        f"files:        {info['num_files']}",
+        f"images:       {info['num_images']}",
+        f"fields:       {', '.join(f'{k} ({v})' for k, v in info['fields'].items())}",
+        f"bytes:        {info['bytes']} ({info['bytes_per_image'] / 1024:.1f} KiB per image)",
+    ]
+    for key in ("width", "height", "longer_side"):
+        if key in info and info[key]:
+            s = info[key]
+            lines.append(f"{key + ':':<13} min {s['min']}  median {s['median']:g}  mean {s['mean']:g}  max {s['max']}")
+    if "stored_as" in info:
+        lines.append(f"stored as:    jpg {info['stored_as']['jpg']}, raw {info['stored_as']['raw']}")
+    if "labels" in info:
+        s = info["labels"]
+        lines.append(f"labels:       min {s['min']}  max {s['max']}  distinct {s['distinct']}")
+    incomplete = [f["path"] for f in info["files"] if not f["complete"]]
+    lines.append(f"complete:     {info['num_files'] - len(incomplete)} of {info['num_files']} have a matching sidecar")
+    for path in incomplete[:10]:
+        lines.append(f"  no matching sidecar: {path}")
+    sidecars = [f["sidecar"] for f in info["files"] if f["sidecar"]]
+    if sidecars:
+        first = sidecars[0]
+        options = first.get("options", {})
+        lines.append("written with: " + ", ".join(f"{k}={v}" for k, v in options.items()))
+        lines.append(
+            f"aim_ds:       {first.get('aim_ds_version')}  kind: {first.get('kind')}  at {first.get('written_utc')}"
+        )
+        if len(sidecars) == 1:
+            lines.append(f"source:       {first.get('source')}")
+        skipped = sum(int(s.get("num_skipped", 0)) for s in sidecars)
+        lines.append(f"skipped:      {skipped}")
+        for sidecar in sidecars:
+            for entry in sidecar.get("skipped", [])[:20]:
+                lines.append(f"  {entry.get('file')}: {entry.get('reason')}")
+    return "\n".join(lines)
