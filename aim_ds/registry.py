@@ -72,11 +72,6 @@ class ModelSpec:
     best_probe_layers: tuple[int, ...] = field(default=())
     paper_params: float | None = None  # preprocessor + trunk, as counted from the authors' code
 
-    @property
-    def last_probe_layers(self) -> tuple[int, ...]:
-        depth = self.config.depth
-        return tuple(range(max(0, depth - 6), depth))
-
 
 _REGISTRY: dict[str, ModelSpec] = {}
 
