@@ -13,11 +13,9 @@ process group; :func:`save` and :func:`load_latest` take an engine and must run 
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from .distributed import barrier, rank, world_size
+from .io import atomic_write_json, remove_if_exists
 
 COMPLETE_MARKER = "COMPLETE"
 _TAG_RE = re.compile(r"^step_(\d{7,})$")
@@ -71,15 +72,9 @@ def latest_complete(ckpt_dir: str | os.PathLike) -> tuple[int, Path] | None:
 
 
 def mark_complete(path: str | os.PathLike, info: dict[str, Any] | None = None) -> None:
-    """Write the ``COMPLETE`` marker (a small JSON), atomically: temporary name, then rename, so
-    that a kill during this write cannot leave a marker that looks valid."""
-    path = Path(path)
-    tmp = path / f".{COMPLETE_MARKER}.tmp"
-    with open(tmp, "w") as f:
-        json.dump({"time": time.time(), **(info or {})}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path / COMPLETE_MARKER)
+    """Write the ``COMPLETE`` marker (a small JSON), atomically (:mod:`aim_ds.io`), so that a kill
+    during this write cannot leave a marker that looks valid."""
+    atomic_write_json(Path(path) / COMPLETE_MARKER, {"time": time.time(), **(info or {})}, indent=None)
 
 
 def prune(ckpt_dir: str | os.PathLike, keep_last: int) -> list[Path]:
@@ -96,7 +91,7 @@ def prune(ckpt_dir: str | os.PathLike, keep_last: int) -> list[Path]:
     if keep_last > 0:
         doomed += complete[:-keep_last]
     for path in doomed:
-        shutil.rmtree(path, ignore_errors=True)
+        remove_if_exists(path)
         removed.append(path)
     return removed
 
@@ -141,15 +136,6 @@ def _to_tuples(value: Any) -> Any:
     return tuple(_to_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def save(engine: Any, ckpt_dir: str | os.PathLike, step: int, client_state: dict[str, Any], keep_last: int) -> Path:
     """Save a complete checkpoint for ``step`` on every rank, mark it complete, prune old ones.
 
@@ -159,20 +145,20 @@ def save(engine: Any, ckpt_dir: str | os.PathLike, step: int, client_state: dict
     ckpt_dir = Path(ckpt_dir)
     tag = tag_for_step(step)
     path = ckpt_dir / tag
-    if _rank() == 0 and path.exists():
+    if rank() == 0 and path.exists():
         # Re-saving a step (e.g. a resumed run stopped again at once): never leave old shards
         # mixed with new ones under a marker.
-        shutil.rmtree(path)
-    _barrier()
+        remove_if_exists(path)
+    barrier()
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
     path.mkdir(parents=True, exist_ok=True)
-    torch.save(capture_rng_state(), path / f"rng_state_rank{_rank()}.pt")
-    _barrier()  # every rank has written its shards and RNG state
-    if _rank() == 0:
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        mark_complete(path, {"step": step, "world_size": world})
+    # Inside a folder that counts only once marked complete, so a plain write is enough here.
+    torch.save(capture_rng_state(), path / f"rng_state_rank{rank()}.pt")
+    barrier()  # every rank has written its shards and RNG state
+    if rank() == 0:
+        mark_complete(path, {"step": step, "world_size": world_size()})
         prune(ckpt_dir, keep_last)
-    _barrier()  # nobody races ahead into a new save while rank 0 prunes
+    barrier()  # nobody races ahead into a new save while rank 0 prunes
     return path
 
 
@@ -183,10 +169,10 @@ def load_latest(engine: Any, ckpt_dir: str | os.PathLike) -> tuple[int, dict[str
     changes under them. Returns ``(step, client_state)`` or None when there is nothing to resume.
     """
     choice: list[Any] = [None]
-    if _rank() == 0:
+    if rank() == 0:
         latest = latest_complete(ckpt_dir)
         choice[0] = latest[1].name if latest else None
-    if dist.is_initialized():
+    if world_size() > 1:
         dist.broadcast_object_list(choice, src=0)
     tag = choice[0]
     if tag is None:
@@ -194,7 +180,7 @@ def load_latest(engine: Any, ckpt_dir: str | os.PathLike) -> tuple[int, dict[str
     load_path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {Path(ckpt_dir) / tag}")
-    rng_file = Path(ckpt_dir) / tag / f"rng_state_rank{_rank()}.pt"
+    rng_file = Path(ckpt_dir) / tag / f"rng_state_rank{rank()}.pt"
     if rng_file.is_file():
         restore_rng_state(torch.load(rng_file, weights_only=True))
     step = step_from_tag(tag)

@@ -11,13 +11,14 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
-import tempfile
 import types
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
+
+from .io import atomic_write_text
 
 T = TypeVar("T")
 
@@ -252,14 +253,5 @@ def _merge(base: dict[str, Any], new: dict[str, Any]) -> None:
 
 
 def save_config(cfg: Any, path: str | os.PathLike) -> None:
-    """Write ``cfg`` as YAML, atomically (temporary name, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``cfg`` as YAML, atomically (:mod:`aim_ds.io`)."""
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -6,7 +6,13 @@ so nothing is lost to rounding. Files written to ``<run>/export/``:
 
 - ``model.safetensors``: our full state dict (``preprocessor.*``, ``trunk.*``, ``head.*``);
 - ``model.json``: ``{"model", "overrides", "step", "aim_ds_version", "checkpoint"}``;
-- ``trunk_ml_aim.safetensors`` (optional): the backbone in the released ml-aim key layout.
+- ``trunk_ml_aim.safetensors`` (optional): the backbone in the released ml-aim key layout;
+- ``reference_forward.safetensors`` (end of a training run): the trained engine's outputs on fixed
+  inputs, to check that the exported weights reproduce the trained model.
+
+``model.json`` is what makes the folder an export, so it is removed first and published last: while
+the other files are replaced (each atomically, through :mod:`aim_ds.io`) the folder holds no
+``model.json``, and a reader never pairs new weights with old metadata or the reverse.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from torch import Tensor
 
 from . import checkpoint as ckpt
 from .interop import to_ml_aim
+from .io import atomic_path, atomic_write_json, remove_if_exists
 from .model import AIM
 from .registry import create_model
 
@@ -28,6 +35,7 @@ EXPORT_DIR = "export"
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "model.json"
 ML_AIM_FILE = "trunk_ml_aim.safetensors"
+REFERENCE_FILE = "reference_forward.safetensors"
 
 
 def consolidate_fp32(ckpt_dir: str | os.PathLike, tag: str) -> dict[str, Tensor]:
@@ -56,6 +64,13 @@ def _complete_state_dict(state: dict[str, Tensor], model: AIM) -> dict[str, Tens
     return {key: state[key] for key in expected}
 
 
+def _write_safetensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+
+
 def save_export(
     state: dict[str, Tensor],
     export_dir: str | os.PathLike,
@@ -65,12 +80,17 @@ def save_export(
     step: int,
     ml_aim: bool = False,
     checkpoint: str | None = None,
+    reference_forward: dict[str, Tensor] | None = None,
 ) -> Path:
     """Write a full model state dict as ``model.safetensors`` + ``model.json`` (and the ml-aim trunk
-    when ``ml_aim``) into ``export_dir``; keys and shapes are checked against ``model_name`` first.
-    Every file is written under a temporary name and renamed. Returns ``export_dir``."""
-    from safetensors.torch import save_file
+    when ``ml_aim``, and ``reference_forward.safetensors`` when given) into ``export_dir``; keys and
+    shapes are checked against ``model_name`` with ``overrides`` first, so that ``model.json``
+    rebuilds the model the weights fit. Returns ``export_dir``.
 
+    Order: check, remove the old ``model.json``, publish every other file, publish ``model.json``.
+    A failure part-way leaves no ``model.json`` (the folder is then no export), never one that
+    describes weights it was not written with.
+    """
     from . import __version__
 
     with torch.device("meta"):
@@ -82,17 +102,16 @@ def save_export(
     meta = {"model": model_name, "overrides": dict(overrides), "step": int(step), "aim_ds_version": __version__}
     if checkpoint is not None:
         meta["checkpoint"] = checkpoint
-    # Write under temporary names, then rename: a reader never picks up a half-written export.
-    tmp = export_dir / f".{WEIGHTS_FILE}.tmp"
-    save_file(state, str(tmp), metadata={"format": "pt", "model": model_name, "step": str(step)})
-    os.replace(tmp, export_dir / WEIGHTS_FILE)
+    remove_if_exists(export_dir / META_FILE)
+    _write_safetensors(export_dir / WEIGHTS_FILE, state, {"format": "pt", "model": model_name, "step": str(step)})
     if ml_aim:
-        tmp = export_dir / f".{ML_AIM_FILE}.tmp"
-        save_file(to_ml_aim(state), str(tmp), metadata={"format": "pt", "layout": "ml-aim"})
-        os.replace(tmp, export_dir / ML_AIM_FILE)
-    tmp = export_dir / f".{META_FILE}.tmp"
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, export_dir / META_FILE)
+        _write_safetensors(export_dir / ML_AIM_FILE, to_ml_aim(state), {"format": "pt", "layout": "ml-aim"})
+    else:
+        remove_if_exists(export_dir / ML_AIM_FILE)  # an earlier export's trunk, not these weights
+    if reference_forward is not None:
+        tensors = {k: v.detach().cpu().contiguous() for k, v in reference_forward.items()}
+        _write_safetensors(export_dir / REFERENCE_FILE, tensors, {"format": "pt", "step": str(step)})
+    atomic_write_json(export_dir / META_FILE, meta)
     return export_dir
 
 
@@ -105,6 +124,7 @@ def export_checkpoint(
     overrides: dict[str, Any],
     step: int,
     ml_aim: bool = False,
+    reference_forward: dict[str, Tensor] | None = None,
 ) -> Path:
     """Consolidate checkpoint ``ckpt_dir/tag`` and :func:`save_export` it into ``export_dir``."""
     return save_export(
@@ -115,11 +135,20 @@ def export_checkpoint(
         step=step,
         ml_aim=ml_aim,
         checkpoint=f"{Path(ckpt_dir).name}/{tag}",
+        reference_forward=reference_forward,
     )
 
 
-def export_latest(run_dir: str | os.PathLike, *, model_name: str, overrides: dict[str, Any], ml_aim: bool) -> Path:
-    """Export the newest complete checkpoint of ``run_dir`` to ``run_dir/export``."""
+def export_latest(
+    run_dir: str | os.PathLike,
+    *,
+    model_name: str,
+    overrides: dict[str, Any],
+    ml_aim: bool,
+    reference_forward: dict[str, Tensor] | None = None,
+) -> Path:
+    """Export the newest complete checkpoint of ``run_dir`` to ``run_dir/export`` (with the end of
+    run's ``reference_forward`` outputs when given; without, an existing reference file is kept)."""
     run_dir = Path(run_dir)
     latest = ckpt.latest_complete(run_dir / "checkpoints")
     if latest is None:
@@ -133,6 +162,7 @@ def export_latest(run_dir: str | os.PathLike, *, model_name: str, overrides: dic
         overrides=overrides,
         step=step,
         ml_aim=ml_aim,
+        reference_forward=reference_forward,
     )
 
 

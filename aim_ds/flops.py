@@ -31,9 +31,6 @@ def train_flops_per_image(cfg: AIMConfig) -> float:
     return float(6 * (trunk + head) * tokens + attention)
 
 
-def forward_flops_per_image(cfg: AIMConfig, include_head: bool = False) -> float:
-    """Forward-only FLOPs for one image (the probe's frozen trunk), a third of the training cost."""
-    tokens = cfg.num_patches
-    trunk, head = matmul_params(cfg)
-    params = trunk + (head if include_head else 0)
-    return float(2 * params * tokens + 4 * cfg.depth * cfg.width * tokens**2)
+# Peak dense bf16 throughput of an H100 SXM (NVIDIA's datasheet, without sparsity), FLOP/s: the
+# default MFU denominator of the training log and the GPU benchmark.
+H100_BF16_DENSE_FLOPS = 989e12

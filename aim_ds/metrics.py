@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .io import atomic_path, atomic_write_text
 from .model import IMAGENET_MEAN, IMAGENET_STD, patchify, unpatchify
 
 METRICS_FILE = "metrics.jsonl"
@@ -54,11 +54,7 @@ def trim_metrics(path: str | os.PathLike, last_step: int) -> int:
         return 0
     records = read_metrics(path)
     kept = [r for r in records if int(r.get("step", 0)) <= last_step]
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        for record in kept:
-            f.write(json.dumps(record) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(json.dumps(record) + "\n" for record in kept))
     return len(records) - len(kept)
 
 
@@ -131,7 +127,7 @@ def _start_wandb(out_dir: Path, project: str, run_name: str, config: dict[str, A
         run_id = id_file.read_text().strip()
     else:
         run_id = uuid.uuid4().hex[:8]  # W&B's own id helper moved between versions
-        id_file.write_text(run_id)
+        atomic_write_text(id_file, run_id)
     return wandb.init(
         project=project,
         name=run_name or out_dir.name,
@@ -148,7 +144,7 @@ def flops_per_second_per_device(flops_per_image: float, images_per_second: float
 
 
 def model_flops_utilisation(flops_per_second: float, peak_flops_per_second: float) -> float:
-    """MFU: achieved model FLOP/s over the device's peak (H100 SXM dense bf16: 989e12)."""
+    """MFU: achieved model FLOP/s over the device's peak (:data:`aim_ds.flops.H100_BF16_DENSE_FLOPS`)."""
     return flops_per_second / peak_flops_per_second
 
 
@@ -176,11 +172,8 @@ def plot_loss(metrics_path: str | os.PathLike, png_path: str | os.PathLike) -> b
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    png_path = Path(png_path)
-    png_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = png_path.with_name(f".{png_path.name}.tmp.png")
-    fig.savefig(tmp)
-    os.replace(tmp, png_path)  # a reader never sees a half-written image
+    with atomic_path(png_path) as tmp:
+        fig.savefig(tmp, format="png")  # the temporary name has no .png suffix to infer it from
     return True
 
 
@@ -258,9 +251,6 @@ def save_patch_grid(
             top = gap + b * (height * scale + gap)
             left = gap + column * (width * scale + gap)
             canvas[top : top + height * scale, left : left + width * scale] = big
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    Image.fromarray(canvas).save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
+    with atomic_path(path) as tmp:
+        Image.fromarray(canvas).save(tmp, format="PNG")
+    return Path(path)

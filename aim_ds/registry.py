@@ -1,11 +1,14 @@
 """The model registry, keyed by the paper's Table 1 sizes plus small sizes for CPU work.
 
-Each entry holds the architecture (:class:`~aim_ds.model.AIMConfig`), the Table 1 pretraining
-recipe the drivers take their defaults from, and the probe's "best" block range.
+Each entry holds the architecture (:class:`~aim_ds.model.AIMConfig`), its pretraining recipe and
+the probe's "best" block range. :data:`PAPER_RECIPE` is the one home of the paper's numbers
+(docs/recipe.md, Table 1 and Table 10): the run config's defaults (``aim_ds.train.config``) are
+taken from it, and a test checks every ``run/configs/aim-<size>.yaml`` against its size's recipe.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -15,22 +18,48 @@ from .model import AIM, AIMConfig
 
 @dataclass(frozen=True)
 class Recipe:
-    """Pretraining recipe of Table 1 / Table 10. ``batch_size`` is the global batch in images."""
+    """A pretraining recipe (docs/recipe.md, Table 1 / Table 10). ``batch_size`` is the global batch
+    in images; ``patches_seen`` sets the length (:meth:`total_steps`)."""
 
     peak_lr: float
     batch_size: int
     patches_seen: float
-    warmup_fraction: float = 0.025  # 31,250 of 1.25M iterations
-    min_lr: float = 0.0
-    weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: float = 1.0
+    warmup_fraction: float
+    min_lr: float
+    weight_decay: float  # matrices only
+    betas: tuple[float, float]
+    grad_clip: float  # global gradient 2-norm
 
     def total_steps(self, num_patches: int) -> int:
         """Optimizer steps to see ``patches_seen`` patches at ``batch_size`` images per step."""
         from .optim import steps_from_patches
 
         return steps_from_patches(self.patches_seen, self.batch_size, num_patches)
+
+
+# The paper's recipe, Table 10: AdamW (0.9, 0.95), weight decay 0.05, peak LR 1e-3 with a linear
+# warmup over 2.5% of the steps (31,250 of 1.25M iterations) and a cosine decay to 0, gradient
+# clipping 1.0, batch 4096; Table 1: 1.2T patches seen (0.5T for AIM-0.6B).
+PAPER_RECIPE = Recipe(
+    peak_lr=1e-3,
+    batch_size=4096,
+    patches_seen=1.2e12,
+    warmup_fraction=0.025,
+    min_lr=0.0,
+    weight_decay=0.05,
+    betas=(0.9, 0.95),
+    grad_clip=1.0,
+)
+
+
+def _small_recipe(batch_size: int, steps: int, num_patches: int, warmup_fraction: float) -> Recipe:
+    """The paper's optimiser at a small batch and length, for CPU runs (the run configs match it)."""
+    return dataclasses.replace(
+        PAPER_RECIPE,
+        batch_size=batch_size,
+        patches_seen=float(batch_size * num_patches * steps),
+        warmup_fraction=warmup_fraction,
+    )
 
 
 @dataclass(frozen=True)
@@ -42,11 +71,6 @@ class ModelSpec:
     recipe: Recipe
     best_probe_layers: tuple[int, ...] = field(default=())
     paper_params: float | None = None  # preprocessor + trunk, as counted from the authors' code
-
-    @property
-    def last_probe_layers(self) -> tuple[int, ...]:
-        depth = self.config.depth
-        return tuple(range(max(0, depth - 6), depth))
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
@@ -90,7 +114,7 @@ def _table1(name: str, width: int, depth: int, patches_seen: float, best: range,
     return ModelSpec(
         name=name,
         config=AIMConfig(width=width, depth=depth, num_heads=width // 128),
-        recipe=Recipe(peak_lr=1e-3, batch_size=4096, patches_seen=patches_seen),
+        recipe=dataclasses.replace(PAPER_RECIPE, patches_seen=patches_seen),
         best_probe_layers=tuple(best),
         paper_params=params,
     )
@@ -101,7 +125,7 @@ register_model(
     ModelSpec(
         name="aim-test",
         config=AIMConfig(image_size=32, patch_size=4, width=64, depth=4, num_heads=2, head_width=64, head_depth=2),
-        recipe=Recipe(peak_lr=1e-3, batch_size=32, patches_seen=32 * 64 * 200, warmup_fraction=0.1),
+        recipe=_small_recipe(batch_size=16, steps=40, num_patches=64, warmup_fraction=0.1),
         best_probe_layers=(0, 1, 2, 3),
     )
 )
@@ -109,7 +133,7 @@ register_model(
     ModelSpec(
         name="aim-tiny",
         config=AIMConfig(image_size=32, patch_size=4, width=192, depth=6, num_heads=3, head_width=256, head_depth=2),
-        recipe=Recipe(peak_lr=1e-3, batch_size=64, patches_seen=64 * 64 * 1000, warmup_fraction=0.05),
+        recipe=_small_recipe(batch_size=32, steps=200, num_patches=64, warmup_fraction=0.05),
         best_probe_layers=(0, 1, 2, 3, 4, 5),
     )
 )
@@ -117,11 +141,13 @@ register_model(
     ModelSpec(
         name="aim-small",
         config=AIMConfig(image_size=112, patch_size=14, width=384, depth=12, num_heads=6, head_width=512, head_depth=4),
-        recipe=Recipe(peak_lr=1e-3, batch_size=256, patches_seen=256 * 64 * 20_000),
+        recipe=_small_recipe(
+            batch_size=256, steps=20_000, num_patches=64, warmup_fraction=PAPER_RECIPE.warmup_fraction
+        ),
         best_probe_layers=(5, 6, 7, 8, 9, 10),
     )
 )
-# Table 1. "best" probe blocks per AIM_FACTS (0-indexed).
+# Table 1 (docs/recipe.md); "best" probe blocks 0-indexed.
 register_model(_table1("aim-0.6B", 1536, 24, 0.5e12, range(14, 20), 680.5e6))
 register_model(_table1("aim-1B", 2048, 24, 1.2e12, range(12, 18), 1.209e9))
 register_model(_table1("aim-3B", 3072, 24, 1.2e12, range(12, 18), 2.720e9))
@@ -134,6 +160,7 @@ def table1_models() -> list[str]:
 
 
 __all__ = [
+    "PAPER_RECIPE",
     "ModelSpec",
     "Recipe",
     "create_model",

@@ -11,7 +11,7 @@ bench_loader.py); the prefix length is drawn per sample as in training.
         --ds-config ds_configs/zero3_offload.json                              # 7B with offload
     python bench/bench_gpu.py --models aim-test --device cpu --steps 2         # the harness on CPU
 
-Runs as one process (world size 1); it sets the rendezvous variables DeepSpeed needs itself.
+Runs as one process (world size 1); it starts its own process group (aim_ds.distributed).
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import argparse
 import datetime
 import gc
 import json
-import os
 import platform
 import statistics
 import sys
@@ -32,10 +31,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import aim_ds  # noqa: E402
-from aim_ds.flops import train_flops_per_image  # noqa: E402
+from aim_ds.distributed import init_distributed  # noqa: E402
+from aim_ds.flops import H100_BF16_DENSE_FLOPS, train_flops_per_image  # noqa: E402
+from aim_ds.io import atomic_write_json, atomic_write_text  # noqa: E402
 from aim_ds.optim import build_optimizer, param_groups  # noqa: E402
-
-H100_BF16_DENSE_TFLOPS = 989.0
+from aim_ds.registry import PAPER_RECIPE  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:
@@ -77,7 +77,7 @@ def run_plain(name: str, micro_batch: int, device: torch.device, args) -> dict:
     torch.manual_seed(0)
     model = aim_ds.create_model(name, attn_impl=args.attn_impl).to(device)
     model.set_grad_checkpointing(args.grad_checkpointing)
-    optimizer = build_optimizer(param_groups(model, 0.05), lr=1e-4)
+    optimizer = build_optimizer(param_groups(model, PAPER_RECIPE.weight_decay), lr=1e-4)
     gen = torch.Generator().manual_seed(0)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
 
@@ -86,7 +86,7 @@ def run_plain(name: str, micro_batch: int, device: torch.device, args) -> dict:
         with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
             loss = model(images, prefix)["loss"]
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), PAPER_RECIPE.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -101,7 +101,7 @@ def _ds_config(path: str, micro_batch: int, device: torch.device) -> dict:
     config["train_micro_batch_size_per_gpu"] = micro_batch
     config["gradient_accumulation_steps"] = 1
     config["train_batch_size"] = micro_batch
-    config.setdefault("gradient_clipping", 1.0)
+    config.setdefault("gradient_clipping", PAPER_RECIPE.grad_clip)
     config["steps_per_print"] = 10**9
     config["wall_clock_breakdown"] = False
     if device.type != "cuda":  # CPU: fp32, no pinned offload
@@ -120,7 +120,7 @@ def run_zero3(name: str, micro_batch: int, device: torch.device, args) -> dict:
     with deepspeed.zero.Init(config_dict_or_path=config, enabled=config["zero_optimization"]["stage"] == 3):
         model = aim_ds.create_model(name, attn_impl=args.attn_impl)
     model.set_grad_checkpointing(args.grad_checkpointing)
-    optimizer = build_optimizer(param_groups(model, 0.05), lr=1e-4, offload=offload)
+    optimizer = build_optimizer(param_groups(model, PAPER_RECIPE.weight_decay), lr=1e-4, offload=offload)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     gen = torch.Generator().manual_seed(0)
 
@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--attn-impl", default="auto", choices=["auto", "sdpa", "flex"])
     parser.add_argument("--grad-checkpointing", action="store_true")
-    parser.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS)
+    parser.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_FLOPS / 1e12)
     parser.add_argument("--out", default="bench_out/gpu.md", help="markdown table; a .json beside it")
     args = parser.parse_args(argv)
     if len(args.micro_batch) not in (1, len(args.models)):
@@ -202,15 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     if not Path(args.ds_config).is_file():
         parser.error(f"--ds-config {args.ds_config} does not exist")
     device = torch.device(args.device)
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29533")
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
     if "zero3" in args.modes:
-        import deepspeed
-
-        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+        # DeepSpeed's engine wants a process group: a world of one on a free port (or MASTER_PORT).
+        init_distributed(cuda=device.type == "cuda")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -228,9 +222,8 @@ def main(argv: list[str] | None = None) -> int:
                 torch.cuda.empty_cache()
     table = _table(results, args, device)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(table)
-    out.with_suffix(".json").write_text(json.dumps(results, indent=2))
+    atomic_write_text(out, table)
+    atomic_write_json(out.with_suffix(".json"), results)
     print(table)
     return 0 if results else 1
 

@@ -76,28 +76,13 @@ def read_metrics(path: Path) -> tuple[float | None, float | None]:
     return (train[-1]["loss"] if train else None), (val[-1]["loss"] if val else None)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="demo_out", help="everything the demo writes goes here")
-    parser.add_argument("--model", default="aim-tiny", help="registry name of the model to pretrain")
-    parser.add_argument("--steps", type=int, default=600, help="pretraining optimizer steps")
-    parser.add_argument("--probe-epochs", type=int, default=30)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-
-    out = (ROOT / args.out).resolve() if not Path(args.out).is_absolute() else Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    py = sys.executable
-    stages = Stages()
-    total_start = time.perf_counter()
-    cuda = _has_cuda()
-
-    # 1. Real labelled images -> ImageFolder -> .beton
+def make_betons(stages: Stages, out: Path, model: str, seed: int) -> dict[str, int]:
+    """Stage 1: real labelled images -> ImageFolder -> ``digits_{train,val}.beton``. Returns the counts."""
     from aim_ds.datasets import write_digits_imagefolder
     from aim_ds.registry import get_model_spec
 
-    image_size = get_model_spec(args.model).config.image_size
-    counts = stages.time("images", write_digits_imagefolder, out / "digits", image_size=image_size, seed=args.seed)
+    image_size = get_model_spec(model).config.image_size
+    counts = stages.time("images", write_digits_imagefolder, out / "digits", image_size=image_size, seed=seed)
     print(f"[demo] digits written: {counts}", flush=True)
     for split in ("train", "val"):
         # Raw pixels: at 32 px a JPEG round trip would cost more fidelity than the bytes it saves.
@@ -105,14 +90,18 @@ def main(argv: list[str] | None = None) -> int:
         if not beton.exists():
             stages.run(
                 "convert",
-                [py, "-m", "data_prep", "imagefolder", str(out / "digits" / split), str(beton), "--write-mode", "raw"],
+                [sys.executable, "-m", "data_prep", "imagefolder", str(out / "digits" / split), str(beton)]
+                + ["--write-mode", "raw"],
             )
+    return counts
 
-    # 2. Pretraining with DeepSpeed ZeRO-3
+
+def pretrain(stages: Stages, out: Path, args: argparse.Namespace) -> Path:
+    """Stage 2: DeepSpeed ZeRO-3 pretraining on the GPUs there are, else 2 CPU ranks. Returns the run folder."""
     run_dir = out / "pretrain"
-    launcher = [str(Path(py).with_name("deepspeed"))]
+    launcher = [str(Path(sys.executable).with_name("deepspeed"))]
     env = {}
-    if cuda:
+    if _has_cuda():
         import torch
 
         launcher += ["--num_gpus", str(torch.cuda.device_count())]
@@ -136,8 +125,12 @@ def main(argv: list[str] | None = None) -> int:
         ],
         env=env,
     )
+    return run_dir
 
-    # 3. Probes: pretrained export vs the same architecture at random initialisation
+
+def probe(stages: Stages, out: Path, run_dir: Path, args: argparse.Namespace) -> dict[str, dict]:
+    """Stage 3: probes on the pretrained export and on the same architecture at random init.
+    Returns each probe's ``results.json`` by label."""
     random_dir = stages.time("probe", write_random_init_export, args.model, out / "random_init", args.seed)
     results = {}
     for label, weights in (("pretrained", run_dir / "export"), ("random init", random_dir)):
@@ -145,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         stages.run(
             "probe",
             [
-                py,
+                sys.executable,
                 "run/probe.py",
                 "--config",
                 f"run/configs/probe_{args.model}.yaml",
@@ -158,12 +151,33 @@ def main(argv: list[str] | None = None) -> int:
             ],
         )
         results[label] = json.loads((probe_dir / "results.json").read_text())
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="demo_out", help="everything the demo writes goes here")
+    parser.add_argument("--model", default="aim-tiny", help="registry name of the model to pretrain")
+    parser.add_argument("--steps", type=int, default=600, help="pretraining optimizer steps")
+    parser.add_argument("--probe-epochs", type=int, default=30)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    out = (ROOT / args.out).resolve() if not Path(args.out).is_absolute() else Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stages = Stages()
+    total_start = time.perf_counter()
+    counts = make_betons(stages, out, args.model, args.seed)
+    run_dir = pretrain(stages, out, args)
+    results = probe(stages, out, run_dir, args)
 
     # 4. The closing table
     train_loss, val_loss = read_metrics(run_dir / "metrics.jsonl")
     total = time.perf_counter() - total_start
     summary = render_summary(args, counts, results, train_loss, val_loss, stages.seconds, total, run_dir, out)
-    (out / "summary.md").write_text(summary)
+    from aim_ds.io import atomic_write_text
+
+    atomic_write_text(out / "summary.md", summary)
     print("\n" + summary)
     return 0
 

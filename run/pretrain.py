@@ -23,7 +23,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from aim_ds.config import ConfigError, load_config  # noqa: E402
-from aim_ds.pretrain import NonFiniteLossError, PretrainConfig, load_ds_config, run  # noqa: E402
+from aim_ds.train.config import NonFiniteLossError, PretrainConfig  # noqa: E402
+from aim_ds.train.engine import load_ds_config  # noqa: E402
+from aim_ds.train.loop import run  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -66,8 +67,9 @@ def test_prune_keep_zero_keeps_every_complete(tmp_path: Path) -> None:
 
 def test_marker_is_written_atomically(tmp_path: Path) -> None:
     path = _make(tmp_path, 7, complete=True)
-    assert (path / ckpt.COMPLETE_MARKER).read_text().startswith("{")
-    assert not list(path.glob(".*tmp"))  # no temporary left behind
+    assert json.loads((path / ckpt.COMPLETE_MARKER).read_text())["step"] == 7
+    names = sorted(p.name for p in path.iterdir())
+    assert names == sorted([ckpt.COMPLETE_MARKER, "zero_pp_rank_0_mp_rank_00_model_states.pt"])  # no temporary left
 
 
 def test_rng_state_round_trip(tmp_path: Path) -> None:

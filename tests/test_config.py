@@ -78,7 +78,7 @@ def test_save_round_trip(tmp_path: Path) -> None:
     save_config(cfg, tmp_path / "run" / "config.yaml")
     assert load_config(Run, tmp_path / "run" / "config.yaml") == cfg
     assert to_dict(cfg)["train"]["scale"] == [0.4, 1.0]
-    assert not list((tmp_path / "run").glob("*.tmp"))
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["config.yaml"]  # no temporary left behind
 
 
 @dataclass

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 import aim_ds
 from aim_ds.export import load_exported, save_export
@@ -20,7 +22,7 @@ def test_save_export_round_trip_and_checks(tmp_path: Path) -> None:
     )
     meta = json.loads((out / "model.json").read_text())
     assert meta["model"] == "aim-test" and meta["step"] == 7 and meta["overrides"] == {"head_depth": 1}
-    assert (out / "trunk_ml_aim.safetensors").is_file() and not list(out.glob(".*.tmp"))
+    assert (out / "trunk_ml_aim.safetensors").is_file() and not list(out.glob("*.partial"))
     loaded = load_exported(out).eval()
     images = torch.randn(2, 3, 32, 32)
     prefix = torch.tensor([2, 40])
@@ -31,3 +33,42 @@ def test_save_export_round_trip_and_checks(tmp_path: Path) -> None:
     with pytest.raises(KeyError, match="post_trunk_norm.bias"):
         save_export(bad, tmp_path / "bad", model_name="aim-test", overrides={"head_depth": 1}, step=0)
     assert not (tmp_path / "bad" / "model.safetensors").exists()
+
+
+def _state(seed: int) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    return aim_ds.create_model("aim-test").state_dict()
+
+
+def test_re_export_pairs_metadata_with_its_weights(tmp_path: Path) -> None:
+    """Exporting over an existing export replaces weights and model.json together; files of the
+    earlier export that the new one does not write (the ml-aim trunk) go."""
+    out = tmp_path / "export"
+    save_export(_state(0), out, model_name="aim-test", overrides={}, step=10, ml_aim=True)
+    second = _state(1)
+    reference = {"images": torch.zeros(1, 3, 32, 32), "loss": torch.ones(1)}
+    save_export(second, out, model_name="aim-test", overrides={}, step=20, reference_forward=reference)
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["step"] == 20
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert f.metadata()["step"] == "20"
+        assert all(torch.equal(f.get_tensor(k), second[k]) for k in second)
+    assert not (out / "trunk_ml_aim.safetensors").exists()
+    assert torch.equal(load_file(out / "reference_forward.safetensors")["loss"], torch.ones(1))
+    assert sorted(p.name for p in out.iterdir()) == ["model.json", "model.safetensors", "reference_forward.safetensors"]
+
+
+def test_failed_weights_write_leaves_no_stale_metadata(tmp_path: Path) -> None:
+    """A failure while the new weights are written (here safetensors refusing two entries that
+    share memory, as tied parameters would) leaves no model.json describing weights it was not
+    written with, and no temporary file."""
+    out = tmp_path / "export"
+    save_export(_state(0), out, model_name="aim-test", overrides={}, step=10)
+    state = _state(1)
+    state["trunk.post_trunk_norm.bias"] = state["trunk.post_trunk_norm.weight"]  # same shape, one storage
+    with pytest.raises(RuntimeError, match="share memory"):
+        save_export(state, out, model_name="aim-test", overrides={}, step=20)
+    assert not (out / "model.json").exists()
+    assert not list(out.glob("*.partial"))
+    with pytest.raises(FileNotFoundError):
+        load_exported(out)

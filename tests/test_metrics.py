@@ -10,6 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
+import aim_ds
+from aim_ds.flops import H100_BF16_DENSE_FLOPS, train_flops_per_image
 from aim_ds.metrics import (
     MetricsLogger,
     flops_per_second_per_device,
@@ -19,7 +21,7 @@ from aim_ds.metrics import (
     reconstruct_from_pred,
     save_patch_grid,
 )
-from aim_ds.model import normalize_patches, patchify
+from aim_ds.model import IMAGENET_MEAN, IMAGENET_STD, normalize_patches, patchify
 
 
 def test_logger_writes_jsonl_and_trims_on_resume(tmp_path: Path) -> None:
@@ -71,9 +73,18 @@ def test_plot_loss_writes_png(tmp_path: Path) -> None:
 
 
 def test_mfu_arithmetic() -> None:
-    flops = flops_per_second_per_device(6e9, images_per_second=1000.0, world_size=8)
-    assert flops == pytest.approx(7.5e11)
-    assert model_flops_utilisation(494.5e12, 989e12) == pytest.approx(0.5)
+    # aim-test: N = (32/4)^2 = 64 tokens, patch_dim 48, width 64, 4 blocks (MLP 256), head 64 wide,
+    # 2 blocks (MLP 256). Matmul parameters: trunk 48*64 + 4*(4*64*64 + 2*64*256) = 199,680;
+    # head 64*64 + 2*2*64*256 + 64*48 = 72,704. Training FLOPs per image:
+    # 6 * 272,384 * 64 + 12 * 4 * 64 * 64**2 = 104,595,456 + 12,582,912 = 117,178,368.
+    flops_per_image = train_flops_per_image(aim_ds.get_model_spec("aim-test").config)
+    assert flops_per_image == 117_178_368
+    # 1000 images/s over 8 devices: 117,178,368 * 1000 / 8 = 14,647,296,000 FLOP/s per device.
+    flops = flops_per_second_per_device(flops_per_image, images_per_second=1000.0, world_size=8)
+    assert flops == pytest.approx(14_647_296_000)
+    # Against an H100's 989 TFLOP/s: 14.647296e9 / 989e12 = 1.4810208e-5.
+    assert model_flops_utilisation(flops, H100_BF16_DENSE_FLOPS) == pytest.approx(1.4810208e-5, rel=1e-7)
+    assert model_flops_utilisation(741.75e12, 989e12) == pytest.approx(0.75)
 
 
 def test_reconstruction_of_perfect_predictions_is_the_image() -> None:
@@ -86,20 +97,53 @@ def test_reconstruction_of_perfect_predictions_is_the_image() -> None:
     torch.testing.assert_close(recon, images, atol=1e-4, rtol=1e-4)
 
 
+def _normalised(pixels: np.ndarray) -> torch.Tensor:
+    """uint8 ``[B, H, W, 3]`` -> ImageNet-normalised float ``[B, 3, H, W]`` (the loader's output)."""
+    x = torch.from_numpy(pixels).float().permute(0, 3, 1, 2) / 255.0
+    return (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+
+
 def test_save_patch_grid(tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    images = torch.randn(6, 3, 32, 32)
-    pred = torch.randn(6, 64, 48)
-    path = save_patch_grid(images, pred, 4, tmp_path / "patches.png", num_images=3, prefix_len=torch.full((6,), 8))
+    """The PNG shows, per image row, the true image (left) and the predictions (right) in the
+    right cells: prefix cells washed halfway to white, a wrong prediction where it was made."""
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, size=(6, 32, 32, 3), dtype=np.uint8)  # 8 x 8 patches of 4 px
+    images = _normalised(pixels)
+    pred = torch.zeros(6, 64, 48)
+    pred[:, :-1] = normalize_patches(patchify(images, 4))[:, 1:]  # perfect: row k predicts patch k+1
+    wrong = 2 * 8 + 5  # patch (row 2, col 5) of image 1: predicted flat (its normalised mean, 0)
+    pred[1, wrong - 1] = 0.0
+    prefix_len = torch.tensor([8, 20, 1, 5, 5, 5])
+    path = save_patch_grid(images, pred, 4, tmp_path / "patches.png", num_images=3, prefix_len=prefix_len)
     with Image.open(path) as image:
-        array = np.asarray(image.convert("RGB"))
-    # 3 rows of (true | predicted), each 32 px upscaled x4 to 128, with 4 px gaps.
-    assert array.shape == (3 * (128 + 4) + 4, 2 * (128 + 4) + 4, 3)
-    left = array[4 : 4 + 128, 4 : 4 + 128]
-    right = array[4 : 4 + 128, 136 : 136 + 128]
-    assert not np.array_equal(left, right)
-    # The first patch has no prediction and is copied from the image (before the prefix wash-out).
-    assert left.std() > 0
+        canvas = np.asarray(image.convert("RGB"))
+    # 3 rows of (true | predicted), each 32 px upscaled x4 to 128, with 4 px gaps on white.
+    assert canvas.shape == (3 * (128 + 4) + 4, 2 * (128 + 4) + 4, 3)
+    assert (canvas[:4] == 255).all() and (canvas[:, 132:136] == 255).all()
+
+    def panel(b: int, column: int) -> np.ndarray:  # back to 32 x 32 from the x4 upscale
+        top, left = 4 + b * 132, 4 + column * 132
+        big = canvas[top : top + 128, left : left + 128]
+        assert (big == big[::4, ::4].repeat(4, axis=0).repeat(4, axis=1)).all(), "nearest upscale"
+        return big[::4, ::4]
+
+    def cell(picture: np.ndarray, index: int) -> np.ndarray:
+        row, col = divmod(index, 8)
+        return picture[row * 4 : (row + 1) * 4, col * 4 : (col + 1) * 4]
+
+    for b in range(3):
+        true, predicted = panel(b, 0), panel(b, 1)
+        assert np.array_equal(true, pixels[b])
+        for index in range(64):
+            expected = cell(pixels[b], index)
+            if index < prefix_len[b]:  # no loss there: washed out, x / 2 + 127.5
+                expected = (expected.astype(np.float32) * 0.5 + 127.5).astype(np.uint8)
+            if (b, index) == (1, wrong):
+                got = cell(predicted, index)
+                assert not np.array_equal(got, expected)
+                assert (got == got[0, 0]).all(), "a flat prediction gives one colour"
+                continue
+            assert np.array_equal(cell(predicted, index), expected), (b, index)
 
 
 def test_wandb_offline_without_login(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

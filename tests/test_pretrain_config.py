@@ -9,16 +9,16 @@ import pytest
 
 import aim_ds
 from aim_ds.config import ConfigError, load_config
-from aim_ds.pretrain import (
+from aim_ds.registry import PAPER_RECIPE, get_model_spec
+from aim_ds.train.config import (
     BatchConfigError,
+    OptimSection,
     PretrainConfig,
-    build_ds_config,
-    load_ds_config,
-    optimizer_offloaded,
+    TrainSection,
     resolve_plan,
     resolved_config,
-    zero_stage,
 )
+from aim_ds.train.engine import build_ds_config, load_ds_config, optimizer_offloaded, zero_stage
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "run" / "configs"
@@ -67,6 +67,37 @@ def test_table1_recipe(name: str, patches: float, steps: int) -> None:
         PretrainConfig, CONFIGS / f"{name}.yaml", overrides=["train.steps=0", f"train.patches_seen={patches}"]
     )
     assert _plan(derived, 8).total_steps == steps
+
+
+@pytest.mark.parametrize("name", RUN_CONFIGS)
+def test_run_config_agrees_with_its_registry_recipe(name: str) -> None:
+    """Every run/configs/aim-<size>.yaml states its size's registry recipe (docs/recipe.md, Table 1
+    and Table 10 for the paper's sizes), so the YAMLs and the registry cannot drift apart."""
+    cfg = load_config(PretrainConfig, CONFIGS / f"{name}.yaml")
+    spec = get_model_spec(name)
+    recipe = spec.recipe
+    assert cfg.train.batch_size == recipe.batch_size
+    assert cfg.optim.peak_lr == recipe.peak_lr and cfg.optim.min_lr == recipe.min_lr
+    assert cfg.optim.warmup_fraction == recipe.warmup_fraction
+    assert cfg.optim.weight_decay == recipe.weight_decay
+    assert tuple(cfg.optim.betas) == recipe.betas
+    assert cfg.optim.grad_clip == recipe.grad_clip
+    world = 2 if name in ("aim-test", "aim-tiny") else 8
+    plan = _plan(cfg, world)
+    assert plan.total_steps == recipe.total_steps(spec.config.num_patches)
+
+
+def test_defaults_are_the_paper_recipe() -> None:
+    """The run config's defaults are the paper's recipe, taken from the registry (not restated)."""
+    train, optim = TrainSection(), OptimSection()
+    assert (train.batch_size, optim.peak_lr, optim.min_lr) == (4096, 1e-3, 0.0)
+    assert (optim.warmup_fraction, optim.weight_decay, tuple(optim.betas), optim.grad_clip) == (
+        0.025,
+        0.05,
+        (0.9, 0.95),
+        1.0,
+    )
+    assert train.batch_size == PAPER_RECIPE.batch_size and optim.peak_lr == PAPER_RECIPE.peak_lr
 
 
 def test_unknown_key_names_it_and_the_nearest() -> None:

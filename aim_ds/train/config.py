@@ -1,0 +1,221 @@
+"""The pretraining run config (YAML + dotted overrides, see :func:`aim_ds.config.load_config`) and the
+numbers derived from it. No process group and no DeepSpeed are needed here.
+
+Optimiser and batch defaults come from :data:`aim_ds.registry.PAPER_RECIPE` (docs/recipe.md, Table 1
+and Table 10), so the paper's numbers live in one place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..config import ConfigError
+from ..flops import H100_BF16_DENSE_FLOPS
+from ..optim import steps_from_patches, warmup_steps_from_fraction
+from ..registry import PAPER_RECIPE
+
+
+@dataclass
+class ModelSection:
+    """Which registered model, with which AIMConfig overrides."""
+
+    name: str = "aim-test"
+    overrides: dict[str, Any] = field(default_factory=dict)  # AIMConfig fields, e.g. {head_depth: 8}
+    grad_checkpointing: bool = False  # recompute trunk blocks in backward (activation checkpointing)
+    # Build under deepspeed.zero.Init (ZeRO-3 only): each rank allocates only its shard instead of a
+    # full fp32 copy first (AIM-7B + head: 27 GB of host memory per rank otherwise).
+    zero_init: bool = False
+
+
+@dataclass
+class SourceSection:
+    """One pretraining source: a .beton file, a folder or a glob of shards, drawn with ``prob``."""
+
+    path: str = ""
+    prob: float = 1.0
+
+
+@dataclass
+class DataSection:
+    sources: list[SourceSection] = field(default_factory=list)
+    val_path: str = ""  # held-out .beton for the validation loss; empty: no validation
+    image_size: int = 0  # pixels; 0: the model's image_size
+    resize_size: int = 0  # validation: resize shorter side, then centre crop; 0: image_size * 256 / 224
+    scale: tuple[float, float] = (0.4, 1.0)  # RandomResizedCrop area fraction (paper: 0.4-1.0)
+    ratio: tuple[float, float] = (0.75, 4.0 / 3.0)
+    flip: bool = True
+    num_workers: int = 2  # decode threads per rank
+
+
+@dataclass
+class TrainSection:
+    batch_size: int = PAPER_RECIPE.batch_size  # global images per optimizer step (all ranks, all micro-steps)
+    micro_batch_size: int = 0  # images per rank per forward; 0: batch_size // world_size
+    steps: int = 0  # optimizer steps; 0: from patches_seen
+    patches_seen: float = 0.0  # used when steps == 0: steps = patches_seen / (batch_size * num_patches)
+    seed: int = 0
+    stop_after_steps: int = 0  # >0: checkpoint and end the process after this step, as a kill would
+
+
+@dataclass
+class OptimSection:
+    peak_lr: float = PAPER_RECIPE.peak_lr
+    min_lr: float = PAPER_RECIPE.min_lr
+    warmup_fraction: float = PAPER_RECIPE.warmup_fraction
+    warmup_steps: int = -1  # -1: round(steps * warmup_fraction)
+    weight_decay: float = PAPER_RECIPE.weight_decay  # matrices only; biases, norms and pos_embed get none
+    betas: tuple[float, float] = PAPER_RECIPE.betas
+    eps: float = 1e-8
+    grad_clip: float = PAPER_RECIPE.grad_clip  # global 2-norm; goes into the DeepSpeed config's gradient_clipping
+
+
+@dataclass
+class ValSection:
+    every_steps: int = 0  # 0: only at the end (when data.val_path is set)
+    batch_size: int = 0  # per rank; 0: train.micro_batch_size
+    max_batches: int = 0  # per rank; 0: the whole held-out set
+    seed: int = 1234  # fixed prefix draw, so that values compare across checkpoints
+    patch_grid_images: int = 4  # images in out_dir/patches.png at the end; 0: none
+
+
+@dataclass
+class LogSection:
+    every_steps: int = 10
+    wandb: bool = False  # offline unless WANDB_MODE is set
+    wandb_project: str = "aim-ds"
+    wandb_run_name: str = ""  # empty: the out_dir's name
+    peak_flops_per_device: float = H100_BF16_DENSE_FLOPS  # FLOP/s, for MFU
+    shard_report: bool = False  # debug: write out_dir/shards_rank{r}.json (ZeRO-3 partition sizes)
+
+
+@dataclass
+class CheckpointSection:
+    every_steps: int = 1000  # 0: only at the end and on a stop
+    keep_last: int = 3  # complete checkpoints kept; <= 0 keeps all
+    # Resume from the newest complete checkpoint in out_dir/checkpoints (false: out_dir must hold none).
+    resume: bool = True
+
+
+@dataclass
+class ExportSection:
+    enabled: bool = True  # consolidated fp32 safetensors in out_dir/export at the end
+    ml_aim: bool = False  # also trunk_ml_aim.safetensors in the released ml-aim layout
+
+
+@dataclass
+class PretrainConfig:
+    """The whole run: every section has defaults, a YAML sets what differs."""
+
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    val: ValSection = field(default_factory=ValSection)
+    log: LogSection = field(default_factory=LogSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    export: ExportSection = field(default_factory=ExportSection)
+    out_dir: str = "runs/aim"
+
+
+class BatchConfigError(ConfigError):
+    """Batch sizes that do not fit together (run config vs DeepSpeed config vs world size)."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss (or gradient norm) became NaN or infinite; raised on every rank at once."""
+
+    def __init__(self, step: int, what: str, value: float) -> None:
+        super().__init__(
+            f"non-finite {what} ({value}) at optimizer step {step}; stopping without saving "
+            "(the last complete checkpoint is untouched)"
+        )
+        self.step = step
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """Numbers derived from the run config, the model and the world size."""
+
+    world_size: int
+    micro_batch_size: int  # images per rank per forward
+    grad_accum_steps: int
+    total_steps: int
+    warmup_steps: int
+    image_size: int  # pixels
+    num_patches: int  # tokens per image
+
+
+def _micro_batch(cfg: PretrainConfig, world_size: int) -> tuple[int, int]:
+    """``(micro_batch_size, grad_accum_steps)``, or :class:`BatchConfigError` naming the knob."""
+    batch = cfg.train.batch_size
+    if batch <= 0:
+        raise BatchConfigError(f"train.batch_size must be positive, got {batch}")
+    micro = cfg.train.micro_batch_size or batch // world_size
+    if micro <= 0:
+        raise BatchConfigError(
+            f"train.batch_size={batch} is smaller than the world size {world_size}; "
+            f"raise train.batch_size to at least {world_size}"
+        )
+    per_step = micro * world_size
+    if batch % per_step != 0:
+        lower = max(per_step, batch // per_step * per_step)
+        raise BatchConfigError(
+            f"train.batch_size={batch} is not micro_batch_size x gradient accumulation x world size "
+            f"(train.micro_batch_size={micro}, world size {world_size}: a multiple of {per_step} is needed); "
+            f"set train.batch_size to {lower} or {lower + per_step}, or pick a train.micro_batch_size "
+            f"that divides {batch // world_size if batch % world_size == 0 else batch}/world"
+        )
+    return micro, batch // per_step
+
+
+def resolve_plan(cfg: PretrainConfig, world_size: int, image_size: int, num_patches: int) -> RunPlan:
+    """Derive steps, warmup and the micro-batch / accumulation split; raise :class:`BatchConfigError`
+    naming the knob to change when ``batch_size != micro_batch_size * accumulation * world_size``."""
+    micro, accumulation = _micro_batch(cfg, world_size)
+    steps = cfg.train.steps
+    if steps <= 0:
+        if cfg.train.patches_seen <= 0:
+            raise ConfigError("set train.steps or train.patches_seen (both are 0)")
+        steps = steps_from_patches(cfg.train.patches_seen, cfg.train.batch_size, num_patches)
+    if cfg.optim.warmup_steps >= 0:
+        warmup = cfg.optim.warmup_steps
+    else:
+        warmup = warmup_steps_from_fraction(steps, cfg.optim.warmup_fraction)
+    if warmup > steps:
+        raise ConfigError(f"optim.warmup_steps={warmup} exceeds train.steps={steps}")
+    return RunPlan(
+        world_size=world_size,
+        micro_batch_size=micro,
+        grad_accum_steps=accumulation,
+        total_steps=steps,
+        warmup_steps=warmup,
+        image_size=image_size,
+        num_patches=num_patches,
+    )
+
+
+def resolved_config(cfg: PretrainConfig, plan: RunPlan) -> PretrainConfig:
+    """``cfg`` with the derived numbers written in (steps, warmup, micro-batch, image size), so the
+    saved config states what actually ran."""
+    return dataclasses.replace(
+        cfg,
+        train=dataclasses.replace(cfg.train, steps=plan.total_steps, micro_batch_size=plan.micro_batch_size),
+        optim=dataclasses.replace(cfg.optim, warmup_steps=plan.warmup_steps),
+        data=dataclasses.replace(cfg.data, image_size=plan.image_size),
+    )
+
+
+# DeepSpeed config key -> (the run-config knob that sets it, its value). The driver fills these keys;
+# a DeepSpeed JSON may leave them out, say "auto", or repeat the same value.
+_BATCH_KEYS: dict[str, tuple[str, Callable[[PretrainConfig, RunPlan], float]]] = {
+    "train_batch_size": ("train.batch_size", lambda cfg, plan: cfg.train.batch_size),
+    "train_micro_batch_size_per_gpu": ("train.micro_batch_size", lambda cfg, plan: plan.micro_batch_size),
+    "gradient_accumulation_steps": (
+        "train.batch_size / (train.micro_batch_size x world size)",
+        lambda cfg, plan: plan.grad_accum_steps,
+    ),
+    "gradient_clipping": ("optim.grad_clip", lambda cfg, plan: cfg.optim.grad_clip),
+}

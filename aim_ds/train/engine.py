@@ -1,0 +1,153 @@
+"""The DeepSpeed config merge, the model and the DeepSpeed engine.
+
+:func:`load_ds_config` and :func:`build_ds_config` need no process group; :func:`build_model` and
+:func:`build_engine` run on every rank of a launched job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import ConfigError
+from ..model import AIM, AIMConfig
+from ..optim import build_optimizer, lr_at_step, param_groups
+from ..registry import get_model_spec
+from .config import _BATCH_KEYS, BatchConfigError, PretrainConfig, RunPlan
+
+
+def load_ds_config(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a DeepSpeed JSON config into a dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"DeepSpeed config '{path}' does not exist")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"DeepSpeed config '{path}' is not valid JSON: {exc}") from None
+
+
+def build_ds_config(
+    base: dict[str, Any], cfg: PretrainConfig, plan: RunPlan, *, on_cpu: bool, source: str = "the DeepSpeed config"
+) -> tuple[dict[str, Any], list[str]]:
+    """Fill batch sizes and clipping from the run config into a copy of ``base``.
+
+    A value the JSON already sets (other than ``"auto"``) must agree with the run config, else
+    :class:`BatchConfigError` says which knob to change. On CPU, bf16/fp16 are switched off (fp32):
+    DeepSpeed's CPU path trains in fp32 here. Returns the dict and notes for the log.
+    """
+    ds = json.loads(json.dumps(base))  # deep copy, plain data
+    notes: list[str] = []
+    for key in ("optimizer", "scheduler"):
+        if key in ds:
+            raise ConfigError(
+                f"{source} sets '{key}'; remove it: the optimizer and LR schedule come from the run "
+                "config's optim section"
+            )
+    for key, (knob, value_of) in _BATCH_KEYS.items():
+        want = value_of(cfg, plan)
+        have = ds.get(key, "auto")
+        if have != "auto" and not math.isclose(float(have), float(want)):
+            raise BatchConfigError(
+                f"{source} sets {key}={have} but the run config gives {want} "
+                f"(from {knob}, world size {plan.world_size}); remove {key} from {source} "
+                f"(the driver fills it) or change {knob}"
+            )
+        ds[key] = want
+    if on_cpu:
+        for precision in ("bf16", "fp16"):
+            if ds.get(precision, {}).get("enabled", False):
+                ds[precision]["enabled"] = False
+                notes.append(f"no CUDA: {precision} turned off, training in fp32 on CPU")
+        zero = ds.get("zero_optimization", {})
+        for offload in ("offload_optimizer", "offload_param"):
+            if zero.get(offload, {}).get("device", "none") not in ("none", None):
+                zero[offload]["device"] = "none"
+                notes.append(f"no CUDA: zero_optimization.{offload} turned off (already on the CPU)")
+    ds.setdefault("steps_per_print", 10**9)  # our logger reports; silence DeepSpeed's own step prints
+    return ds, notes
+
+
+def optimizer_offloaded(ds: dict[str, Any]) -> bool:
+    """True when ZeRO keeps the optimizer on the CPU or NVMe (then DeepSpeedCPUAdam is required)."""
+    device = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    return device in ("cpu", "nvme")
+
+
+def zero_stage(ds: dict[str, Any]) -> int:
+    """The ZeRO stage of a DeepSpeed config (0 when it sets none)."""
+    return int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
+def model_config(cfg: PretrainConfig) -> AIMConfig:
+    """The AIMConfig the run builds (registry entry plus ``model.overrides``). The run resolves it
+    once here and hands it to everything that needs the architecture."""
+    try:
+        spec = get_model_spec(cfg.model.name)
+    except KeyError as exc:
+        raise ConfigError(f"model.name: {exc.args[0]}") from None
+    try:
+        return spec.config.replace(**cfg.model.overrides) if cfg.model.overrides else spec.config
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"model.overrides: {exc}") from None
+
+
+def build_model(model_cfg: AIMConfig, cfg: PretrainConfig, ds: dict[str, Any] | None = None) -> AIM:
+    """The model ``model_cfg`` (from :func:`model_config`), initialised from ``train.seed`` (the same
+    on every rank, so the ZeRO partitions come from one consistent model). With ``model.zero_init``
+    and a ZeRO-3 ``ds`` config, parameters are partitioned as each layer is built."""
+    torch.manual_seed(cfg.train.seed)
+    context: Any = contextlib.nullcontext()
+    if cfg.model.zero_init and ds is not None and zero_stage(ds) == 3:
+        import deepspeed
+
+        context = deepspeed.zero.Init(config_dict_or_path=ds)
+    with context:
+        model = AIM(model_cfg, name=cfg.model.name)
+    model.set_grad_checkpointing(cfg.model.grad_checkpointing)
+    return model
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Parameters of ``model``, counting ZeRO-3 partitioned ones at their full size."""
+    return sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters())
+
+
+def build_engine(model: nn.Module, cfg: PretrainConfig, ds: dict[str, Any], plan: RunPlan) -> tuple[Any, Any]:
+    """AdamW over decay / no-decay groups, wrapped by ``deepspeed.initialize``. Returns
+    ``(engine, optimizer)``; ``optimizer`` is ours, whose groups :func:`aim_ds.optim.set_lr` writes
+    each step."""
+    import deepspeed
+
+    groups = param_groups(model, cfg.optim.weight_decay)
+    optimizer = build_optimizer(
+        groups,
+        lr=lr_at_step(0, peak_lr=cfg.optim.peak_lr, total_steps=plan.total_steps, warmup_steps=plan.warmup_steps),
+        betas=tuple(cfg.optim.betas),
+        eps=cfg.optim.eps,
+        offload=optimizer_offloaded(ds),
+    )
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
+    return engine, optimizer
+
+
+def shard_report(module: nn.Module) -> dict[str, dict[str, Any]]:
+    """Per parameter: full size ``ds_numel``, this rank's partition ``local_numel`` and whether ZeRO-3
+    keeps it gathered (``persist``). Empty unless the parameters are ZeRO-3 partitioned."""
+    report = {}
+    for name, param in module.named_parameters():
+        if hasattr(param, "ds_tensor"):
+            report[name] = {
+                "ds_numel": int(param.ds_numel),
+                "local_numel": int(param.ds_tensor.numel()),
+                "persist": bool(getattr(param, "ds_persist", False)),
+                "ndim": len(param.ds_shape),
+            }
+    return report
