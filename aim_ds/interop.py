@@ -1,8 +1,9 @@
 """Map state dicts between the released apple/ml-aim (``aim-v1``) layout and ours.
 
-Our preprocessor and trunk use the ml-aim module names, so the mapping is mostly a filter; it
-still checks shapes and key sets, strips wrappers (``module.``, ``_orig_mod.``), and splits off
-what is not a backbone (our pixel head, a released probe head). Our pixel head has no ml-aim
+Pure key mapping, no file access: :mod:`aim_ds.weights` reads files and calls this module (never
+the other way). Our preprocessor and trunk use the ml-aim module names, so the mapping is mostly a
+filter; it checks key sets, strips wrappers (``module.``, ``_orig_mod.``), and splits off what is
+not a backbone (our pixel head, a released probe head). Our pixel head has no ml-aim
 counterpart (the authors released backbones and probe heads only).
 """
 
@@ -42,12 +43,17 @@ def is_backbone_key(key: str) -> bool:
 
 
 def from_ml_aim(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
-    """A released ml-aim state dict -> our preprocessor + trunk keys.
+    """A released ml-aim state dict (wrapper prefixes allowed) -> our preprocessor + trunk keys;
+    see :func:`map_ml_aim_keys`."""
+    return map_ml_aim_keys(strip_wrappers(state_dict))
 
-    Probe-head keys (``head.*``) are dropped (see :func:`aim_ds.probe` for those). Any other key
+
+def map_ml_aim_keys(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """An unwrapped released ml-aim state dict -> our preprocessor + trunk keys.
+
+    Probe-head keys (``head.*``) are dropped (:mod:`aim_ds.probe.heads` reads those). Any other key
     that is not part of the backbone is an error naming it, so a wrong file is not half-loaded.
     """
-    state_dict = strip_wrappers(state_dict)
     out, unknown = {}, []
     for key, value in state_dict.items():
         if is_backbone_key(key):

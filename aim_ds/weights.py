@@ -8,17 +8,22 @@ Sources, told apart by what is on disk (:func:`detect_source`):
   ``checkpoints/`` folder or one tag folder (``checkpoints/step_0000100``); consolidated to fp32 on
   the fly from the optimizer shards (no process group needed);
 - ``ml_aim``: a released apple/ml-aim backbone (``.safetensors``, ``.pth``/``.pt``/``.bin``),
-  possibly carrying a probe head (``head.cls_token``...), mapped by :func:`aim_ds.interop.from_ml_aim`.
+  possibly carrying a probe head (``head.cls_token``...), mapped by :mod:`aim_ds.interop` (pure key
+  mapping; this module reads the files and calls it, never the other way).
 
-All of them end as *our* backbone state dict: ``preprocessor.*`` and ``trunk.*`` keys in fp32.
+All of them end as *our* backbone state dict: ``preprocessor.*`` and ``trunk.*`` keys in fp32. Each
+file is read once: the source is told from folder names (or a safetensors header), the wrapper
+prefixes are stripped once at reading, the keys mapped once, the shapes checked once (:func:`build_trunk`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -27,9 +32,9 @@ import torch
 from torch import Tensor, nn
 
 from . import checkpoint as ckpt
-from .export import EXPORT_DIR, META_FILE, ML_AIM_FILE, WEIGHTS_FILE
-from .interop import from_ml_aim, strip_wrappers
-from .model import AIM
+from .export import EXPORT_DIR, META_FILE, WEIGHTS_FILE
+from .interop import map_ml_aim_keys, strip_wrappers
+from .model import AIM, AIMConfig
 from .registry import create_model, get_model_spec, list_models
 
 Source = Literal["export", "deepspeed", "ml_aim"]
@@ -39,6 +44,8 @@ _BACKBONE_PREFIXES = ("preprocessor.", "trunk.")
 # Keys that only our pretraining model has (the pixel head); their presence marks our layout.
 _PIXEL_HEAD = re.compile(r"^head\.(embed|blocks|norm|out)\.")
 _BLOCK = re.compile(r"^trunk\.blocks\.(\d+)\.")
+
+logger = logging.getLogger(__name__)
 
 
 class WeightsError(ValueError):
@@ -99,23 +106,23 @@ class TrunkWeights:
 
 
 # ---------------------------------------------------------------------------------------------
-# Reading files
+# Reading: the source is told from names and headers, the file is read once, keys mapped once
 
 
 def read_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
     """A flat ``{name: tensor}`` from a ``.safetensors`` file or a torch pickle (loaded with
     ``weights_only=True``; a ``{"model": ...}``/``{"state_dict": ...}``/``{"module": ...}`` wrapper
-    is unwrapped)."""
+    is unwrapped), with the wrapper key prefixes (``module.``, ``_orig_mod.``, ``model.``) stripped."""
     path = Path(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path), device="cpu")
+        return strip_wrappers(load_file(str(path), device="cpu"))
     if path.suffix in _TORCH_SUFFIXES:
         obj = torch.load(path, map_location="cpu", weights_only=True)
         for _ in range(3):  # nested wrappers, e.g. {"model": {"module": sd}}
             if isinstance(obj, dict) and obj and all(isinstance(v, Tensor) for v in obj.values()):
-                return dict(obj)
+                return strip_wrappers(dict(obj))
             if isinstance(obj, dict):
                 inner = next((obj[k] for k in ("model", "state_dict", "module") if k in obj), None)
                 if inner is not None:
@@ -149,7 +156,7 @@ def resolve_deepspeed_checkpoint(path: str | os.PathLike) -> tuple[Path, str]:
             return ckpt_dir, tag
     tags = [p for _, p in ckpt.list_tags(ckpt_dir) if _is_tag_dir(p)]
     if tags:
-        print(f"[weights] warning: no complete marker or 'latest' file in {ckpt_dir}; using {tags[-1].name}")
+        logger.warning("no complete marker or 'latest' file in %s; using %s", ckpt_dir, tags[-1].name)
         return ckpt_dir, tags[-1].name
     raise WeightsError(
         f"{path}: no DeepSpeed checkpoint found (looked for tag folders with *model_states.pt in {ckpt_dir})"
@@ -160,41 +167,45 @@ def _is_tag_dir(path: Path) -> bool:
     return path.is_dir() and any(path.glob("*model_states.pt"))
 
 
+def _folder_source(path: Path) -> Source:
+    """Which kind of weights the folder ``path`` holds, from the names in it."""
+    if (path / WEIGHTS_FILE).is_file():
+        return "export"
+    if _is_tag_dir(path) or (path / "checkpoints").is_dir() or ckpt.list_tags(path) or (path / "latest").is_file():
+        return "deepspeed"
+    if (path / EXPORT_DIR / WEIGHTS_FILE).is_file():
+        return "export"
+    raise WeightsError(
+        f"{path}: a folder with neither {WEIGHTS_FILE} (an export), nor checkpoints/ or step_* tag "
+        "folders (a DeepSpeed checkpoint)"
+    )
+
+
+def _keys_source(keys: Iterable[str]) -> Source:
+    """A weights file's kind from its (unwrapped) keys: our pixel head marks our export layout."""
+    return "export" if any(_PIXEL_HEAD.match(k) for k in keys) else "ml_aim"
+
+
 def detect_source(path: str | os.PathLike) -> Source:
-    """Which kind of weights ``path`` holds (see the module docstring)."""
+    """Which kind of weights ``path`` holds (see the module docstring): folders by their file
+    names, ``.safetensors`` files by their header's keys. A torch pickle has no header: it is read
+    (:func:`load_trunk_weights` reads each file once and tells its kind from the keys it read)."""
     path = Path(path)
     if not path.exists():
         raise WeightsError(f"weights path {path} does not exist")
     if path.is_dir():
-        if (path / WEIGHTS_FILE).is_file():
-            return "export"
-        if _is_tag_dir(path) or (path / "checkpoints").is_dir() or ckpt.list_tags(path) or (path / "latest").is_file():
-            return "deepspeed"
-        if (path / EXPORT_DIR / WEIGHTS_FILE).is_file():
-            return "export"
-        raise WeightsError(
-            f"{path}: a folder with neither {WEIGHTS_FILE} (an export), nor checkpoints/ or step_* tag "
-            "folders (a DeepSpeed checkpoint)"
-        )
-    keys = _peek_keys(path)
-    if any(_PIXEL_HEAD.match(k) for k in keys):
-        return "export"
-    return "ml_aim"
-
-
-def _peek_keys(path: Path) -> list[str]:
+        return _folder_source(path)
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as f:
-            return list(strip_wrappers(dict.fromkeys(f.keys(), 0)).keys())
-    return list(strip_wrappers(read_state_dict_file(path)).keys())
+            return _keys_source(strip_wrappers(dict.fromkeys(f.keys())))
+    return _keys_source(read_state_dict_file(path))
 
 
 def _backbone_only(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Our layout: keep every ``preprocessor.*``/``trunk.*`` key (unknown ones too, so that the
-    shape check reports them) as contiguous fp32; drop the pixel head."""
-    state_dict = strip_wrappers(state_dict)
+    """Our layout (unwrapped): keep every ``preprocessor.*``/``trunk.*`` key (unknown ones too,
+    so that the shape check reports them) as contiguous fp32; drop the pixel head."""
     out = {
         k: v.detach().to(torch.float32).contiguous() for k, v in state_dict.items() if k.startswith(_BACKBONE_PREFIXES)
     }
@@ -204,40 +215,44 @@ def _backbone_only(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
+def _read_meta(folder: Path) -> dict[str, Any]:
+    meta_file = folder / META_FILE
+    return json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+
+
+def _load_deepspeed(path: Path) -> TrunkWeights:
+    from .export import consolidate_fp32
+
+    ckpt_dir, tag = resolve_deepspeed_checkpoint(path)
+    state = _backbone_only(strip_wrappers(consolidate_fp32(ckpt_dir, tag)))
+    meta: dict[str, Any] = {"checkpoint": str(ckpt_dir / tag), "step": ckpt.step_from_tag(tag)}
+    # The model name the run was trained with, from a sibling export's model.json, if any.
+    run_meta = _read_meta(ckpt_dir.parent / EXPORT_DIR)
+    if run_meta:
+        meta.update(model=run_meta.get("model"), overrides=run_meta.get("overrides", {}))
+    return TrunkWeights(state_dict=state, source="deepspeed", path=path, meta=meta)
+
+
+def _load_file(file: Path, path: Path) -> TrunkWeights:
+    """One read of a weights file; its keys say whether it is our export or an ml-aim backbone."""
+    raw = read_state_dict_file(file)
+    if _keys_source(raw) == "export":
+        return TrunkWeights(state_dict=_backbone_only(raw), source="export", path=path, meta=_read_meta(file.parent))
+    state = {k: v.detach().to(torch.float32).contiguous() for k, v in map_ml_aim_keys(raw).items()}
+    return TrunkWeights(state_dict=state, source="ml_aim", path=path)
+
+
 def load_trunk_weights(path: str | os.PathLike) -> TrunkWeights:
-    """Read a backbone from any source; see :func:`load_trunk_state_dict`."""
+    """Read a backbone from any source, reading its file(s) once; see :func:`load_trunk_state_dict`."""
     path = Path(path)
-    source = detect_source(path)
-    meta: dict[str, Any] = {}
-    if source == "export":
-        if path.is_dir():
-            folder = path if (path / WEIGHTS_FILE).is_file() else path / EXPORT_DIR
-            file = folder / WEIGHTS_FILE
-        else:
-            folder, file = path.parent, path
-        if (folder / META_FILE).is_file():
-            meta = json.loads((folder / META_FILE).read_text())
-        state = _backbone_only(read_state_dict_file(file))
-    elif source == "deepspeed":
-        from .export import consolidate_fp32
-
-        ckpt_dir, tag = resolve_deepspeed_checkpoint(path)
-        state = _backbone_only(consolidate_fp32(ckpt_dir, tag))
-        meta = {"checkpoint": str(ckpt_dir / tag), "step": ckpt.step_from_tag(tag)}
-        meta.update(_run_meta(ckpt_dir))
-    else:
-        raw = strip_wrappers(read_state_dict_file(path))
-        state = {k: v.detach().to(torch.float32).contiguous() for k, v in from_ml_aim(raw).items()}
-    return TrunkWeights(state_dict=state, source=source, path=path, meta=meta)
-
-
-def _run_meta(ckpt_dir: Path) -> dict[str, Any]:
-    """The model name the run was trained with, from a sibling export's ``model.json``, if any."""
-    meta_file = ckpt_dir.parent / EXPORT_DIR / META_FILE
-    if meta_file.is_file():
-        meta = json.loads(meta_file.read_text())
-        return {"model": meta.get("model"), "overrides": meta.get("overrides", {})}
-    return {}
+    if not path.exists():
+        raise WeightsError(f"weights path {path} does not exist")
+    if not path.is_dir():
+        return _load_file(path, path)
+    if _folder_source(path) == "deepspeed":
+        return _load_deepspeed(path)
+    folder = path if (path / WEIGHTS_FILE).is_file() else path / EXPORT_DIR
+    return _load_file(folder / WEIGHTS_FILE, path)
 
 
 def load_trunk_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
@@ -245,12 +260,6 @@ def load_trunk_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     or file, a DeepSpeed checkpoint (run folder, ``checkpoints/`` or a tag folder) or a released
     ml-aim backbone file."""
     return load_trunk_weights(path).state_dict
-
-
-def ml_aim_weight_file(path: str | os.PathLike) -> Path | None:
-    """An export folder's ``trunk_ml_aim.safetensors`` when it has one."""
-    candidate = Path(path) / ML_AIM_FILE
-    return candidate if candidate.is_file() else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -357,8 +366,10 @@ class FrozenTrunk(nn.Module):
 
     ``forward(images)`` runs :meth:`AIM.extract_features` (full bidirectional attention) under
     :func:`torch.inference_mode`, in bf16 autocast on CUDA, and returns the mean of the chosen
-    blocks' outputs ``[B, N, D]`` (a normal tensor, safe to feed to trainable heads). It counts
-    the images it has seen, so callers can check that a cached run did no trunk work.
+    blocks' outputs ``[B, N, D]`` (a normal tensor, safe to feed to trainable heads). The blocks
+    after the last chosen one are dropped (they would never run; at 7B with blocks 14-19 that is
+    12 of 32 blocks of memory). It counts the images it has seen, so callers can check that a
+    cached run did no trunk work.
     """
 
     def __init__(
@@ -366,7 +377,9 @@ class FrozenTrunk(nn.Module):
     ) -> None:
         super().__init__()
         self.model = model
-        self.layers = None if layers is None else [int(i) for i in layers]
+        self.layers = None if layers is None else [int(i) % model.config.depth for i in layers]
+        if self.layers:
+            del self.model.trunk.blocks[max(self.layers) + 1 :]
         self.autocast_dtype = autocast_dtype
         self.images_seen = 0
         self.batches_seen = 0
@@ -375,7 +388,7 @@ class FrozenTrunk(nn.Module):
         self.model.eval()
 
     @property
-    def config(self):
+    def config(self) -> AIMConfig:
         return self.model.config
 
     def train(self, mode: bool = True) -> FrozenTrunk:
@@ -399,6 +412,27 @@ class FrozenTrunk(nn.Module):
         return feats.clone()
 
 
+def frozen_trunk(
+    model_name: str | None,
+    weights: TrunkWeights,
+    *,
+    layers: list[int] | None = None,
+    device: str | torch.device = "cpu",
+    **overrides: Any,
+) -> FrozenTrunk:
+    """Loaded ``weights`` in model ``model_name`` (with architecture ``overrides``), frozen, on
+    ``device``. ``model_name=None`` takes the name from the export's ``model.json``."""
+    if model_name is None:
+        model_name = weights.meta.get("model")
+        overrides = {**weights.meta.get("overrides", {}), **overrides}
+        if model_name is None:
+            raise WeightsError(f"{weights.path}: no model.json names the model; pass the model name explicitly")
+    elif weights.meta.get("model") not in (None, model_name):
+        logger.warning("%s was exported from %r, loading into %r", weights.path, weights.meta["model"], model_name)
+    model = build_trunk(model_name, weights.state_dict, **overrides)
+    return FrozenTrunk(model, layers).to(device)
+
+
 def build_frozen_trunk(
     model_name: str | None,
     path: str | os.PathLike,
@@ -407,22 +441,11 @@ def build_frozen_trunk(
     device: str | torch.device = "cpu",
     **overrides: Any,
 ) -> tuple[FrozenTrunk, TrunkWeights]:
-    """Load weights from ``path`` (any source) into model ``model_name`` and freeze it.
-
-    ``model_name=None`` takes the name from the export's ``model.json``. Returns the frozen
-    trunk on ``device`` and the loaded :class:`TrunkWeights` (for its fingerprint and source).
-    """
+    """Load weights from ``path`` (any source) into model ``model_name`` and freeze it (see
+    :func:`frozen_trunk`). Returns the frozen trunk on ``device`` and the loaded
+    :class:`TrunkWeights` (for its fingerprint and source)."""
     weights = load_trunk_weights(path)
-    if model_name is None:
-        model_name = weights.meta.get("model")
-        overrides = {**weights.meta.get("overrides", {}), **overrides}
-        if model_name is None:
-            raise WeightsError(f"{path}: no model.json names the model; pass the model name explicitly")
-    elif weights.meta.get("model") not in (None, model_name):
-        print(f"[weights] note: {path} was exported from {weights.meta['model']!r}, loading into {model_name!r}")
-    model = build_trunk(model_name, weights.state_dict, **overrides)
-    trunk = FrozenTrunk(model, layers).to(device)
-    return trunk, weights
+    return frozen_trunk(model_name, weights, layers=layers, device=device, **overrides), weights
 
 
 __all__ = [
@@ -435,6 +458,7 @@ __all__ = [
     "check_backbone",
     "detect_source",
     "fingerprint_state_dict",
+    "frozen_trunk",
     "infer_architecture",
     "load_trunk_state_dict",
     "load_trunk_weights",

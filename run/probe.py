@@ -6,7 +6,8 @@
 
 ``--weights``: an export folder or its model.safetensors, a DeepSpeed checkpoint (run folder,
 checkpoints/ or a tag folder), or a released ml-aim backbone (.safetensors / .pth). The logic
-lives in :mod:`aim_ds.probe` and :mod:`aim_ds.weights`.
+lives in :mod:`aim_ds.probe` and :mod:`aim_ds.weights`. The config's ``model`` section is
+``{name: ..., overrides: {...}}``, as in the pretraining config.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import torch.distributed as dist  # noqa: E402
 
-from aim_ds.config import ConfigError, load_config  # noqa: E402
-from aim_ds.probe import ProbeConfig, run_probe  # noqa: E402
+from aim_ds.config import ConfigError  # noqa: E402
+from aim_ds.probe import load_probe_config, run_probe  # noqa: E402
 from aim_ds.weights import WeightsError, WeightsMismatchError  # noqa: E402
 
 
@@ -34,14 +35,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--eval-only", action="store_true", help="evaluate the --head files, train nothing")
     # The deepspeed launcher appends --local_rank=N; the rank comes from the environment anyway.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. train.epochs=3 train.lrs=[1e-3,2e-3]")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        help="config overrides, e.g. train.epochs=3 train.lrs=[1e-3,2e-3] model.overrides={image_size: 64}",
+    )
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        cfg = load_config(ProbeConfig, args.config, overrides=args.overrides)
+        cfg = load_probe_config(args.config, overrides=args.overrides)
         run_probe(cfg, args.weights, head_paths=args.head, eval_only=args.eval_only)
     except (ConfigError, WeightsError, WeightsMismatchError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -22,6 +22,7 @@ from aim_ds.probe import (
     head_from_state_dict,
     head_to_ml_aim,
     load_head,
+    load_probe_config,
     resolve_layers,
     save_head,
     validate_config,
@@ -148,15 +149,32 @@ def test_bank_trains_independent_heads_per_lr() -> None:
     assert (a_hi.k.weight - start.k.weight).norm() > 10 * (a_lo.k.weight - start.k.weight).norm()
 
 
+def _first_step_gradients(grad_clip: float) -> tuple[HeadBank, list[torch.Tensor]]:
+    """A bank of two heads after one step, and each head's gradient as that step used it, read
+    back from AdamW's first moment (after one step ``exp_avg = (1 - beta1) * grad``)."""
+    train = TrainConfig(lrs=[1e-3], grad_clip=grad_clip)
+    bank = HeadBank.create(["attentive", "linear"], train.lrs, dim=8, num_heads=2, num_classes=2, train=train)
+    generator = torch.Generator().manual_seed(0)
+    feats, labels = 100 * torch.randn(16, 3, 8, generator=generator), torch.randint(0, 2, (16,), generator=generator)
+    bank.train_step(feats, labels, {slot.name: 0.5 for slot in bank.slots})
+    grads = []
+    for slot in bank.slots:
+        beta1 = slot.optimizer.param_groups[0]["betas"][0]
+        moments = [slot.optimizer.state[p]["exp_avg"] / (1 - beta1) for p in slot.head.parameters()]
+        grads.append(torch.cat([m.reshape(-1) for m in moments]))
+    return bank, grads
+
+
 def test_bank_clips_each_head_and_sets_its_lr() -> None:
-    train = TrainConfig(lrs=[1e-3], grad_clip=1e-3)
-    bank = HeadBank.create(["linear"], train.lrs, dim=8, num_heads=1, num_classes=2, train=train)
-    slot = bank.slots[0]
-    before = slot.head.linear.weight.detach().clone()
-    bank.train_step(100 * torch.randn(16, 3, 8), torch.randint(0, 2, (16,)), {slot.name: 0.5})
-    assert slot.optimizer.param_groups[0]["lr"] == 0.5
-    # Adam's first step moves each weight by ~lr (sign of the gradient), whatever the clipping.
-    assert (slot.head.linear.weight - before).abs().max() <= 0.5 * (1 + 1e-3) + 0.5 * 0.05
+    clip = 1e-3
+    bank, clipped = _first_step_gradients(clip)
+    _, raw = _first_step_gradients(0.0)  # the same step with clipping off
+    for slot, got, full in zip(bank.slots, clipped, raw, strict=True):
+        assert slot.optimizer.param_groups[0]["lr"] == 0.5
+        assert full.norm() > 10 * clip  # the step's raw gradient needs clipping
+        # Each head on its own is scaled to norm `clip` (not the bank's global norm), same direction.
+        torch.testing.assert_close(got.norm(), torch.tensor(clip), rtol=1e-4, atol=0)
+        torch.testing.assert_close(got * (full.norm() / clip), full, rtol=1e-4, atol=1e-7)
 
 
 def test_lr_schedule_points() -> None:
@@ -187,9 +205,9 @@ def test_layers_last_and_best(name: str) -> None:
 
 def test_shipped_configs_load() -> None:
     for name in ("aim-test", "aim-tiny", "aim-0.6B", "aim-1B", "aim-3B", "aim-7B"):
-        cfg = load_config(ProbeConfig, REPO / "run" / "configs" / f"probe_{name}.yaml")
+        cfg = load_probe_config(REPO / "run" / "configs" / f"probe_{name}.yaml")
         validate_config(cfg)
-        assert cfg.model == name
+        assert cfg.model.name == name and cfg.model.overrides == {}
         if "B" in name:  # the paper's IN-1k recipe
             assert cfg.train.batch_size == 1024 and cfg.train.epochs == 100 and cfg.train.warmup_epochs == 5
             assert min(cfg.train.lrs) >= 5e-5 and max(cfg.train.lrs) <= 2e-3
@@ -209,3 +227,28 @@ def test_config_overrides_and_errors() -> None:
     bad = load_config(ProbeConfig, path, overrides=["heads.types=[attentive,mlp]"])
     with pytest.raises(ConfigError, match="mlp"):
         validate_config(bad)
+
+
+def test_model_section_spelling(tmp_path: Path) -> None:
+    """The model is ``model: {name, overrides}`` as in the pretraining config; the old spellings
+    (a plain ``model: NAME``, a ``model_overrides`` key) fail naming the new keys."""
+    path = REPO / "run" / "configs" / "probe_aim-test.yaml"
+    cfg = load_probe_config(path, overrides=["model.name=aim-tiny", "model.overrides={depth: 2, image_size: 64}"])
+    assert cfg.model.name == "aim-tiny" and cfg.model.overrides == {"depth": 2, "image_size": 64}
+    written = tmp_path / "new.yaml"
+    written.write_text("model:\n  name: aim-tiny\n  overrides: {head_depth: 1}\n")
+    cfg = load_probe_config(written)
+    assert cfg.model.name == "aim-tiny" and cfg.model.overrides == {"head_depth": 1}
+
+    old_name = tmp_path / "old_name.yaml"
+    old_name.write_text("model: aim-tiny\n")
+    with pytest.raises(ConfigError, match=r"use model\.name=aim-tiny"):
+        load_probe_config(old_name)
+    old_overrides = tmp_path / "old_overrides.yaml"
+    old_overrides.write_text("model_overrides: {depth: 2}\n")
+    with pytest.raises(ConfigError, match=r"model_overrides was renamed: use model\.overrides"):
+        load_probe_config(old_overrides)
+    with pytest.raises(ConfigError, match=r"model_overrides was renamed: use model\.overrides"):
+        load_probe_config(path, overrides=["model_overrides.depth=2"])
+    with pytest.raises(ConfigError, match=r"use model\.name=aim-tiny"):
+        load_probe_config(path, overrides=["model=aim-tiny"])

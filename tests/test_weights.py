@@ -227,3 +227,67 @@ def test_fingerprint_changes_with_any_weight() -> None:
     assert W.fingerprint_state_dict(state) == before
     state["trunk.blocks.2.mlp.fc2.weight"][0, 0] += 1e-6
     assert W.fingerprint_state_dict(state) != before
+
+
+def test_features_stop_after_the_last_block_asked_for() -> None:
+    """Features of blocks [1, 2] of aim-test's 4 are the mean of those blocks' outputs of a full
+    hand-run forward, and neither block 3 nor the final norm runs (counted with forward hooks);
+    the frozen trunk drops the unused block altogether and gives the same features."""
+    import copy
+
+    torch.manual_seed(0)
+    model = aim_ds.create_model("aim-test").eval()
+    images = _images()
+    with torch.no_grad():
+        x = model.preprocessor(images)
+        outputs = []
+        for block in model.trunk.blocks:  # every block, as the full forward runs them
+            x = block(x)
+            outputs.append(x)
+        assert not torch.equal(outputs[3], outputs[2])  # the last block changes what it gets
+        expected = torch.stack([outputs[1], outputs[2]]).mean(dim=0)
+
+    calls = {name: 0 for name in ("0", "1", "2", "3", "norm")}
+
+    def count(name: str):
+        def hook(*_: object) -> None:
+            calls[name] += 1
+
+        return hook
+
+    for i, block in enumerate(model.trunk.blocks):
+        block.register_forward_hook(count(str(i)))
+    model.trunk.post_trunk_norm.register_forward_hook(count("norm"))
+    with torch.no_grad():
+        got = model.extract_features(images, [1, 2])
+    assert torch.equal(got, expected)
+    assert calls == {"0": 1, "1": 1, "2": 1, "3": 0, "norm": 0}
+
+    trunk = W.FrozenTrunk(copy.deepcopy(model), [2, 1])  # the copy keeps the counting hooks
+    assert len(trunk.model.trunk.blocks) == 3
+    assert torch.equal(trunk(images), expected)
+    assert calls == {"0": 2, "1": 2, "2": 2, "3": 0, "norm": 0}
+    with torch.no_grad():
+        model.extract_features(images)  # the full path still runs every block and the norm
+    assert calls == {"0": 3, "1": 3, "2": 3, "3": 1, "norm": 1}
+
+
+def test_torch_weights_file_is_read_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A released-layout .pth (with a DDP prefix and a probe head) is read by one torch.load, with
+    weights_only=True, and maps to the backbone keys."""
+    model = aim_ds.create_model("aim-test")
+    backbone = to_ml_aim(model.state_dict())
+    path = tmp_path / "released.pth"
+    torch.save({"model": {f"module.{k}": v for k, v in {**backbone, "head.cls_token": torch.zeros(1)}.items()}}, path)
+    real_load, seen = torch.load, []
+
+    def counting_load(*args: object, **kwargs: object) -> object:
+        seen.append(kwargs.get("weights_only"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", counting_load)
+    loaded = W.load_trunk_weights(path)
+    assert seen == [True]
+    assert loaded.source == "ml_aim" and set(loaded.state_dict) == set(backbone)
+    trunk = W.frozen_trunk("aim-test", loaded, layers=[0])
+    assert len(trunk.model.trunk.blocks) == 1

@@ -1,0 +1,181 @@
+"""The probe run's config: typed sections, the checks a run needs, and the choice of trunk blocks.
+
+The vocabulary is the pretraining config's: ``model: {name: ..., overrides: {...}}``. The recipe
+defaults are the paper's probe recipe (docs/recipe.md, "Attentive probe").
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from ..config import ConfigError, load_config
+from ..registry import get_model_spec
+
+HEAD_TYPES = ("attentive", "linear")
+CACHE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ModelSection:
+    """Which registered model the trunk is, with which ``AIMConfig`` overrides (as in pretraining)."""
+
+    name: str = "aim-test"
+    overrides: dict[str, Any] = field(default_factory=dict)  # AIMConfig fields, e.g. {image_size: 64}
+
+
+@dataclass
+class DataConfig:
+    """Where the labelled betons are and how images are cut."""
+
+    train_path: str = ""  # labelled .beton (python -m data_prep imagefolder ...)
+    val_path: str = ""
+    image_size: int = 0  # 0: the model's image_size
+    resize_size: int = 0  # eval transform's shorter side before the centre crop; 0: image_size * 256 / 224
+    scale: tuple[float, float] = (0.08, 1.0)  # training random-resized-crop area range
+    ratio: tuple[float, float] = (0.75, 4.0 / 3.0)
+    flip: bool = True
+    num_workers: int = 8
+    eval_batch_size: int = 0  # images per rank for feature extraction and evaluation; 0: train per-rank batch
+
+
+@dataclass
+class FeaturesConfig:
+    """Which trunk blocks feed the heads, and the on-disk feature cache."""
+
+    layers: list[int] | str = "last"  # "last" (final 6 blocks), "best" (docs/recipe.md), or block indices
+    cache: bool = True  # keep extracted features (train.augment=false) for later runs; false: scratch, removed
+    cache_dir: str = ""  # "": <out_dir>/feature_cache
+    cache_dtype: str = "bfloat16"  # float32 | bfloat16 | float16 on disk
+
+
+@dataclass
+class HeadsConfig:
+    """Which heads to train."""
+
+    types: list[str] = field(default_factory=lambda: ["attentive", "linear"])
+    num_queries: int = 1  # learnable queries of the attentive head (the paper: 1)
+
+
+@dataclass
+class TrainConfig:
+    """The probe recipe (docs/recipe.md, "Attentive probe": the authors' AIMv2 probe recipe)."""
+
+    epochs: int = 100
+    warmup_epochs: float = 5.0
+    batch_size: int = 1024  # global, over all ranks
+    lrs: list[float] = field(default_factory=lambda: [5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3])
+    min_lr: float = 1e-5
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 3.0  # max global grad norm per head; 0 disables
+    label_smoothing: float = 0.0
+    augment: bool = True  # random-resized crop + flip; false: eval transform, cached features
+    seed: int = 0
+    eval_every_epochs: int = 0  # 0: evaluate once, at the end
+    log_every_steps: int = 50
+
+
+@dataclass
+class ProbeConfig:
+    """A probe run. Load with :func:`load_probe_config` (it names the keys that were renamed)."""
+
+    model: ModelSection = field(default_factory=ModelSection)
+    out_dir: str = "runs/probe"
+    device: str = "auto"  # auto | cpu | cuda
+    data: DataConfig = field(default_factory=DataConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    heads: HeadsConfig = field(default_factory=HeadsConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def _check_old_spelling(tree: dict[str, Any], where: str) -> None:
+    """Raise ``ConfigError`` for the spelling of the model before the config vocabulary was one."""
+    if "model_overrides" in tree:
+        raise ConfigError(f"model_overrides was renamed: use model.overrides (in {where})")
+    if "model" in tree and not isinstance(tree["model"], dict):
+        raise ConfigError(
+            f"model: {tree['model']!r} as a plain name was renamed: use model.name={tree['model']} "
+            f"(YAML: 'model: {{name: {tree['model']}}}') (in {where})"
+        )
+
+
+def load_probe_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> ProbeConfig:
+    """:func:`aim_ds.config.load_config` for :class:`ProbeConfig`, with a clear ``ConfigError`` for
+    the old spelling (``model: aim-tiny``, ``model_overrides:``) in the file or in an override."""
+    if path is not None and Path(path).is_file():
+        with open(path) as f:
+            try:
+                tree = yaml.safe_load(f) or {}
+            except yaml.YAMLError:
+                tree = {}  # load_config reports the YAML error itself
+        if isinstance(tree, dict):
+            _check_old_spelling(tree, f"'{path}'")
+    for item in overrides or []:
+        key, _, value = item.partition("=")
+        key = key.strip()
+        if key == "model_overrides" or key.startswith("model_overrides."):
+            raise ConfigError(f"model_overrides was renamed: use model.overrides (override '{item}')")
+        if key == "model":
+            raise ConfigError(f"model was renamed for the model's name: use model.name={value} (override '{item}')")
+    return load_config(ProbeConfig, path, overrides)
+
+
+def validate_config(cfg: ProbeConfig, *, eval_only: bool = False) -> None:
+    """Raise ``ConfigError`` naming the key for a config that cannot run."""
+    for kind in cfg.heads.types:
+        if kind not in HEAD_TYPES:
+            raise ConfigError(f"heads.types: unknown head type {kind!r}; known: {', '.join(HEAD_TYPES)}")
+    if not cfg.heads.types and not eval_only:
+        raise ConfigError("heads.types is empty; give at least one of " + ", ".join(HEAD_TYPES))
+    if not eval_only and cfg.train.epochs > 0:
+        if not cfg.train.lrs:
+            raise ConfigError("train.lrs is empty; give at least one peak learning rate")
+        if any(lr <= 0 for lr in cfg.train.lrs):
+            raise ConfigError(f"train.lrs must be positive, got {cfg.train.lrs}")
+        if len(set(cfg.train.lrs)) != len(cfg.train.lrs):
+            raise ConfigError(f"train.lrs has duplicates: {cfg.train.lrs}")
+        if not cfg.data.train_path:
+            raise ConfigError("data.train_path is not set (a labelled .beton)")
+    if not cfg.data.val_path:
+        raise ConfigError("data.val_path is not set (a labelled .beton)")
+    if cfg.features.cache_dtype not in CACHE_DTYPES:
+        raise ConfigError(f"features.cache_dtype {cfg.features.cache_dtype!r} is not one of {', '.join(CACHE_DTYPES)}")
+    if cfg.train.batch_size <= 0:
+        raise ConfigError(f"train.batch_size must be positive, got {cfg.train.batch_size}")
+    if cfg.train.epochs < 0:
+        raise ConfigError(f"train.epochs must be >= 0, got {cfg.train.epochs}")
+    if cfg.heads.num_queries < 1:
+        raise ConfigError(f"heads.num_queries must be >= 1, got {cfg.heads.num_queries}")
+
+
+def resolve_layers(layers: Sequence[int] | str, model_name: str, depth: int) -> list[int]:
+    """Block indices (0-based) whose outputs are averaged into the probe features.
+
+    ``"last"``: the final 6 blocks (all of them when ``depth < 6``). ``"best"``: the registry's
+    ``best_probe_layers`` (docs/recipe.md: 14-19 for 0.6B and 7B, 12-17 for 1B and 3B), falling back
+    to ``"last"`` for a model without one. A list: those indices (negative ones count from the end).
+    """
+    if isinstance(layers, str):
+        choice = layers.strip().lower()
+        last = list(range(max(0, depth - 6), depth))
+        if choice == "last":
+            return last
+        if choice == "best":
+            best = tuple(getattr(get_model_spec(model_name), "best_probe_layers", ()) or ())
+            return list(best) if best and max(best) < depth else last
+        raise ValueError(f"features.layers: {layers!r} is not 'last', 'best' or a list of block indices")
+    out = []
+    for i in layers:
+        if not -depth <= int(i) < depth:
+            raise ValueError(f"features.layers: block {i} out of range for depth {depth}")
+        out.append(int(i) % depth)
+    if not out:
+        raise ValueError("features.layers: empty list")
+    return out

@@ -1,0 +1,212 @@
+"""What a probe run builds before training: device and process group, the frozen trunk, the data
+geometry and the loaders' plumbing from images to trunk features."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..distributed import barrier, init_distributed, is_main
+from ..io import atomic_path, remove_if_exists
+from ..registry import get_model_spec
+from ..weights import FrozenTrunk, TrunkWeights, WeightsError, detect_source, frozen_trunk, load_trunk_weights
+from .config import ProbeConfig, resolve_layers
+
+# Rank 0 hands a consolidated ZeRO checkpoint's backbone to the other ranks through this file.
+HANDOVER_FILE = ".trunk_from_deepspeed.safetensors"
+
+
+@dataclass
+class ProbeContext:
+    """Everything a run builds before training: trunk, data sources, geometry."""
+
+    cfg: ProbeConfig
+    trunk: FrozenTrunk
+    weights_fingerprint: str
+    weights_path: str
+    weights_source: str
+    layers: list[int]
+    class_names: list[str]
+    device: torch.device
+    rank: int
+    world_size: int
+    image_size: int
+    resize_size: int
+    per_rank_batch: int  # training images per rank per step
+    eval_batch: int  # images per rank per extraction/evaluation batch
+
+
+def log(msg: str) -> None:
+    """Print on rank 0 only (every rank runs the same code)."""
+    if is_main():
+        print(msg, flush=True)
+
+
+def progress(iterable: Any = None, **kwargs: Any) -> Any:
+    """A tqdm bar on rank 0, a silent one elsewhere."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, disable=not is_main(), dynamic_ncols=True, **kwargs)
+
+
+def _wants_cuda(name: str) -> bool:
+    if name not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device: {name!r} is not one of auto, cpu, cuda")
+    return name == "cuda" or (name == "auto" and torch.cuda.is_available())
+
+
+def _is_deepspeed_folder(weights: str | os.PathLike) -> bool:
+    # Folder names only: a weights file is never read to learn its kind before it is loaded.
+    path = Path(weights)
+    try:
+        return path.is_dir() and detect_source(path) == "deepspeed"
+    except WeightsError:  # not weights at all: load_trunk_weights reports it
+        return False
+
+
+def _load_weights(cfg: ProbeConfig, weights: str | os.PathLike, rank: int, world_size: int) -> TrunkWeights:
+    """The backbone, read once per rank. Consolidating ZeRO shards reads every optimizer state
+    (~12 bytes per parameter): with several ranks, rank 0 does it once and hands the backbone to
+    the others as a file, removed once every rank has read it."""
+    if world_size == 1 or not _is_deepspeed_folder(weights):
+        return load_trunk_weights(weights)
+    handover = Path(cfg.out_dir) / HANDOVER_FILE
+    loaded = None
+    if rank == 0:
+        from safetensors.torch import save_file
+
+        loaded = load_trunk_weights(weights)
+        with atomic_path(handover) as tmp:
+            save_file(loaded.state_dict, str(tmp))
+    barrier()
+    if loaded is None:
+        loaded = load_trunk_weights(handover)
+    barrier()  # every rank has read the hand-over file
+    if rank == 0:
+        remove_if_exists(handover)
+    loaded.source, loaded.path = "deepspeed", Path(weights)
+    return loaded
+
+
+def _class_names(cfg: ProbeConfig, train: bool) -> list[str]:
+    from ..data import read_class_names
+
+    class_names = list(read_class_names(cfg.data.train_path if train else cfg.data.val_path))
+    if train and list(read_class_names(cfg.data.val_path)) != class_names:
+        raise ValueError(
+            f"the train and val betons have different class lists ({len(class_names)} classes in the train "
+            "one); write both from folders with the same class sub-folders"
+        )
+    return class_names
+
+
+def prepare(cfg: ProbeConfig, weights: str | os.PathLike, *, train: bool = True) -> ProbeContext:
+    """Set up the device, the process group (none in a plain single process), the frozen trunk and
+    the data geometry. ``train=False`` (evaluation only) reads the class list from the val beton
+    and leaves the train one alone."""
+    rank, world_size, device = init_distributed(cuda=_wants_cuda(cfg.device), group_of_one=False)
+    model_cfg = get_model_spec(cfg.model.name).config.replace(**cfg.model.overrides)
+    image_size = cfg.data.image_size or model_cfg.image_size
+    if image_size != model_cfg.image_size:
+        raise ValueError(
+            f"data.image_size {image_size} differs from {cfg.model.name}'s image_size {model_cfg.image_size} "
+            "(the fixed position embedding is built for that grid); set model.overrides.image_size too"
+        )
+    if cfg.train.batch_size % world_size:
+        raise ValueError(
+            f"train.batch_size {cfg.train.batch_size} is not divisible by the world size {world_size}; "
+            f"set train.batch_size to a multiple of {world_size}"
+        )
+    layers = resolve_layers(cfg.features.layers, cfg.model.name, model_cfg.depth)
+    loaded = _load_weights(cfg, weights, rank, world_size)
+    trunk = frozen_trunk(cfg.model.name, loaded, layers=layers, device=device, **cfg.model.overrides)
+    per_rank = cfg.train.batch_size // world_size
+    return ProbeContext(
+        cfg=cfg,
+        trunk=trunk,
+        weights_fingerprint=loaded.fingerprint(),
+        weights_path=str(weights),
+        weights_source=loaded.source,
+        layers=layers,
+        class_names=_class_names(cfg, train),
+        device=device,
+        rank=rank,
+        world_size=world_size,
+        image_size=image_size,
+        resize_size=cfg.data.resize_size or int(round(image_size * 256 / 224)),
+        per_rank_batch=per_rank,
+        eval_batch=cfg.data.eval_batch_size or per_rank,
+    )
+
+
+def loader_device(ctx: ProbeContext) -> torch.device | None:
+    """Where the loaders put batches: on the GPU when training there, else where they are made."""
+    return ctx.device if ctx.device.type == "cuda" else None
+
+
+def build_train_images(ctx: ProbeContext) -> Any:
+    """This rank's augmented training loader (random-resized crop, flip) of ``(images, labels)``."""
+    from ..data import build_train_loader
+
+    cfg = ctx.cfg
+    return build_train_loader(
+        cfg.data.train_path,
+        batch_size=ctx.per_rank_batch,
+        image_size=ctx.image_size,
+        scale=tuple(cfg.data.scale),
+        ratio=tuple(cfg.data.ratio),
+        flip=cfg.data.flip,
+        seed=cfg.train.seed,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        num_workers=cfg.data.num_workers,
+        device=loader_device(ctx),
+    )
+
+
+def build_eval_images(ctx: ProbeContext, path: str) -> Any:
+    """This rank's shard of ``path`` through the eval transform (resize, centre crop)."""
+    from ..data import build_eval_loader
+
+    return build_eval_loader(
+        path,
+        batch_size=ctx.eval_batch,
+        image_size=ctx.image_size,
+        resize_size=ctx.resize_size,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        num_workers=ctx.cfg.data.num_workers,
+        device=loader_device(ctx),
+    )
+
+
+def iterate_loader(loader: Any, epoch: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+    """``(images, labels)`` of one epoch of ``loader`` (an epoch-seeded loader, or any iterable)."""
+    if hasattr(loader, "iter_epoch"):
+        yield from loader.iter_epoch(epoch)
+    else:
+        yield from loader
+
+
+def trunk_batches(
+    ctx: ProbeContext, images: Iterator[tuple[Tensor, Tensor]], desc: str | None, total: int | None = None
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """``(images, labels)`` -> ``(features [B, N, D], labels [B])`` through the frozen trunk, on
+    ``ctx.device``; a progress bar named ``desc`` unless it is None (training has its own bar)."""
+    if desc is not None:
+        images = progress(images, desc=desc, total=total, leave=False)
+    for imgs, labels in images:
+        yield ctx.trunk(imgs), labels.to(ctx.device, non_blocking=True).long()
+
+
+def eval_batches(ctx: ProbeContext, path: str, desc: str) -> Iterator[tuple[Tensor, Tensor]]:
+    """Features and labels of this rank's shard of ``path`` through the eval transform."""
+    loader = build_eval_images(ctx, path)
+    total = len(loader) if hasattr(loader, "__len__") else None
+    return trunk_batches(ctx, iterate_loader(loader), desc, total)
