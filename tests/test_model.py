@@ -307,7 +307,7 @@ def test_ml_aim_round_trip_identical_outputs() -> None:
 
 
 def ml_aim_layout_state_dict(width: int, depth: int, patch: int, classes: int) -> dict[str, torch.Tensor]:
-    """A state dict written from AIM_FACTS's list of the released key names and shapes."""
+    """A state dict written from docs/recipe.md's list of the released key names and shapes."""
     sd = {
         "preprocessor.patchifier.proj.weight": torch.randn(width, 3, patch, patch),
         "preprocessor.patchifier.proj.bias": torch.randn(width),
