@@ -13,6 +13,7 @@ import torch
 
 import aim_ds
 from aim_ds.datasets import write_digits_imagefolder
+from aim_ds.distributed import free_port
 from aim_ds.export import save_export
 from aim_ds.model import IMAGENET_MEAN, IMAGENET_STD
 from aim_ds.probe import ProbeConfig, load_head, load_probe_config, run_probe
@@ -250,7 +251,6 @@ def test_two_ranks_shard_data_and_share_heads(digits: dict[str, Path], tmp_path:
     ZeRO-3 checkpoint of the pretrained trunk: rank 0 consolidates it once, each rank extracts and
     trains on its half, gradients are averaged, evaluation counts every val image once."""
     import os
-    import socket
     import subprocess
     import sys
 
@@ -258,9 +258,7 @@ def test_two_ranks_shard_data_and_share_heads(digits: dict[str, Path], tmp_path:
 
     run = make_deepspeed_run(tmp_path / "ds_run", steps=0, init=digits["pretrained"] / "model.safetensors")
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     out = tmp_path / "ddp"
     command = [
         sys.executable,
