@@ -29,6 +29,9 @@ from ..io import PARTIAL_SUFFIX
 SIDECAR_SUFFIX = ".json"
 SIDECAR_FORMAT = "aim-ds-beton-sidecar/1"
 CLASSES_SUFFIX = ".classes.json"
+#: One file per folder of shards: each beton's sample count, so that opening thousands of shards reads one
+#: file instead of every header and sidecar (:mod:`aim_ds.data.shard_index`).
+INDEX_NAME = "shards.index.json"
 
 
 class ConversionError(RuntimeError):
@@ -62,14 +65,53 @@ def read_sidecar(beton_path: str | os.PathLike[str]) -> dict[str, Any] | None:
     return content if isinstance(content, dict) else None
 
 
-def beton_num_samples(beton_path: str | os.PathLike[str]) -> int:
-    """Number of samples from the beton header (reads 24 bytes, not the metadata)."""
-    from ffcv.types import HeaderType
+class BetonError(ValueError):
+    """A file that is not a whole FFCV beton (wrong format, truncated, disagreeing with its sidecar)."""
 
-    header = np.fromfile(str(beton_path), dtype=HeaderType, count=1)
-    if len(header) != 1:
-        raise ValueError(f"{beton_path}: not an FFCV beton (file too short)")
-    return int(header[0]["num_samples"])
+
+# What a file that is not a beton often is, by its first bytes: named in the error.
+_MAGIC = {b"\xff\xd8\xff": "a JPEG image", b"\x89PNG": "a PNG image", b"RIFF": "a RIFF (WebP?) file", b"{": "JSON"}
+
+
+def read_header(beton_path: str | os.PathLike[str]) -> np.void:
+    """FFCV's header of a beton (version, num_fields, page_size, num_samples, alloc_table_ptr), checked
+    against the file's size and its sidecar; raises :class:`BetonError` naming the file and what is wrong.
+
+    Without this a JPEG renamed ``.beton`` fails in FFCV with "Unable to allocate 128 PiB" and a truncated
+    beton with "negative dimensions are not allowed".
+    """
+    from ffcv.types import ALLOC_TABLE_TYPE, CURRENT_VERSION, FieldDescType, HeaderType
+
+    path = str(beton_path)
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(HeaderType.itemsize)
+    if len(head) < HeaderType.itemsize:
+        raise BetonError(f"{path}: not an FFCV beton: {size} bytes, shorter than its {HeaderType.itemsize}-byte header")
+    header = np.frombuffer(head, dtype=HeaderType)[0]
+    if int(header["version"]) != CURRENT_VERSION or not 0 < int(header["num_fields"]) <= 64:
+        looks = next((name for magic, name in _MAGIC.items() if head.startswith(magic)), f"starts {head[:8].hex()}")
+        raise BetonError(f"{path}: not an FFCV beton (header version {int(header['version'])}, expected "
+                         f"{CURRENT_VERSION}; the file looks like {looks})")  # fmt: skip
+    table = int(header["alloc_table_ptr"])
+    fields_end = HeaderType.itemsize + int(header["num_fields"]) * FieldDescType.itemsize
+    if table > size or table < fields_end + int(header["num_samples"]):
+        raise BetonError(f"{path}: truncated or corrupt beton: {size} bytes, but its header puts the allocation "
+                         f"table at byte {table} (a copy or write cut short?)")  # fmt: skip
+    if (size - table) % ALLOC_TABLE_TYPE.itemsize:
+        raise BetonError(f"{path}: truncated or corrupt beton: its allocation table ({size - table} bytes) is not "
+                         f"a whole number of {ALLOC_TABLE_TYPE.itemsize}-byte entries")  # fmt: skip
+    sidecar = read_sidecar(path)
+    expected = sidecar.get("beton_bytes") if sidecar else None
+    if isinstance(expected, int) and expected != size:
+        raise BetonError(f"{path}: {size} bytes, but its sidecar says the beton was written with {expected} bytes "
+                         "(truncated or replaced?); re-run data_prep for it")  # fmt: skip
+    return header
+
+
+def beton_num_samples(beton_path: str | os.PathLike[str]) -> int:
+    """Number of samples from the checked beton header (see :func:`read_header`; reads 24 bytes)."""
+    return int(read_header(beton_path)["num_samples"])
 
 
 def is_complete(beton_path: str | os.PathLike[str]) -> bool:
@@ -153,7 +195,7 @@ def expand_shards(pattern: str) -> list[str]:
 
 def _is_companion(name: str) -> bool:
     """Files that live beside betons but are not betons: write debris and our JSON companions."""
-    return name.endswith((PARTIAL_SUFFIX, ".beton" + SIDECAR_SUFFIX, CLASSES_SUFFIX))
+    return name == INDEX_NAME or name.endswith((PARTIAL_SUFFIX, ".beton" + SIDECAR_SUFFIX, CLASSES_SUFFIX))
 
 
 def resolve_betons(path_or_glob: str | os.PathLike[str]) -> list[Path]:
@@ -201,6 +243,7 @@ def _read_columns(path: Path) -> tuple[dict[str, str], int, dict[str, np.ndarray
     """(field name -> handler type, sample count, int64 columns width/height/mode/label present) of one beton."""
     from ffcv.reader import Reader
 
+    read_header(path)
     reader = Reader(str(path))
     fields = {name: type(handler).__name__ for name, handler in reader.handlers.items()}
     # FFCV names the metadata columns by position (f0, f1, ...), not by field name.
