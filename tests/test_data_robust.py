@@ -256,3 +256,22 @@ def test_shard_index_counts_and_staleness(tmp_path: Path) -> None:
     index_path(out).write_text(stale)
     assert [s.num_images for s in open_source(out).shards] == [4, 9, 6]
     assert '"s-1.beton": {"num_images": 9' in index_path(out).read_text()
+
+
+def test_numpy_beton_format_matches_ffcv(small_beton: Path) -> None:
+    """aim_ds reads betons without importing FFCV (~9 s); its dtypes must stay FFCV's."""
+    from ffcv.fields import FloatField, IntField, RGBImageField
+    from ffcv.reader import Reader
+    from ffcv.types import ALLOC_TABLE_TYPE, CURRENT_VERSION, FieldDescType, HeaderType
+
+    from aim_ds.data import beton
+
+    assert (beton.HEADER_TYPE, beton.FIELD_DESC_TYPE, beton.ALLOC_TABLE_TYPE, beton.CURRENT_VERSION) == (
+        HeaderType, FieldDescType, ALLOC_TABLE_TYPE, CURRENT_VERSION,
+    )  # fmt: skip
+    for type_id, field in ((0, FloatField()), (1, IntField()), (2, RGBImageField())):
+        assert beton.FIELD_TYPES[type_id] == (type(field).__name__, field.metadata_type)
+    ours, theirs = beton.read_beton(small_beton), Reader(str(small_beton))
+    assert list(ours.fields) == theirs.field_names and np.array_equal(ours.alloc_table, theirs.alloc_table)
+    for i, name in enumerate(theirs.field_names):
+        assert np.array_equal(ours.metadata[name], theirs.metadata[f"f{i}"])

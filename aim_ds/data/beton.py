@@ -9,11 +9,15 @@ Every file is published through :mod:`aim_ds.io` (written as ``NAME.partial``, t
 goes last: a sidecar under its final name that agrees with its beton is what says "finished". A beton
 without its sidecar is therefore incomplete (a run was killed between the two renames) and is redone on
 re-run; the loader still reads it, since it is whole and betons written elsewhere have no sidecar at all.
-This module imports neither the writer nor FFCV's writer, so the loader does not pay for them.
+This module imports neither the writer nor FFCV: importing ``ffcv`` (even ``ffcv.types``) costs ~9 s on 2
+cores (torch, OpenCV and numba work at import), and the loader needs only FFCV's file format, which is
+described here with numpy dtypes (:func:`read_beton`; ``tests/test_data_robust.py`` checks them against
+FFCV's own).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import glob
 import json
@@ -32,6 +36,61 @@ CLASSES_SUFFIX = ".classes.json"
 #: One file per folder of shards: each beton's sample count, so that opening thousands of shards reads one
 #: file instead of every header and sidecar (:mod:`aim_ds.data.shard_index`).
 INDEX_NAME = "shards.index.json"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# FFCV's file format (ffcv/types.py, format version 2), without importing ffcv
+
+CURRENT_VERSION = 2
+HEADER_TYPE = np.dtype(
+    [("version", "<u2"), ("num_fields", "<u2"), ("page_size", "<u4"), ("num_samples", "<u8"),
+     ("alloc_table_ptr", "<u8")],
+    align=True,
+)  # fmt: skip
+FIELD_DESC_TYPE = np.dtype([("type_id", "<u1"), ("name", ("<u1", 16)), ("arguments", ("<u1", (1024,)))], align=True)
+ALLOC_TABLE_TYPE = np.dtype([("sample_id", "<u8"), ("ptr", "<u8"), ("size", "<u8")])
+#: Per-sample metadata of FFCV's field types, by type id (FloatField, IntField, RGBImageField).
+FIELD_TYPES: dict[int, tuple[str, np.dtype]] = {
+    0: ("FloatField", np.dtype("<f8")),
+    1: ("IntField", np.dtype("<i8")),
+    2: ("RGBImageField", np.dtype([("mode", "<u1"), ("width", "<u2"), ("height", "<u2"), ("data_ptr", "<u8")])),
+}
+
+
+@dataclasses.dataclass
+class BetonContents:
+    """A beton's header, fields and per-sample metadata (``metadata[name]``: one entry per sample) and its
+    allocation table (sample_id, ptr, size in bytes of every stored blob)."""
+
+    header: np.void
+    fields: dict[str, str]  # field name -> FFCV field type name
+    metadata: dict[str, np.ndarray]
+    alloc_table: np.ndarray
+
+
+def read_beton(beton_path: str | os.PathLike[str]) -> BetonContents:
+    """Everything but the stored bytes, as FFCV's ``Reader`` reads it (header checked by :func:`read_header`)."""
+    path = str(beton_path)
+    header = read_header(path)
+    count = int(header["num_fields"])
+    descriptors = np.fromfile(path, dtype=FIELD_DESC_TYPE, count=count, offset=HEADER_TYPE.itemsize)
+    names = [bytes(d["name"]).split(b"\0", 1)[0].decode("ascii") for d in descriptors]
+    types = []
+    for name, descriptor in zip(names, descriptors, strict=True):
+        type_id = int(descriptor["type_id"])
+        if type_id not in FIELD_TYPES:
+            raise BetonError(f"{path}: field {name!r} has FFCV type id {type_id}, which aim_ds does not read")
+        types.append(FIELD_TYPES[type_id])
+    metadata_type = np.dtype([(f"f{i}", t[1]) for i, t in enumerate(types)], align=True)
+    offset = HEADER_TYPE.itemsize + descriptors.nbytes
+    rows = np.fromfile(path, dtype=metadata_type, count=int(header["num_samples"]), offset=offset)
+    table = np.fromfile(path, dtype=ALLOC_TABLE_TYPE, offset=int(header["alloc_table_ptr"]))
+    return BetonContents(
+        header,
+        {name: t[0] for name, t in zip(names, types, strict=True)},
+        {name: rows[f"f{i}"] for i, name in enumerate(names)},
+        table,
+    )
 
 
 class ConversionError(RuntimeError):
@@ -80,7 +139,7 @@ def read_header(beton_path: str | os.PathLike[str]) -> np.void:
     Without this a JPEG renamed ``.beton`` fails in FFCV with "Unable to allocate 128 PiB" and a truncated
     beton with "negative dimensions are not allowed".
     """
-    from ffcv.types import ALLOC_TABLE_TYPE, CURRENT_VERSION, FieldDescType, HeaderType
+    HeaderType, FieldDescType = HEADER_TYPE, FIELD_DESC_TYPE  # noqa: N806 - FFCV's names, for the reader
 
     path = str(beton_path)
     size = os.path.getsize(path)
@@ -241,22 +300,15 @@ def _stats(values: np.ndarray) -> dict[str, float]:
 
 def _read_columns(path: Path) -> tuple[dict[str, str], int, dict[str, np.ndarray]]:
     """(field name -> handler type, sample count, int64 columns width/height/mode/label present) of one beton."""
-    from ffcv.reader import Reader
-
-    read_header(path)
-    reader = Reader(str(path))
-    fields = {name: type(handler).__name__ for name, handler in reader.handlers.items()}
-    # FFCV names the metadata columns by position (f0, f1, ...), not by field name.
-    column = {name: f"f{i}" for i, name in enumerate(reader.field_names)}
-    metadata = reader.metadata
+    contents = read_beton(path)
     columns: dict[str, np.ndarray] = {}
-    if "image" in column:
-        image = metadata[column["image"]]
+    if "image" in contents.metadata:
+        image = contents.metadata["image"]
         for key in ("width", "height", "mode"):
             columns[key] = image[key].astype(np.int64)
-    if "label" in column:
-        columns["label"] = metadata[column["label"]].astype(np.int64)
-    return fields, int(reader.num_samples), columns
+    if "label" in contents.metadata:
+        columns["label"] = contents.metadata["label"].astype(np.int64)
+    return contents.fields, int(contents.header["num_samples"]), columns
 
 
 def inspect_betons(path_or_glob: str | os.PathLike[str]) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .beton import read_header, resolve_betons
+from .beton import read_beton, read_header, resolve_betons
 from .shard_index import shard_counts
 
 SourceSpec = str | os.PathLike | Sequence[tuple[str | os.PathLike, float]]
@@ -73,24 +73,21 @@ class BetonShard:
         self._opened = False
 
     def _open(self) -> None:
-        from ffcv.reader import Reader
-
-        header = read_header(self.path)  # a clear error for a file replaced or cut short since start-up
-        if int(header["num_samples"]) != self.num_images:
-            raise ValueError(f"{self.path}: holds {int(header['num_samples'])} images, {self.num_images} expected")
-        reader = Reader(self.path)
-        names = reader.field_names
-        if "image" not in names or "label" not in names:
-            raise ValueError(f"{self.path}: expected fields 'image' and 'label', found {names}")
-        metadata = reader.metadata
-        image = metadata[f"f{names.index('image')}"]
+        contents = read_beton(self.path)  # the header checked again: replaced or cut short since start-up?
+        if int(contents.header["num_samples"]) != self.num_images:
+            raise ValueError(
+                f"{self.path}: holds {int(contents.header['num_samples'])} images, {self.num_images} expected"
+            )
+        if "image" not in contents.metadata or "label" not in contents.metadata:
+            raise ValueError(f"{self.path}: expected fields 'image' and 'label', found {list(contents.fields)}")
+        image = contents.metadata["image"]
         self.modes = np.ascontiguousarray(image["mode"]).astype(np.uint8)
         self.heights = np.ascontiguousarray(image["height"]).astype(np.int64)
         self.widths = np.ascontiguousarray(image["width"]).astype(np.int64)
         self.pointers = np.ascontiguousarray(image["data_ptr"]).astype(np.int64)
-        self.labels = np.ascontiguousarray(metadata[f"f{names.index('label')}"]).astype(np.int64)
+        self.labels = np.ascontiguousarray(contents.metadata["label"]).astype(np.int64)
         # Only the image field allocates, so the allocation table maps each data pointer to its byte count.
-        table = reader.alloc_table
+        table = contents.alloc_table
         order = np.argsort(table["ptr"])
         table_ptrs = table["ptr"][order].astype(np.int64)
         table_sizes = table["size"][order].astype(np.int64)
