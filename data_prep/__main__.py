@@ -2,9 +2,12 @@
 
     python -m data_prep imagefolder SRC OUT.beton [options]
     python -m data_prep webdataset 'dfn-{00000..00099}.tar' OUT_DIR [--shard-index i --num-shards n] [options]
+    python -m data_prep webdataset 'dfn-{00000..00099}.tar' OUT_DIR --ray [ADDRESS] [options]
     python -m data_prep inspect PATH [--json]
 
-Errors the user can fix (missing or empty source, bad option) print one line and exit with status 2.
+Errors the user can fix (missing or empty source, existing output, read-only or full output folder, bad
+option) print one line and exit with status 2. A webdataset conversion goes on past tars that fail, prints a
+table of them at the end and exits with status 1.
 """
 
 from __future__ import annotations
@@ -96,7 +99,10 @@ def _add_write_options(parser: argparse.ArgumentParser) -> None:
     # The one default of its own: a conversion run from the shell owns the machine, so it takes every core,
     # where the library's WriteOptions stays modest for callers that share it.
     group.add_argument(
-        "--workers", type=_positive_int, default=os.cpu_count() or 1, help="processes (default: all cores)"
+        "--workers",
+        type=_positive_int,
+        default=None,
+        help="processes (default: all cores; with --ray: 1 per task, Ray runs one task per free core)",
     )
     group.add_argument(
         "--chunk-size",
@@ -119,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     folder.add_argument("source", help="folder with one sub-folder per class, e.g. ILSVRC/train")
     folder.add_argument("output", help="output .beton; OUT.beton.json (sidecar) and OUT.classes.json go beside it")
+    folder.add_argument("--overwrite", action="store_true", help="replace an existing output (default: refuse)")
     _add_write_options(folder)
 
     shards = commands.add_parser(
@@ -126,9 +133,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     shards.add_argument("shards", help="glob and/or brace pattern, e.g. 'dfn/{00000..00099}.tar' (quote it)")
     shards.add_argument("out_dir", help="output folder; tar NAME.tar becomes NAME.beton + NAME.beton.json")
-    shards.add_argument("--shard-index", type=int, default=0, help="this process's index in [0, num_shards)")
+    index, count = _slurm_array()
     shards.add_argument(
-        "--num-shards", type=_positive_int, default=1, help="processes splitting the tars: tar k goes to k %% n"
+        "--shard-index",
+        type=int,
+        default=index,
+        help="this process's index in [0, num_shards) (default: from SLURM_ARRAY_TASK_ID when set, else 0)",
+    )
+    shards.add_argument(
+        "--num-shards",
+        type=_positive_int,
+        default=count,
+        help="processes splitting the tars: tar k goes to k %% n (default: SLURM_ARRAY_TASK_COUNT, else 1)",
+    )
+    shards.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        default=None,
+        metavar="ADDRESS",
+        help="one Ray task per tar on the Ray cluster at ADDRESS (auto, HOST:PORT, ray://HOST:PORT); "
+        "--ray alone starts a local Ray on this machine. OUT_DIR must be visible from every node",
+    )
+    shards.add_argument(
+        "--max-retries",
+        type=int,
+        default=2,
+        help="with --ray: attempts after the first for a tar whose task died or raised (default 2)",
     )
     shards.add_argument(
         "--overwrite", action="store_true", help="rewrite complete outputs too (default: only missing/incomplete)"
@@ -141,22 +172,73 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _slurm_array() -> tuple[int, int]:
+    """(index, count) of this task in a SLURM job array (``sbatch --array``), or (0, 1) outside one. The
+    index counts from the array's first task id, so ``--array=1-8`` works as well as ``0-7``."""
+    task_id, task_count = os.environ.get("SLURM_ARRAY_TASK_ID"), os.environ.get("SLURM_ARRAY_TASK_COUNT")
+    if task_id is None or task_count is None:
+        return 0, 1
+    return int(task_id) - int(os.environ.get("SLURM_ARRAY_TASK_MIN", "0")), int(task_count)
+
+
 def _options(args: argparse.Namespace) -> WriteOptions:
     """The write options the parsed arguments ask for (every WriteOptions field has a flag)."""
     from aim_ds.data.writers import WriteOptions
 
-    return WriteOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(WriteOptions)})
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(WriteOptions)}
+    if values["workers"] is None:
+        values["workers"] = 1 if getattr(args, "ray", None) else os.cpu_count() or 1
+    return WriteOptions(**values)
+
+
+def _print_failures(failed: Sequence[Any]) -> None:
+    """The result table of tars that failed: one line each, tar and reason."""
+    print(f"{len(failed)} tar(s) failed:", file=sys.stderr)
+    width = max(len(f.tar) for f in failed)
+    for failure in failed:
+        tries = f" (after {failure.attempts} attempts)" if failure.attempts > 1 else ""
+        print(f"  {failure.tar:<{width}}  {failure.reason}{tries}", file=sys.stderr)
+
+
+def _webdataset(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from aim_ds.data.webdataset import convert_webdataset
+
+    if not 0 <= args.shard_index < args.num_shards:
+        parser.error(f"--shard-index must be in [0, {args.num_shards}), got {args.shard_index}")
+    common = {"shard_index": args.shard_index, "num_shards": args.num_shards, "overwrite": args.overwrite}
+    if args.ray:
+        from aim_ds.data.ray_convert import convert_webdataset_ray
+
+        report = convert_webdataset_ray(
+            args.shards, args.out_dir, _options(args), address=args.ray, progress=not args.quiet,
+            max_retries=args.max_retries, **common,
+        )  # fmt: skip
+    else:
+        report = convert_webdataset(args.shards, args.out_dir, _options(args), progress=not args.quiet, **common)
+    images = sum(r.num_images for r in report.results)
+    skipped = sum(len(r.skipped) for r in report.results)
+    print(
+        f"process {args.shard_index}/{args.num_shards}: {len(report.assigned)} tars assigned, "
+        f"{len(report.converted)} converted ({images} images, {skipped} skipped), "
+        f"{len(report.already_complete)} already complete, {len(report.failed)} failed"
+    )
+    if report.failed:
+        _print_failures(report.failed)
+        return 1
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from aim_ds.data.beton import ConversionError, format_inspection, inspect_betons
-    from aim_ds.data.writers import convert_imagefolder, convert_webdataset
+    from aim_ds.data.writers import convert_imagefolder
 
     try:
         if args.command == "imagefolder":
-            result = convert_imagefolder(args.source, args.output, _options(args), progress=not args.quiet)
+            result = convert_imagefolder(
+                args.source, args.output, _options(args), overwrite=args.overwrite, progress=not args.quiet
+            )
             print(
                 f"wrote {result.beton_path}: {result.num_images} images, {len(result.skipped)} skipped, "
                 f"{result.seconds:.1f} s"
@@ -164,29 +246,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             for entry in result.skipped[:20]:
                 print(f"  skipped {entry['file']}: {entry['reason']}")
         elif args.command == "webdataset":
-            if not 0 <= args.shard_index < args.num_shards:
-                parser.error(f"--shard-index must be in [0, {args.num_shards}), got {args.shard_index}")
-            report = convert_webdataset(
-                args.shards,
-                args.out_dir,
-                _options(args),
-                shard_index=args.shard_index,
-                num_shards=args.num_shards,
-                overwrite=args.overwrite,
-                progress=not args.quiet,
-            )
-            images = sum(r.num_images for r in report.results)
-            skipped = sum(len(r.skipped) for r in report.results)
-            print(
-                f"process {args.shard_index}/{args.num_shards}: {len(report.assigned)} tars assigned, "
-                f"{len(report.converted)} converted ({images} images, {skipped} skipped), "
-                f"{len(report.already_complete)} already complete"
-            )
+            return _webdataset(args, parser)
         else:
             info = inspect_betons(args.path)
             print(json.dumps(info, indent=1) if args.json else format_inspection(info))
-    except (ConversionError, FileNotFoundError, ValueError) as error:
+    except (ConversionError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # a read-only or full output folder, a missing file: say which, no traceback
+        where = f": {error.filename}" if error.filename else ""
+        print(f"error: {error.strerror or error}{where}", file=sys.stderr)
         return 2
     return 0
 

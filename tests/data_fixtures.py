@@ -85,3 +85,38 @@ def make_tar(path: Path, count: int, start: int = 0, size: tuple[int, int] = (16
                 info.size = len(data)
                 archive.addfile(info, io.BytesIO(data))
     return path
+
+
+def read_beton_images(beton: Path) -> tuple[list[np.ndarray], np.ndarray]:
+    """Every stored image, decoded with FFCV's reader metadata + Pillow (independent of our loader), and the
+    labels: (list of uint8 [H, W, 3], int64 [N])."""
+    from ffcv.reader import Reader
+
+    reader = Reader(str(beton))
+    image_col = f"f{reader.field_names.index('image')}"
+    label_col = f"f{reader.field_names.index('label')}"
+    data = np.memmap(beton, dtype=np.uint8, mode="r")
+    table = reader.alloc_table
+    sizes = dict(zip(table["ptr"].tolist(), table["size"].tolist(), strict=True))
+    images = []
+    for meta in reader.metadata[image_col]:
+        pointer = int(meta["data_ptr"])
+        raw = bytes(data[pointer : pointer + sizes[pointer]])
+        if meta["mode"] == 0:
+            images.append(np.asarray(Image.open(io.BytesIO(raw)).convert("RGB")))
+        else:
+            images.append(np.frombuffer(raw, np.uint8).reshape(meta["height"], meta["width"], 3))
+    return images, reader.metadata[label_col].astype(np.int64)
+
+
+def make_bad_tar(path: Path, kind: str) -> Path:
+    """A shard that can never convert: ``kind`` "no-images" (captions only) or "corrupt" (JPEG names over
+    bytes that are not images)."""
+    with tarfile.open(path, "w") as archive:
+        for i in range(4):
+            key = f"{i:09d}"
+            name, data = (f"{key}.txt", b"caption only") if kind == "no-images" else (f"{key}.jpg", b"\xff\xd8garbage")
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return path

@@ -13,7 +13,8 @@ from PIL import Image
 from aim_ds.data import build_eval_loader, build_train_loader, sample_crop_boxes
 from aim_ds.data.bicubic import resize_crop_bicubic
 from aim_ds.data.sampling import feistel_permutation
-from aim_ds.data.writers import WriteOptions, convert_imagefolder, convert_webdataset
+from aim_ds.data.webdataset import convert_webdataset
+from aim_ds.data.writers import WriteOptions, convert_imagefolder
 
 
 def _pillow_crop(image: np.ndarray, box: tuple[float, float, float, float], size: tuple[int, int]) -> np.ndarray:

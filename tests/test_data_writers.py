@@ -18,7 +18,7 @@ from PIL import Image
 
 from aim_ds.data import read_class_names, read_sidecar
 from aim_ds.data.beton import beton_num_samples, is_complete, resolve_betons, sidecar_path
-from aim_ds.data.writers import scan_tar
+from aim_ds.data.webdataset import scan_tar
 from aim_ds.io import partial_path
 from data_prep.__main__ import main as cli
 

@@ -10,7 +10,8 @@ from .images import decode_image
 from .loader import EvalLoader, TrainLoader, build_eval_loader, build_train_loader
 from .sampling import center_crop_boxes, sample_crop_boxes
 from .sources import DEFAULT_MIXTURE
-from .writers import WriteOptions, convert_imagefolder, convert_webdataset
+from .webdataset import convert_webdataset
+from .writers import WriteOptions, convert_imagefolder
 
 __all__ = [
     "DEFAULT_MIXTURE",

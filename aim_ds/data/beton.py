@@ -9,11 +9,15 @@ Every file is published through :mod:`aim_ds.io` (written as ``NAME.partial``, t
 goes last: a sidecar under its final name that agrees with its beton is what says "finished". A beton
 without its sidecar is therefore incomplete (a run was killed between the two renames) and is redone on
 re-run; the loader still reads it, since it is whole and betons written elsewhere have no sidecar at all.
-This module imports neither the writer nor FFCV's writer, so the loader does not pay for them.
+This module imports neither the writer nor FFCV: importing ``ffcv`` (even ``ffcv.types``) costs ~9 s on 2
+cores (torch, OpenCV and numba work at import), and the loader needs only FFCV's file format, which is
+described here with numpy dtypes (:func:`read_beton`; ``tests/test_data_robust.py`` checks them against
+FFCV's own).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import glob
 import json
@@ -29,6 +33,64 @@ from ..io import PARTIAL_SUFFIX
 SIDECAR_SUFFIX = ".json"
 SIDECAR_FORMAT = "aim-ds-beton-sidecar/1"
 CLASSES_SUFFIX = ".classes.json"
+#: One file per folder of shards: each beton's sample count, so that opening thousands of shards reads one
+#: file instead of every header and sidecar (:mod:`aim_ds.data.shard_index`).
+INDEX_NAME = "shards.index.json"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# FFCV's file format (ffcv/types.py, format version 2), without importing ffcv
+
+CURRENT_VERSION = 2
+HEADER_TYPE = np.dtype(
+    [("version", "<u2"), ("num_fields", "<u2"), ("page_size", "<u4"), ("num_samples", "<u8"),
+     ("alloc_table_ptr", "<u8")],
+    align=True,
+)  # fmt: skip
+FIELD_DESC_TYPE = np.dtype([("type_id", "<u1"), ("name", ("<u1", 16)), ("arguments", ("<u1", (1024,)))], align=True)
+ALLOC_TABLE_TYPE = np.dtype([("sample_id", "<u8"), ("ptr", "<u8"), ("size", "<u8")])
+#: Per-sample metadata of FFCV's field types, by type id (FloatField, IntField, RGBImageField).
+FIELD_TYPES: dict[int, tuple[str, np.dtype]] = {
+    0: ("FloatField", np.dtype("<f8")),
+    1: ("IntField", np.dtype("<i8")),
+    2: ("RGBImageField", np.dtype([("mode", "<u1"), ("width", "<u2"), ("height", "<u2"), ("data_ptr", "<u8")])),
+}
+
+
+@dataclasses.dataclass
+class BetonContents:
+    """A beton's header, fields and per-sample metadata (``metadata[name]``: one entry per sample) and its
+    allocation table (sample_id, ptr, size in bytes of every stored blob)."""
+
+    header: np.void
+    fields: dict[str, str]  # field name -> FFCV field type name
+    metadata: dict[str, np.ndarray]
+    alloc_table: np.ndarray
+
+
+def read_beton(beton_path: str | os.PathLike[str]) -> BetonContents:
+    """Everything but the stored bytes, as FFCV's ``Reader`` reads it (header checked by :func:`read_header`)."""
+    path = str(beton_path)
+    header = read_header(path)
+    count = int(header["num_fields"])
+    descriptors = np.fromfile(path, dtype=FIELD_DESC_TYPE, count=count, offset=HEADER_TYPE.itemsize)
+    names = [bytes(d["name"]).split(b"\0", 1)[0].decode("ascii") for d in descriptors]
+    types = []
+    for name, descriptor in zip(names, descriptors, strict=True):
+        type_id = int(descriptor["type_id"])
+        if type_id not in FIELD_TYPES:
+            raise BetonError(f"{path}: field {name!r} has FFCV type id {type_id}, which aim_ds does not read")
+        types.append(FIELD_TYPES[type_id])
+    metadata_type = np.dtype([(f"f{i}", t[1]) for i, t in enumerate(types)], align=True)
+    offset = HEADER_TYPE.itemsize + descriptors.nbytes
+    rows = np.fromfile(path, dtype=metadata_type, count=int(header["num_samples"]), offset=offset)
+    table = np.fromfile(path, dtype=ALLOC_TABLE_TYPE, offset=int(header["alloc_table_ptr"]))
+    return BetonContents(
+        header,
+        {name: t[0] for name, t in zip(names, types, strict=True)},
+        {name: rows[f"f{i}"] for i, name in enumerate(names)},
+        table,
+    )
 
 
 class ConversionError(RuntimeError):
@@ -62,14 +124,53 @@ def read_sidecar(beton_path: str | os.PathLike[str]) -> dict[str, Any] | None:
     return content if isinstance(content, dict) else None
 
 
-def beton_num_samples(beton_path: str | os.PathLike[str]) -> int:
-    """Number of samples from the beton header (reads 24 bytes, not the metadata)."""
-    from ffcv.types import HeaderType
+class BetonError(ValueError):
+    """A file that is not a whole FFCV beton (wrong format, truncated, disagreeing with its sidecar)."""
 
-    header = np.fromfile(str(beton_path), dtype=HeaderType, count=1)
-    if len(header) != 1:
-        raise ValueError(f"{beton_path}: not an FFCV beton (file too short)")
-    return int(header[0]["num_samples"])
+
+# What a file that is not a beton often is, by its first bytes: named in the error.
+_MAGIC = {b"\xff\xd8\xff": "a JPEG image", b"\x89PNG": "a PNG image", b"RIFF": "a RIFF (WebP?) file", b"{": "JSON"}
+
+
+def read_header(beton_path: str | os.PathLike[str]) -> np.void:
+    """FFCV's header of a beton (version, num_fields, page_size, num_samples, alloc_table_ptr), checked
+    against the file's size and its sidecar; raises :class:`BetonError` naming the file and what is wrong.
+
+    Without this a JPEG renamed ``.beton`` fails in FFCV with "Unable to allocate 128 PiB" and a truncated
+    beton with "negative dimensions are not allowed".
+    """
+    HeaderType, FieldDescType = HEADER_TYPE, FIELD_DESC_TYPE  # noqa: N806 - FFCV's names, for the reader
+
+    path = str(beton_path)
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(HeaderType.itemsize)
+    if len(head) < HeaderType.itemsize:
+        raise BetonError(f"{path}: not an FFCV beton: {size} bytes, shorter than its {HeaderType.itemsize}-byte header")
+    header = np.frombuffer(head, dtype=HeaderType)[0]
+    if int(header["version"]) != CURRENT_VERSION or not 0 < int(header["num_fields"]) <= 64:
+        looks = next((name for magic, name in _MAGIC.items() if head.startswith(magic)), f"starts {head[:8].hex()}")
+        raise BetonError(f"{path}: not an FFCV beton (header version {int(header['version'])}, expected "
+                         f"{CURRENT_VERSION}; the file looks like {looks})")  # fmt: skip
+    table = int(header["alloc_table_ptr"])
+    fields_end = HeaderType.itemsize + int(header["num_fields"]) * FieldDescType.itemsize
+    if table > size or table < fields_end + int(header["num_samples"]):
+        raise BetonError(f"{path}: truncated or corrupt beton: {size} bytes, but its header puts the allocation "
+                         f"table at byte {table} (a copy or write cut short?)")  # fmt: skip
+    if (size - table) % ALLOC_TABLE_TYPE.itemsize:
+        raise BetonError(f"{path}: truncated or corrupt beton: its allocation table ({size - table} bytes) is not "
+                         f"a whole number of {ALLOC_TABLE_TYPE.itemsize}-byte entries")  # fmt: skip
+    sidecar = read_sidecar(path)
+    expected = sidecar.get("beton_bytes") if sidecar else None
+    if isinstance(expected, int) and expected != size:
+        raise BetonError(f"{path}: {size} bytes, but its sidecar says the beton was written with {expected} bytes "
+                         "(truncated or replaced?); re-run data_prep for it")  # fmt: skip
+    return header
+
+
+def beton_num_samples(beton_path: str | os.PathLike[str]) -> int:
+    """Number of samples from the checked beton header (see :func:`read_header`; reads 24 bytes)."""
+    return int(read_header(beton_path)["num_samples"])
 
 
 def is_complete(beton_path: str | os.PathLike[str]) -> bool:
@@ -153,7 +254,7 @@ def expand_shards(pattern: str) -> list[str]:
 
 def _is_companion(name: str) -> bool:
     """Files that live beside betons but are not betons: write debris and our JSON companions."""
-    return name.endswith((PARTIAL_SUFFIX, ".beton" + SIDECAR_SUFFIX, CLASSES_SUFFIX))
+    return name == INDEX_NAME or name.endswith((PARTIAL_SUFFIX, ".beton" + SIDECAR_SUFFIX, CLASSES_SUFFIX))
 
 
 def resolve_betons(path_or_glob: str | os.PathLike[str]) -> list[Path]:
@@ -199,21 +300,15 @@ def _stats(values: np.ndarray) -> dict[str, float]:
 
 def _read_columns(path: Path) -> tuple[dict[str, str], int, dict[str, np.ndarray]]:
     """(field name -> handler type, sample count, int64 columns width/height/mode/label present) of one beton."""
-    from ffcv.reader import Reader
-
-    reader = Reader(str(path))
-    fields = {name: type(handler).__name__ for name, handler in reader.handlers.items()}
-    # FFCV names the metadata columns by position (f0, f1, ...), not by field name.
-    column = {name: f"f{i}" for i, name in enumerate(reader.field_names)}
-    metadata = reader.metadata
+    contents = read_beton(path)
     columns: dict[str, np.ndarray] = {}
-    if "image" in column:
-        image = metadata[column["image"]]
+    if "image" in contents.metadata:
+        image = contents.metadata["image"]
         for key in ("width", "height", "mode"):
             columns[key] = image[key].astype(np.int64)
-    if "label" in column:
-        columns["label"] = metadata[column["label"]].astype(np.int64)
-    return fields, int(reader.num_samples), columns
+    if "label" in contents.metadata:
+        columns["label"] = contents.metadata["label"].astype(np.int64)
+    return contents.fields, int(contents.header["num_samples"]), columns
 
 
 def inspect_betons(path_or_glob: str | os.PathLike[str]) -> dict[str, Any]:

@@ -9,14 +9,20 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
+import re
+import warnings
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
 # A truncated image must be an error we can count, never silently padded with grey.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
-# Some DFN images are large; the cap only guards against decompression bombs.
-Image.MAX_IMAGE_PIXELS = 20_000 * 20_000
+# Pillow's default cap (89.5 M pixels, ~9500 x 9500) stays: above it Pillow warns, and we treat the warning as
+# a skip (see _open), so the hard error at twice the cap is never reached. A 762 KB 14000 x 14000 PNG used to
+# take 4.1 GB in one worker with the cap raised to 400 M; no real training image needs that many pixels.
+MAX_IMAGE_PIXELS = 89_478_485
+Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
 
 IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
 
@@ -65,13 +71,35 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+_BYTESIO_REPR = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
+# Modes Image.reduce handles; others (P, 1, CMYK, I;16) are small or rare enough to convert first.
+_REDUCIBLE_MODES = frozenset({"L", "LA", "RGB", "RGBA", "RGBa", "La", "I", "F"})
+
+
+def failure_reason(error: BaseException, name: str) -> str:
+    """A one-line skip reason for the sidecar: Pillow names in-memory files ``<_io.BytesIO object at 0x..>``,
+    which says nothing, so the image's own name (file path or ``shard.tar:key.jpg``) goes in its place."""
+    text = _BYTESIO_REPR.sub(name, f"{type(error).__name__}: {error}")
+    return " ".join(text.split())[:300]
+
+
+def _open(data: bytes) -> Image.Image:
+    """Open encoded bytes lazily (header only). Pillow's DecompressionBombWarning (more than
+    :data:`MAX_IMAGE_PIXELS` pixels) is raised as an exception, so that the image is skipped with that reason
+    before its pixels are allocated."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        return Image.open(io.BytesIO(data))
+
+
 def decode_image(data: bytes, max_resolution: int = 0) -> np.ndarray:
     """Decode encoded image bytes to an upright RGB array.
 
     Returns uint8 [H, W, 3], EXIF orientation applied, the longer side resized (Pillow bicubic, antialiased)
-    to at most ``max_resolution`` px (0 keeps the size). Raises on anything that does not decode fully.
+    to at most ``max_resolution`` px (0 keeps the size). Raises on anything that does not decode fully, and on
+    images above Pillow's pixel cap (DecompressionBombWarning).
     """
-    image = Image.open(io.BytesIO(data))
+    image = _open(data)
     if max_resolution and image.format == "JPEG":
         scale = max_resolution / max(image.size)
         if scale < 1.0:
@@ -79,6 +107,11 @@ def decode_image(data: bytes, max_resolution: int = 0) -> np.ndarray:
             # source costs a fraction of a full decode, and the bicubic pass below still sets the final size.
             image.draft("RGB", (math.ceil(image.size[0] * scale), math.ceil(image.size[1] * scale)))
     image.load()
+    # Shrink by an integer box factor before any mode conversion (a greyscale or palette image grows 3-4x when
+    # converted to RGB/RGBA), leaving at least 2x for the bicubic pass: Pillow's own reducing_gap=2.0.
+    factor = max(image.size) // (2 * max_resolution) if max_resolution else 0
+    if factor >= 2 and image.mode in _REDUCIBLE_MODES:
+        image = image.reduce(factor)
     image = ImageOps.exif_transpose(image)
     image = _to_rgb(image)
     width, height = image.size
@@ -92,19 +125,30 @@ def decode_image(data: bytes, max_resolution: int = 0) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
-def validate_image(ref: ImageRef) -> str | None:
-    """Cheap full-bitstream check. Returns None if the image decodes, else a one-line reason."""
+class Validation(NamedTuple):
+    """What the validation pass learns about one image: why it is skipped (None: it decodes), and its stored
+    size (width, height in px, before any resize; 0 when skipped) and encoded bytes, for the free-space check."""
+
+    reason: str | None
+    width: int = 0
+    height: int = 0
+    num_bytes: int = 0
+
+
+def validate_image(ref: ImageRef) -> Validation:
+    """Cheap full-bitstream check of one image (see :class:`Validation`)."""
     try:
         data = ref.read()
         if not data:
-            return "empty file"
-        image = Image.open(io.BytesIO(data))
+            return Validation("empty file")
+        image = _open(data)
+        width, height = image.size
         if image.format == "JPEG":
             # Entropy decoding of every scan still happens at 1/8 scale, so truncation/corruption shows up.
-            image.draft(image.mode, (max(1, image.size[0] // 8), max(1, image.size[1] // 8)))
+            image.draft(image.mode, (max(1, width // 8), max(1, height // 8)))
         image.load()
-        if image.size[0] < 1 or image.size[1] < 1:
-            return f"degenerate size {image.size}"
-        return None
+        if width < 1 or height < 1:
+            return Validation(f"degenerate size {image.size}")
+        return Validation(None, width, height, len(data))
     except Exception as error:  # noqa: BLE001 - any decoder failure is a skip reason, not a crash
-        return f"{type(error).__name__}: {error}".strip()[:300]
+        return Validation(failure_reason(error, ref.display))

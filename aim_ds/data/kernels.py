@@ -30,34 +30,38 @@ TJ_ACCURATE = 0  # flags: accurate (islow) IDCT, fancy upsampling: what Pillow's
 KERNEL_LOCK = threading.Lock()
 
 
-def _load_turbojpeg() -> ctypes.CDLL:
+def _load_turbojpeg() -> str:
+    """Load libjpeg-turbo's TurboJPEG library into the process's global symbol table; returns its name."""
+    from llvmlite import binding
+
     for name in ("libturbojpeg.so.0", ctypes.util.find_library("turbojpeg") or "", "libturbojpeg.so"):
         if name:
             try:
-                return ctypes.CDLL(name)
-            except OSError:
+                binding.load_library_permanently(name)
+                return name
+            except RuntimeError:
                 continue
     raise OSError("libturbojpeg not found (apt-get install libturbojpeg0); FFCV needs it too")
 
 
-_turbojpeg = _load_turbojpeg()
-_tj_init = _turbojpeg.tjInitDecompress
-_tj_init.argtypes = []
-_tj_init.restype = ctypes.c_void_p
-_tj_destroy = _turbojpeg.tjDestroy
-_tj_destroy.argtypes = [ctypes.c_void_p]
-_tj_destroy.restype = ctypes.c_int
-_tj_decompress = _turbojpeg.tjDecompress2
-_tj_decompress.argtypes = [
-    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_void_p,
-    ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-]  # fmt: skip
-_tj_decompress.restype = ctypes.c_int
+TURBOJPEG = _load_turbojpeg()
+# The TurboJPEG calls are declared as external symbols, resolved by name when the compiled code is loaded,
+# rather than as ctypes function pointers: numba cannot cache code that holds a ctypes pointer (an address
+# valid only in this process), so every process used to recompile decode_crop_batch (~11 s on 2 cores).
+# With symbols, cache=True works and a later launch loads the machine code from __pycache__ (NUMBA_CACHE_DIR).
+# Pointers and handles travel as uintp (same width and ABI as void* on the 64-bit platforms FFCV supports).
+_tj_init = nb.types.ExternalFunction("tjInitDecompress", nb.types.uintp())
+_tj_destroy = nb.types.ExternalFunction("tjDestroy", nb.types.intc(nb.types.uintp))
+_tj_decompress = nb.types.ExternalFunction(
+    "tjDecompress2",
+    nb.types.intc(
+        nb.types.uintp, nb.types.uintp, nb.types.ulong, nb.types.uintp,
+        nb.types.intc, nb.types.intc, nb.types.intc, nb.types.intc, nb.types.intc,
+    ),
+)  # fmt: skip
 
 
-# No cache=True on the functions below: numba cannot cache code holding ctypes function pointers, so they
-# compile once per process (~10 s, like an FFCV pipeline).
-@nb.njit(nogil=True)
+@nb.njit(nogil=True, cache=True)
 def decode_jpeg(payload: np.ndarray, width: int, height: int, denominator: int, out: np.ndarray) -> int:
     """Decode JPEG bytes into out[: h' * w' * 3] at scale 1/denominator (1, 2, 4 or 8).
 
@@ -74,7 +78,7 @@ def decode_jpeg(payload: np.ndarray, width: int, height: int, denominator: int, 
     return result
 
 
-@nb.njit(nogil=True, parallel=True)
+@nb.njit(nogil=True, parallel=True, cache=True)
 def decode_crop_batch(
     payload: np.ndarray,
     offsets: np.ndarray,

@@ -10,10 +10,12 @@ kernel decodes (FFCV's libturbojpeg call) and bicubic-crops the whole batch in p
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import queue
 import threading
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -30,6 +32,29 @@ from .sources import Source, SourceSpec, gather, open_source, parse_sources
 #: 2.0 reaches 1.05 (BENCHMARKS.md). With <= 512 px betons it only triggers for small outputs (<= ~100 px).
 #: 0 disables.
 DEFAULT_DCT_MIN_SHRINK = 2.5
+
+logger = logging.getLogger(__name__)
+
+
+class UpsamplingWarning(UserWarning):
+    """Images are stored smaller than the crops the loader makes of them."""
+
+
+def warn_if_upsampled(sources: Sequence[Source], image_size: int) -> None:
+    """Warn when a source's images are stored smaller than ``image_size`` px (e.g. betons written at 64 px
+    trained at 224): every crop is then an upsample. Looks at the first shard of each source only (its
+    metadata is read once and kept), the median longer side."""
+    for source in sources:
+        shard = source.shards[0].ensure_open()
+        stored = int(np.median(np.maximum(shard.heights, shard.widths)))
+        if stored < image_size:
+            message = (
+                f"source {source.name}: images are stored at {stored} px (median longer side of {shard.path}) "
+                f"but the loader crops {image_size} px, so every crop is upsampled; convert with "
+                f"`python -m data_prep ... --max-resolution {max(512, image_size)}` or lower image_size"
+            )
+            logger.warning(message)
+            warnings.warn(message, UpsamplingWarning, stacklevel=3)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -325,8 +350,10 @@ def build_train_loader(
         raise ValueError(f"need 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
     if not 0 < scale[0] <= scale[1] <= 1.0 or not 0 < ratio[0] <= ratio[1]:
         raise ValueError(f"bad scale {scale} or ratio {ratio}")
+    opened = parse_sources(sources)
+    warn_if_upsampled(opened, image_size)
     return TrainLoader(
-        parse_sources(sources),
+        opened,
         batch_size=batch_size,
         image_size=image_size,
         scale=tuple(scale),
@@ -363,6 +390,7 @@ def build_eval_loader(
     if not 0 <= rank < world_size:
         raise ValueError(f"need 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
     source = open_source(path)
+    warn_if_upsampled([source], image_size)
     return EvalLoader(
         source,
         batch_size=batch_size,
@@ -378,6 +406,7 @@ def build_eval_loader(
 
 __all__ = [
     "DEFAULT_DCT_MIN_SHRINK",
+    "UpsamplingWarning",
     "EvalLoader",
     "TrainLoader",
     "build_eval_loader",

@@ -1,20 +1,26 @@
 """Where a batch's bytes come from: betons opened lazily, grouped into sources, gathered per batch.
 
-A source at DFN scale is thousands of beton shards, so a shard is opened lazily (sample count from the
-header; metadata and a memory map on first use), and :func:`gather` collects the stored bytes of a
-batch's images from whichever shards hold them, ready for one decoding kernel call.
+A source at DFN scale is thousands of beton shards, so nothing per shard is read at start-up beyond its sample
+count, which comes from the folder's index (:mod:`aim_ds.data.shard_index`: one file, not one header and
+one sidecar per shard). A shard's metadata is read on first use, and its bytes are read with ``pread``
+through a bounded cache of file descriptors (:class:`_OpenFiles`), so open files stay bounded however many
+shards a run touches (one memory map per shard used to hold one descriptor each: 2,000 shards hit the usual
+limit of 1,024). :func:`gather` collects the stored bytes of a batch's images, ready for one kernel call.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from .beton import beton_num_samples, read_sidecar, resolve_betons
+from .beton import read_beton, read_header, resolve_betons
+from .shard_index import shard_counts
 
 SourceSpec = str | os.PathLike | Sequence[tuple[str | os.PathLike, float]]
 
@@ -24,44 +30,73 @@ SourceSpec = str | os.PathLike | Sequence[tuple[str | os.PathLike, float]]
 DEFAULT_MIXTURE: list[tuple[str, float]] = [("data/dfn2b", 0.8), ("data/imagenet/train.beton", 0.2)]
 
 
-class BetonShard:
-    """One beton, opened lazily: sample count from the header, the rest on first use."""
+class _OpenFiles:
+    """Read-only file descriptors by path, least recently used closed beyond ``limit`` (thread-safe)."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, limit: int = 64) -> None:
+        self.limit = limit
+        self._fds: OrderedDict[str, int] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def read(self, path: str, offset: int, size: int) -> np.ndarray:
+        """``size`` bytes of ``path`` from byte ``offset``, uint8 [size]."""
+        with self._lock:
+            fd = self._fds.pop(path, None)
+            if fd is None:
+                fd = os.open(path, os.O_RDONLY)
+                while len(self._fds) >= self.limit:
+                    os.close(self._fds.popitem(last=False)[1])
+            self._fds[path] = fd
+            # pread under the lock: the fd cannot be closed by another thread mid-read (reads are page-cache
+            # copies of a few tens of KB; the decode kernel, not this, is where time goes).
+            data = os.pread(fd, size, offset)
+        if len(data) != size:
+            raise OSError(f"{path}: short read at byte {offset}: {len(data)} of {size} bytes (file truncated?)")
+        return np.frombuffer(data, dtype=np.uint8)
+
+    def close(self) -> None:
+        with self._lock:
+            while self._fds:
+                os.close(self._fds.popitem()[1])
+
+
+OPEN_FILES = _OpenFiles()
+
+
+class BetonShard:
+    """One beton, opened lazily: sample count given (from the index) or read from the header, the rest on
+    first use."""
+
+    def __init__(self, path: str | os.PathLike[str], num_images: int | None = None) -> None:
         self.path = str(path)
-        self.num_images = beton_num_samples(self.path)
-        # A beton without a sidecar (written elsewhere, or a killed run's last rename missing) is whole, since it
-        # was published atomically, and is read; one whose sidecar disagrees with it is not.
-        sidecar = read_sidecar(self.path)
-        if sidecar is not None and int(sidecar.get("num_images", self.num_images)) != self.num_images:
-            raise ValueError(
-                f"{self.path}: holds {self.num_images} images but its sidecar says {sidecar['num_images']}; "
-                "re-run data_prep for it"
-            )
+        self.num_images = int(read_header(self.path)["num_samples"]) if num_images is None else int(num_images)
         self._opened = False
 
     def _open(self) -> None:
-        from ffcv.reader import Reader
-
-        reader = Reader(self.path)
-        names = reader.field_names
-        if "image" not in names or "label" not in names:
-            raise ValueError(f"{self.path}: expected fields 'image' and 'label', found {names}")
-        metadata = reader.metadata
-        image = metadata[f"f{names.index('image')}"]
+        contents = read_beton(self.path)  # the header checked again: replaced or cut short since start-up?
+        if int(contents.header["num_samples"]) != self.num_images:
+            raise ValueError(
+                f"{self.path}: holds {int(contents.header['num_samples'])} images, {self.num_images} expected"
+            )
+        if "image" not in contents.metadata or "label" not in contents.metadata:
+            raise ValueError(f"{self.path}: expected fields 'image' and 'label', found {list(contents.fields)}")
+        image = contents.metadata["image"]
         self.modes = np.ascontiguousarray(image["mode"]).astype(np.uint8)
         self.heights = np.ascontiguousarray(image["height"]).astype(np.int64)
         self.widths = np.ascontiguousarray(image["width"]).astype(np.int64)
         self.pointers = np.ascontiguousarray(image["data_ptr"]).astype(np.int64)
-        self.labels = np.ascontiguousarray(metadata[f"f{names.index('label')}"]).astype(np.int64)
+        self.labels = np.ascontiguousarray(contents.metadata["label"]).astype(np.int64)
         # Only the image field allocates, so the allocation table maps each data pointer to its byte count.
-        table = reader.alloc_table
+        table = contents.alloc_table
         order = np.argsort(table["ptr"])
         table_ptrs = table["ptr"][order].astype(np.int64)
         table_sizes = table["size"][order].astype(np.int64)
         self.sizes = table_sizes[np.searchsorted(table_ptrs, self.pointers)]
-        self.memmap = np.memmap(self.path, dtype=np.uint8, mode="r")
         self._opened = True
+
+    def read(self, index: int) -> np.ndarray:
+        """The stored bytes of image ``index`` (JPEG or raw pixels), uint8 [n]."""
+        return OPEN_FILES.read(self.path, int(self.pointers[index]), int(self.sizes[index]))
 
     def ensure_open(self) -> BetonShard:
         if not self._opened:
@@ -97,7 +132,8 @@ class Source:
 def open_source(path_or_glob: str | os.PathLike[str], probability: float = 1.0) -> Source:
     """One source from a .beton path, a folder of betons or a glob/brace pattern (see ``resolve_betons``)."""
     paths = resolve_betons(path_or_glob)
-    return Source(str(path_or_glob), [BetonShard(p) for p in paths], probability)
+    counts = shard_counts(paths)
+    return Source(str(path_or_glob), [BetonShard(p, n) for p, n in zip(paths, counts, strict=True)], probability)
 
 
 def parse_sources(sources: SourceSpec) -> list[Source]:
@@ -151,8 +187,8 @@ def gather(sources: Sequence[Source], source_ids: np.ndarray, indices: np.ndarra
         shard_number, local = source.locate(np.array([indices[i]]))
         shard = source.shards[int(shard_number[0])].ensure_open()
         j = int(local[0])
-        pointer, size = int(shard.pointers[j]), int(shard.sizes[j])
-        pieces.append(shard.memmap[pointer : pointer + size])
+        size = int(shard.sizes[j])
+        pieces.append(shard.read(j))
         heights[i], widths[i], modes[i], labels[i], sizes[i] = (
             shard.heights[j],
             shard.widths[j],

@@ -7,8 +7,9 @@ A run killed at any moment leaves ``*.partial`` debris and at most a beton witho
 as unfinished, and a re-run removes the debris and writes that output again. An old sidecar is removed
 before anything else is written, so it can never vouch for a new beton.
 
-Decoding failures must never reach FFCV's ``DatasetWriter``: an exception in one of its worker processes
-leaves the parent waiting forever. So conversion runs in two passes:
+FFCV's ``DatasetWriter`` runs with its workers watched (:mod:`aim_ds.data.ffcv_write`): a worker that dies
+ends that output's write with an error instead of a hang. Decoding failures still must not kill a worker
+(one bad image would cost the whole output), so conversion runs in two passes:
 
 1. a validation pass that reads every image and entropy-decodes it at libjpeg's 1/8 DCT scale (the scaled
    IDCT makes this several times cheaper than a full decode, yet a truncated or corrupt bitstream still
@@ -25,7 +26,6 @@ import dataclasses
 import json
 import multiprocessing as mp
 import os
-import tarfile
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -35,8 +35,9 @@ from typing import Any
 import numpy as np
 
 from ..io import atomic_path, atomic_write_json, partial_path, remove_if_exists
-from .beton import SIDECAR_FORMAT, ConversionError, classes_path, expand_shards, is_complete, sidecar_path
-from .images import IMAGE_EXTENSIONS, ImageRef, decode_image, validate_image
+from .beton import SIDECAR_FORMAT, ConversionError, classes_path, is_complete, sidecar_path
+from .ffcv_write import check_free_space, estimate_beton_bytes, watched_writer
+from .images import ImageRef, Validation, decode_image, failure_reason, validate_image
 
 WRITE_MODES: tuple[str, ...] = ("jpg", "raw", "smart", "proportion")
 UNLABELED = -1
@@ -107,7 +108,7 @@ class _DecodedDataset:
         try:
             image = decode_image(self.refs[index].read(), self.max_resolution)
         except Exception as error:  # noqa: BLE001
-            reason = f"{type(error).__name__}: {error}".replace("\n", " ")[:300]
+            reason = failure_reason(error, self.refs[index].display)
             with open(self.failure_log, "a") as log:
                 log.write(json.dumps([index, reason]) + "\n")
             image = np.zeros((1, 1, 3), dtype=np.uint8)
@@ -143,9 +144,9 @@ class WriteResult:
     seconds: float
 
 
-def _validate_all(refs: Sequence[ImageRef], workers: int, progress: bool, desc: str) -> list[str | None]:
+def _validate_all(refs: Sequence[ImageRef], workers: int, progress: bool, desc: str) -> list[Validation]:
     if workers <= 1 or len(refs) < 64:
-        iterator: Iterable[str | None] = map(validate_image, refs)
+        iterator: Iterable[Validation] = map(validate_image, refs)
         pool = None
     else:
         pool = mp.get_context("fork").Pool(workers)
@@ -162,18 +163,40 @@ def _validate_all(refs: Sequence[ImageRef], workers: int, progress: bool, desc: 
             pool.join()
 
 
-def _ffcv_write(path: Path, dataset: _DecodedDataset, options: WriteOptions) -> None:
-    from ffcv.writer import MIN_PAGE_SIZE, DatasetWriter
+def _page_size(options: WriteOptions) -> int:
+    """Bytes per FFCV page. Each writer process fills its own pages, so the last page of each is mostly
+    padding: keep pages small (2 MiB) unless one raw image at max_resolution would not fit in a page."""
+    from ffcv.writer import MIN_PAGE_SIZE
 
-    # Each writer process fills its own pages, so the last page of each is mostly padding: keep pages small
-    # (2 MiB) unless one raw image at max_resolution would not fit in a page.
     largest_raw = 3 * (options.max_resolution or 8192) ** 2
     page_size = MIN_PAGE_SIZE
     while page_size < 2 * largest_raw:
         page_size *= 2
-    workers = min(options.workers, max(1, len(dataset) // options.chunk_size + 1))
-    writer = DatasetWriter(str(path), _fields(options), page_size=page_size, num_workers=workers)
+    return page_size
+
+
+def _writer_count(num_images: int, options: WriteOptions) -> int:
+    return min(options.workers, max(1, num_images // options.chunk_size + 1))
+
+
+def _ffcv_write(path: Path, dataset: _DecodedDataset, options: WriteOptions, progress: bool) -> None:
+    workers = _writer_count(len(dataset), options)
+    writer = watched_writer(
+        str(path), _fields(options), page_size=_page_size(options), num_workers=workers, progress=progress
+    )
     writer.from_indexed_dataset(dataset, chunksize=options.chunk_size)
+
+
+def check_writable(folder: str | os.PathLike[str]) -> None:
+    """Raise :class:`ConversionError` (one line, naming the folder) unless files can be created in ``folder``.
+
+    Asks the file system itself, not the permission bits: root passes those, yet not a read-only mount."""
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".aim_ds_write_test_"):
+            pass
+    except OSError as error:
+        raise ConversionError(f"cannot write to output folder {folder}: {error.strerror or error}") from None
 
 
 def _write_decodable(
@@ -183,6 +206,7 @@ def _write_decodable(
     keep: list[int],
     options: WriteOptions,
     source: str,
+    progress: bool,
 ) -> tuple[list[int], list[dict[str, str]]]:
     """FFCV-write ``refs[keep]`` to ``tmp``, rewriting without any image that fails to decode mid-write.
 
@@ -196,7 +220,7 @@ def _write_decodable(
             dataset = _DecodedDataset(
                 [refs[i] for i in keep], [labels[i] for i in keep], options.max_resolution, failure_log
             )
-            _ffcv_write(tmp, dataset, options)
+            _ffcv_write(tmp, dataset, options, progress)
             if not os.path.exists(failure_log):
                 return keep, skipped
             with open(failure_log) as log:
@@ -219,6 +243,7 @@ def _sidecar(
     num_candidates: int,
     skipped: list[dict[str, str]],
     seconds: float,
+    beton_bytes: int,
 ) -> dict[str, Any]:
     """The sidecar's content: how ``out_path`` was written (``seconds``: wall time of the whole write)."""
     from .. import __version__
@@ -228,6 +253,7 @@ def _sidecar(
         "kind": kind,
         "source": source,
         "beton": out_path.name,
+        "beton_bytes": beton_bytes,
         "num_images": num_images,
         "num_candidates": num_candidates,
         "num_skipped": len(skipped),
@@ -268,15 +294,22 @@ def write_beton(
     # run killed after the beton's rename can never leave the new beton vouched for by the old sidecar.
     remove_if_exists(side, partial_path(side))
 
-    reasons = _validate_all(refs, options.workers, progress, f"validate {out_path.name}")
+    checks = _validate_all(refs, options.workers, progress, f"validate {out_path.name}")
     skipped = [
-        {"file": ref.display, "reason": reason} for ref, reason in zip(refs, reasons, strict=True) if reason is not None
+        {"file": ref.display, "reason": check.reason}
+        for ref, check in zip(refs, checks, strict=True)
+        if check.reason is not None
     ]
-    keep = [i for i, reason in enumerate(reasons) if reason is None]
+    keep = [i for i, check in enumerate(checks) if check.reason is None]
     if not keep:
-        raise ConversionError(f"{source}: none of the {len(refs)} files decoded as an image, nothing to write")
+        first = f" (first: {skipped[0]['file']}: {skipped[0]['reason']})" if skipped else ""
+        raise ConversionError(f"{source}: none of the {len(refs)} files decoded as an image{first}")
+    sizes = [(checks[i].width, checks[i].height, checks[i].num_bytes) for i in keep]
+    # Plus one part-filled page per writer process (FFCV pads each worker's last page).
+    padding = _page_size(options) * _writer_count(len(keep), options)
+    check_free_space(out_path.parent, estimate_beton_bytes(sizes, options.max_resolution, options.write_mode) + padding)
     with atomic_path(out_path) as tmp:
-        keep, failed = _write_decodable(tmp, refs, labels, keep, options, source)
+        keep, failed = _write_decodable(tmp, refs, labels, keep, options, source, progress)
     skipped += failed
     seconds = time.perf_counter() - start
     if before_sidecar is not None:
@@ -290,6 +323,7 @@ def write_beton(
         num_candidates=len(refs),
         skipped=skipped,
         seconds=seconds,
+        beton_bytes=out_path.stat().st_size,
     )
     atomic_write_json(side, {**sidecar, **(extra_sidecar or {})}, indent=1)
     return WriteResult(out_path, len(keep), skipped, seconds)
@@ -330,11 +364,24 @@ def scan_imagefolder(source: str | os.PathLike[str]) -> tuple[list[str], list[Im
 
 
 def convert_imagefolder(
-    source: str | os.PathLike[str], out_path: str | os.PathLike[str], options: WriteOptions, *, progress: bool = True
+    source: str | os.PathLike[str],
+    out_path: str | os.PathLike[str],
+    options: WriteOptions,
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
 ) -> WriteResult:
-    """ImageNet-style folder -> one beton, ``OUT.classes.json`` and (last) its sidecar."""
-    classes, refs, labels = scan_imagefolder(source)
+    """ImageNet-style folder -> one beton, ``OUT.classes.json`` and (last) its sidecar.
+
+    An existing ``out_path`` (finished or not: a beton without a sidecar may come from elsewhere) is only
+    replaced with ``overwrite``; ``*.partial`` debris of a killed run is not an output and is replaced.
+    """
     out_path = Path(out_path)
+    if out_path.exists() and not overwrite:
+        state = "complete" if is_complete(out_path) else "no matching sidecar"
+        raise ConversionError(f"{out_path} already exists ({state}); pass --overwrite to replace it")
+    classes, refs, labels = scan_imagefolder(source)
+    check_writable(out_path.parent)
     classes_file = classes_path(out_path)
     return write_beton(
         refs,
@@ -347,113 +394,3 @@ def convert_imagefolder(
         progress=progress,
         before_sidecar=lambda: atomic_write_json(classes_file, classes, indent=0),
     )
-
-
-# ----------------------------------------------------------------------------------------------------------
-# WebDataset shards (img2dataset output)
-
-
-def scan_tar(tar_path: str) -> tuple[list[ImageRef], list[dict[str, str]]]:
-    """Image refs (byte ranges inside the tar) of a WebDataset shard, one per sample key, in tar order.
-
-    A sample key is the member path up to the first dot of its file name (the webdataset convention); a
-    sample with several image members uses the first of jpg, jpeg, png, webp.
-    """
-    samples: dict[str, dict[str, tarfile.TarInfo]] = {}
-    problems: list[dict[str, str]] = []
-    try:
-        with tarfile.open(tar_path, "r:") as archive:
-            for member in archive:
-                if not member.isfile():
-                    continue
-                directory, _, filename = member.name.rpartition("/")
-                stem, dot, extension = filename.partition(".")
-                if not dot:
-                    continue
-                key = f"{directory}/{stem}" if directory else stem
-                samples.setdefault(key, {})[extension.lower()] = member
-    except (tarfile.TarError, OSError, EOFError) as error:
-        # A tar cut short by a failed download: keep the complete members read so far.
-        problems.append({"file": tar_path, "reason": f"tar read stopped early: {type(error).__name__}: {error}"})
-    refs: list[ImageRef] = []
-    for key, members in samples.items():
-        extension = next((e for e in IMAGE_EXTENSIONS if e in members), None)
-        if extension is None:
-            problems.append({"file": f"{os.path.basename(tar_path)}:{key}", "reason": "no image member"})
-            continue
-        member = members[extension]
-        refs.append(
-            ImageRef(tar_path, member.offset_data, member.size, name=f"{os.path.basename(tar_path)}:{member.name}")
-        )
-    return refs, problems
-
-
-def webdataset_output_path(tar_path: str, out_dir: str | os.PathLike[str]) -> Path:
-    """One output beton per input tar: ``OUT_DIR/<tar name without .tar>.beton``."""
-    name = os.path.basename(tar_path)
-    stem = name[: -len(".tar")] if name.endswith(".tar") else name
-    return Path(out_dir) / f"{stem}.beton"
-
-
-@dataclasses.dataclass
-class WebDatasetReport:
-    """What a (partial) webdataset conversion did."""
-
-    assigned: list[str]
-    converted: list[Path]
-    already_complete: list[Path]
-    results: list[WriteResult]
-
-
-def convert_webdataset(
-    pattern: str,
-    out_dir: str | os.PathLike[str],
-    options: WriteOptions,
-    *,
-    shard_index: int = 0,
-    num_shards: int = 1,
-    overwrite: bool = False,
-    progress: bool = True,
-) -> WebDatasetReport:
-    """Convert this process's share of the tars matching ``pattern``, one beton per tar.
-
-    Tar ``k`` of the sorted list belongs to process ``k % num_shards``, so any number of processes on any
-    number of machines split the work without talking to each other. Outputs that are already complete are
-    left alone (unless overwrite), so a re-run converts only what is missing or was interrupted.
-    """
-    if num_shards < 1 or not 0 <= shard_index < num_shards:
-        raise ValueError(f"need 0 <= shard_index < num_shards, got {shard_index} and {num_shards}")
-    tars = expand_shards(pattern)
-    assigned = [tar for k, tar in enumerate(tars) if k % num_shards == shard_index]
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    report = WebDatasetReport(assigned, [], [], [])
-    todo = []
-    for tar in assigned:
-        out_path = webdataset_output_path(tar, out_dir)
-        if not overwrite and is_complete(out_path):
-            report.already_complete.append(out_path)
-        else:
-            todo.append((tar, out_path))
-    iterator: Iterable[tuple[str, Path]] = todo
-    if progress:
-        from tqdm import tqdm
-
-        iterator = tqdm(todo, desc=f"shards (process {shard_index}/{num_shards})", unit="tar")
-    for tar, out_path in iterator:
-        refs, problems = scan_tar(tar)
-        if not refs:
-            raise ConversionError(f"{tar}: no image samples in this tar")
-        result = write_beton(
-            refs,
-            [UNLABELED] * len(refs),
-            out_path,
-            options,
-            source=str(Path(tar).resolve()),
-            kind="webdataset",
-            extra_sidecar={"tar_problems": problems, "label": "unlabeled (-1)"},
-            progress=progress,
-        )
-        result.skipped.extend(problems)
-        report.converted.append(out_path)
-        report.results.append(result)
-    return report
