@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .. import checkpoint as ckpt
 from ..config import ConfigError, save_config, to_dict
-from ..distributed import all_reduce_, init_distributed, is_main
+from ..distributed import all_reduce_, init_distributed, is_main, world_size
 from ..flops import train_flops_per_image
 from ..io import atomic_write_json
 from ..metrics import MetricsLogger, flops_per_second_per_device, model_flops_utilisation
@@ -63,6 +63,8 @@ def run(
     ds, notes = build_ds_config(ds_base, cfg, plan, on_cpu=device.type != "cuda", source=ds_source)
     if check_memory and zero_stage(ds) == 3:
         _check_memory(cfg, model_cfg, ds, plan, world, device)
+    if cfg.checkpoint.resume:
+        _universal_if_resized(cfg, ds, world)
     model = build_model(model_cfg, cfg, ds)
     out_dir = Path(cfg.out_dir)
     if rank == 0:
@@ -163,13 +165,38 @@ def _resume(engine: Any, cfg: PretrainConfig, *, is_main: bool) -> tuple[int, in
     if resumed is None:
         return 0, 0, 0
     step, client = resumed
-    epoch, batch_in_epoch = int(client["epoch"]), int(client["batch_in_epoch"])
+    epoch, batch_in_epoch = int(client["epoch"]), _batch_in_epoch(client, engine, cfg)
     if is_main:
         _warn_config_changes(client.get("config", {}), to_dict(cfg))
         log.info(
             "resumed from %s at step %d (epoch %d, batch %d)", ckpt.tag_for_step(step), step, epoch, batch_in_epoch
         )
     return step, epoch, batch_in_epoch
+
+
+def _universal_if_resized(cfg: PretrainConfig, ds: dict[str, Any], world: int) -> None:
+    """A newest checkpoint written with another world size is resumed from DeepSpeed's universal form
+    (converted here on rank 0 once): ``checkpoint.load_universal`` goes into the engine config."""
+    universal = ckpt.prepare_resume(Path(cfg.out_dir) / "checkpoints", world)
+    if universal is not None:
+        ds.setdefault("checkpoint", {})["load_universal"] = True
+        if is_main():
+            log.info("the newest checkpoint was written with another world size: resuming from %s", universal)
+
+
+def _batch_in_epoch(client: dict[str, Any], engine: Any, cfg: PretrainConfig) -> int:
+    """This run's micro-batch index in the epoch from the saved position in images, so that a resume
+    with another world size or micro-batch neither skips nor repeats an image."""
+    images = client.get("images_in_epoch")
+    if images is None:  # a checkpoint from before positions were kept in images
+        return int(client["batch_in_epoch"])
+    per_batch = engine.train_micro_batch_size_per_gpu() * world_size()
+    if images % per_batch:
+        raise ConfigError(
+            f"the checkpoint stopped {images} images into its epoch, not a multiple of "
+            f"train.micro_batch_size x world size = {per_batch}; pick a micro-batch that divides it"
+        )
+    return images // per_batch
 
 
 def _warn_config_changes(saved: dict[str, Any], current: dict[str, Any]) -> None:
