@@ -24,9 +24,11 @@ import yaml
 from test_pretrain_deepspeed import DEEPSPEED, LAUNCH_TIMEOUT_S, PERSISTENCE_THRESHOLD, ROOT, VENV_BIN, betons
 
 from aim_ds import checkpoint as ckpt
+from aim_ds.config import ConfigError
 from aim_ds.data.sampling import MixtureSchedule
 from aim_ds.distributed import free_port
 from aim_ds.metrics import read_metrics
+from aim_ds.train.loop import batch_in_epoch_from
 
 __all__ = ["betons"]  # the session fixture, shared with test_pretrain_deepspeed
 
@@ -170,3 +172,13 @@ def test_position_in_images_neither_skips_nor_repeats(world: int, micro: int) ->
     expected = _images(straight, epoch, range(0, 6), 1)
     assert first + second == expected  # same images in the same stream order
     assert len(np.unique(expected)) == len(expected)
+
+
+def test_batch_index_from_images() -> None:
+    """48 images into the epoch: batch 6 of 2 ranks x 4, 12 of 1 x 4, 6 of 1 x 8; 1 x 5 cannot start
+    there and says so; an old checkpoint without the count keeps its batch index."""
+    client = {"epoch": 0, "batch_in_epoch": 6, "images_in_epoch": 48}
+    assert [batch_in_epoch_from(client, n) for n in (8, 4, 8, 16)] == [6, 12, 6, 3]
+    with pytest.raises(ConfigError, match="train.micro_batch_size"):
+        batch_in_epoch_from(client, 5)
+    assert batch_in_epoch_from({"epoch": 0, "batch_in_epoch": 6}, 4) == 6

@@ -165,7 +165,8 @@ def _resume(engine: Any, cfg: PretrainConfig, *, is_main: bool) -> tuple[int, in
     if resumed is None:
         return 0, 0, 0
     step, client = resumed
-    epoch, batch_in_epoch = int(client["epoch"]), _batch_in_epoch(client, engine, cfg)
+    per_batch = engine.train_micro_batch_size_per_gpu() * world_size()
+    epoch, batch_in_epoch = int(client["epoch"]), batch_in_epoch_from(client, per_batch)
     if is_main:
         _warn_config_changes(client.get("config", {}), to_dict(cfg))
         log.info(
@@ -184,19 +185,19 @@ def _universal_if_resized(cfg: PretrainConfig, ds: dict[str, Any], world: int) -
             log.info("the newest checkpoint was written with another world size: resuming from %s", universal)
 
 
-def _batch_in_epoch(client: dict[str, Any], engine: Any, cfg: PretrainConfig) -> int:
-    """This run's micro-batch index in the epoch from the saved position in images, so that a resume
-    with another world size or micro-batch neither skips nor repeats an image."""
+def batch_in_epoch_from(client: dict[str, Any], images_per_batch: int) -> int:
+    """The micro-batch index in the epoch for ``images_per_batch`` = micro-batch x world size, from a
+    checkpoint's position in images, so that a resume with another world size or micro-batch
+    neither skips nor repeats an image."""
     images = client.get("images_in_epoch")
     if images is None:  # a checkpoint from before positions were kept in images
         return int(client["batch_in_epoch"])
-    per_batch = engine.train_micro_batch_size_per_gpu() * world_size()
-    if images % per_batch:
+    if images % images_per_batch:
         raise ConfigError(
             f"the checkpoint stopped {images} images into its epoch, not a multiple of "
-            f"train.micro_batch_size x world size = {per_batch}; pick a micro-batch that divides it"
+            f"train.micro_batch_size x world size = {images_per_batch}; pick a micro-batch that divides it"
         )
-    return images // per_batch
+    return images // images_per_batch
 
 
 def _warn_config_changes(saved: dict[str, Any], current: dict[str, Any]) -> None:
