@@ -28,11 +28,9 @@ plus a trunk forward per image when blocks are recomputed, over ``world x peak x
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import resource
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -40,9 +38,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .config import ConfigError
-from .flops import H100_BF16_DENSE_FLOPS, matmul_params, train_flops_per_image
-from .model import AIM, AIMConfig, Block
+from ..config import ConfigError
+from ..flops import matmul_params, train_flops_per_image
+from ..model import AIM, AIMConfig, Block
 
 GIB = 1024**3
 
@@ -193,7 +191,7 @@ def measure_activations(model_cfg: AIMConfig, dtype: torch.dtype, batch: int = 2
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from .attention import build_mask
+    from ..attention import build_mask
 
     cfg = model_cfg.replace(depth=1, attn_impl="sdpa")
     default_dtype = torch.get_default_dtype()
@@ -341,241 +339,6 @@ def runtime_bytes(device: str, runtime_gb: float | None) -> int:
     return int(2 * GIB)  # CUDA context + NCCL + allocator slack (see --runtime-gb)
 
 
-def _gib(value: float) -> str:
-    return f"{value / GIB:.2f} GiB"
-
-
-def format_plan(
-    name: str,
-    params: Parameters,
-    acts: Activations,
-    hw: Hardware,
-    chosen: MemoryPlan,
-    best: list[MemoryPlan],
-    seconds: float,
-    mfu: float,
-) -> str:
-    """The plan as the CLI and the driver print it."""
-    unit = "GPU" if hw.device == "cuda" else "rank (CPU: host memory)"
-    verdict = "fits" if fits(chosen, hw) else "DOES NOT FIT"
-    lines = [
-        f"plan for {name} on {hw.nodes} node(s) x {hw.gpus_per_node} {hw.device} = world {hw.world_size}",
-        f"  parameters: trunk {params.trunk / 1e6:.1f}M + head {params.head / 1e6:.1f}M = "
-        f"{params.total / 1e6:.1f}M (largest layer {params.largest_layer / 1e6:.1f}M)",
-        f"  activations per token: {acts.per_token(False) / 1024:.1f} KiB without checkpointing, "
-        f"{acts.per_token(True) / 1024:.1f} KiB with (measured: one block saves "
-        f"{acts.per_block / acts.num_patches / 1024:.1f} KiB/token)",
-        f"  per {unit}, micro-batch {chosen.micro_batch} x accumulation {chosen.accumulation}, "
-        f"checkpointing {'on' if chosen.checkpointing else 'off'}:",
-        f"    model states {_gib(chosen.model_states)} (DeepSpeed estimator)",
-        f"    activations  {_gib(chosen.activations)}",
-        f"    buffers      {_gib(chosen.buffers)}",
-        f"    runtime      {_gib(chosen.runtime)}",
-        f"    peak         {_gib(chosen.peak)} of {_gib(hw.device_memory)}: {verdict}",
-    ]
-    if hw.device == "cuda":
-        lines.append(f"  host memory per node: {_gib(chosen.host_per_node)} of {_gib(hw.host_memory)}")
-    for plan in best:
-        lines.append(
-            f"  fits: micro-batch {plan.micro_batch} x accumulation {plan.accumulation}, checkpointing "
-            f"{'on' if plan.checkpointing else 'off'} (peak {_gib(plan.peak)})"
-        )
-    if not best:
-        lines.append("  no micro-batch fits, even at 1 with checkpointing")
-    lines.append(f"  step time at MFU {mfu:.0%}: {seconds:.2f} s")
-    return "\n".join(lines)
-
-
-def does_not_fit_message(chosen: MemoryPlan, best: list[MemoryPlan], hw: Hardware) -> str:
-    """Why ``chosen`` does not fit, naming the knob to change."""
-    where = "per GPU" if hw.device == "cuda" else "per rank of host memory"
-    if chosen.peak > hw.device_memory:
-        head = f"the plan needs {_gib(chosen.peak)} {where} but {_gib(hw.device_memory)} is available"
-    else:
-        head = f"the plan needs {_gib(chosen.host_per_node)} of host memory per node, {_gib(hw.host_memory)} is there"
-    if best:
-        fixes = " or ".join(
-            f"train.micro_batch_size={p.micro_batch} with model.grad_checkpointing={str(p.checkpointing).lower()}"
-            for p in best
-        )
-        return f"{head}; set {fixes}"
-    return (
-        f"{head}; even micro-batch 1 with checkpointing does not fit: use more GPUs (--num_gpus / nodes) "
-        "or a DeepSpeed config with offload (ds_configs/zero3_offload.json)"
-    )
-
-
-@dataclass(frozen=True)
-class RunSizing:
-    """Everything the plan of one run needs; :func:`make_plan` computes it."""
-
-    text: str
-    chosen: MemoryPlan
-    best: list[MemoryPlan]
-    fits: bool
-    message: str
-
-
-def make_plan(
-    model_cfg: AIMConfig,
-    name: str,
-    ds: dict[str, Any],
-    hw: Hardware,
-    *,
-    batch_size: int,
-    micro_batch: int,
-    checkpointing: bool,
-    mfu: float = 0.4,
-    peak_flops: float = H100_BF16_DENSE_FLOPS,
-) -> RunSizing:
-    """Plan ``micro_batch`` with ``checkpointing`` and the choices that fit, as text and numbers."""
-    engine = engine_settings(ds, device=hw.device)
-    if engine.stage != 3:
-        raise ConfigError(f"the planner models ZeRO-3; the DeepSpeed config has stage {engine.stage}")
-    params = count_parameters(model_cfg)
-    acts = measure_activations(model_cfg, torch.bfloat16 if engine.bytes_per_param == 2 else torch.float32)
-    chosen = plan_memory(
-        params, acts, engine, hw, batch_size=batch_size, micro_batch=micro_batch, checkpointing=checkpointing
-    )
-    best = choices_that_fit(params, acts, engine, hw, batch_size)
-    seconds = step_seconds(model_cfg, batch_size, hw.world_size, checkpointing, peak_flops, mfu)
-    ok = fits(chosen, hw)
-    text = format_plan(name, params, acts, hw, chosen, best, seconds, mfu)
-    return RunSizing(text, chosen, best, ok, "" if ok else does_not_fit_message(chosen, best, hw))
-
-
-def local_hardware(world_size: int, device: torch.device) -> Hardware:
-    """The hardware of a launched run: ranks per node from the launcher's environment, the GPU's
-    memory on CUDA, or this machine's memory shared by its ranks on the CPU."""
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world_size)))
-    host = host_memory_bytes()
-    if device.type == "cuda":
-        memory = torch.cuda.get_device_properties(device).total_memory
-    else:
-        memory = host // max(local, 1)
-    return Hardware(
-        gpus_per_node=local,
-        nodes=max(world_size // max(local, 1), 1),
-        device=device.type,
-        device_memory=memory,
-        host_memory=host,
-        runtime=runtime_bytes(device.type, None),
-    )
-
-
-def check_run(
-    model_cfg: AIMConfig,
-    name: str,
-    ds: dict[str, Any],
-    hw: Hardware,
-    *,
-    batch_size: int,
-    micro_batch: int,
-    checkpointing: bool,
-    peak_flops: float = H100_BF16_DENSE_FLOPS,
-) -> RunSizing:
-    """The driver's start-up plan (every rank computes the same one, so all stop together);
-    :class:`PlanError` naming the knob to change when it does not fit."""
-    sizing = make_plan(
-        model_cfg,
-        name,
-        ds,
-        hw,
-        batch_size=batch_size,
-        micro_batch=micro_batch,
-        checkpointing=checkpointing,
-        peak_flops=peak_flops,
-    )
-    if not sizing.fits:
-        raise PlanError(f"{sizing.message} (the plan:\n{sizing.text})")
-    return sizing
-
-
 def host_memory_bytes() -> int:
     """Physical memory of this machine."""
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m aim_ds.plan", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="run config YAML (run/configs/*.yaml)")
-    parser.add_argument("--deepspeed", required=True, help="DeepSpeed config JSON (ds_configs/*.json)")
-    parser.add_argument("--gpus", type=int, default=8, help="GPUs (ranks) per node")
-    parser.add_argument("--nodes", type=int, default=1)
-    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: DeepSpeed's CPU accelerator")
-    parser.add_argument("--gpu-memory-gb", type=float, default=80.0, help="per GPU, GiB")
-    parser.add_argument("--host-memory-gb", type=float, default=None, help="per node, GiB (default: this machine's)")
-    parser.add_argument("--runtime-gb", type=float, default=None, help="per-rank footprint outside the model, GiB")
-    parser.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation for the step time")
-    parser.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_FLOPS / 1e12, help="per device")
-    parser.add_argument("overrides", nargs="*", help="run-config overrides, e.g. train.micro_batch_size=32")
-    return parser.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    from .config import load_config
-    from .train.config import PretrainConfig, resolve_plan
-    from .train.engine import load_ds_config, model_config
-
-    args = parse_args(argv)
-    try:
-        cfg = load_config(PretrainConfig, args.config, overrides=args.overrides)
-        ds = load_ds_config(args.deepspeed)
-        model_cfg = model_config(cfg)
-        host = int(args.host_memory_gb * GIB) if args.host_memory_gb else host_memory_bytes()
-        per_rank_host = host // args.gpus
-        hw = Hardware(
-            gpus_per_node=args.gpus,
-            nodes=args.nodes,
-            device=args.device,
-            device_memory=int(args.gpu_memory_gb * GIB) if args.device == "cuda" else per_rank_host,
-            host_memory=host,
-            runtime=runtime_bytes(args.device, args.runtime_gb),
-        )
-        run = resolve_plan(cfg, hw.world_size, model_cfg.image_size, model_cfg.num_patches)
-        sizing = make_plan(
-            model_cfg,
-            cfg.model.name,
-            ds,
-            hw,
-            batch_size=cfg.train.batch_size,
-            micro_batch=run.micro_batch_size,
-            checkpointing=cfg.model.grad_checkpointing,
-            mfu=args.mfu,
-            peak_flops=args.peak_tflops * 1e12,
-        )
-    except ConfigError as exc:
-        print(f"configuration error: {exc}", file=sys.stderr)
-        return 2
-    print(sizing.text)
-    if not sizing.fits:
-        print(f"does not fit: {sizing.message}", file=sys.stderr)
-        return 1
-    return 0
-
-
-__all__ = [
-    "Activations",
-    "EngineSettings",
-    "Hardware",
-    "MemoryPlan",
-    "Parameters",
-    "PlanError",
-    "RunSizing",
-    "buffer_bytes",
-    "check_run",
-    "local_hardware",
-    "choices_that_fit",
-    "count_parameters",
-    "engine_settings",
-    "make_plan",
-    "measure_activations",
-    "model_state_bytes",
-    "plan_memory",
-    "saved_bytes",
-    "step_seconds",
-]
-
-
-if __name__ == "__main__":
-    sys.exit(main())
