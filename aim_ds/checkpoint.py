@@ -13,9 +13,12 @@ process group; :func:`save` and :func:`load_latest` take an engine and must run 
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -25,9 +28,10 @@ import torch
 import torch.distributed as dist
 
 from .distributed import barrier, rank, world_size
-from .io import atomic_write_json, remove_if_exists
+from .io import atomic_dir, atomic_write_json, remove_if_exists
 
 COMPLETE_MARKER = "COMPLETE"
+UNIVERSAL = "universal"  # <tag>/universal/: DeepSpeed's universal form of that checkpoint, any world size
 _TAG_RE = re.compile(r"^step_(\d{7,})$")
 
 
@@ -177,7 +181,10 @@ def load_latest(engine: Any, ckpt_dir: str | os.PathLike) -> tuple[int, dict[str
     tag = choice[0]
     if tag is None:
         return None
-    load_path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    if engine.load_universal_checkpoint():  # written by another world size: its universal form
+        load_path, client_state = engine.load_checkpoint(str(Path(ckpt_dir) / tag), tag=UNIVERSAL)
+    else:
+        load_path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {Path(ckpt_dir) / tag}")
     rng_file = Path(ckpt_dir) / tag / f"rng_state_rank{rank()}.pt"
@@ -186,3 +193,63 @@ def load_latest(engine: Any, ckpt_dir: str | os.PathLike) -> tuple[int, dict[str
     step = step_from_tag(tag)
     assert step is not None
     return step, dict(client_state or {})
+
+
+def saved_world_size(path: str | os.PathLike) -> int | None:
+    """The world size a complete checkpoint was written with (from its ``COMPLETE`` marker)."""
+    try:
+        return int(json.loads((Path(path) / COMPLETE_MARKER).read_text())["world_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def universal_command(path: str | os.PathLike) -> list[str]:
+    """DeepSpeed's converter of the ZeRO checkpoint ``path`` into ``path/universal``."""
+    path = Path(path)
+    return [
+        sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+        "--input_folder", str(path), "--output_folder", str(path / UNIVERSAL),
+        "--num_extract_workers", "1", "--num_merge_workers", "1",
+    ]  # fmt: skip
+
+
+def convert_to_universal(path: str | os.PathLike) -> Path:
+    """Convert the ZeRO checkpoint ``path`` into ``path/universal`` (once; published whole through
+    :func:`aim_ds.io.atomic_dir`). Runs DeepSpeed's converter in a child process, so that its
+    worker pool never forks a rank that holds a process group. Returns the universal folder."""
+    path = Path(path)
+    out = path / UNIVERSAL
+    if out.is_dir():
+        return out
+    with atomic_dir(out) as tmp:
+        command = universal_command(path)
+        command[command.index("--output_folder") + 1] = str(tmp)
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(
+                f"converting {path} to a universal checkpoint failed ({done.stderr.strip()[-2000:]}); "
+                f"the command was: {' '.join(universal_command(path))}"
+            )
+    return out
+
+
+def prepare_resume(ckpt_dir: str | os.PathLike, world: int) -> Path | None:
+    """Every rank, before the engine is built: when the newest complete checkpoint was written with
+    another world size, rank 0 converts it to DeepSpeed's universal form and every rank returns that
+    folder (the caller then sets ``checkpoint.load_universal``); None when no conversion is needed.
+    """
+    latest = latest_complete(ckpt_dir)
+    saved = saved_world_size(latest[1]) if latest else None
+    if latest is None or saved is None or saved == world:
+        return None
+    error: list[Any] = [None]
+    if rank() == 0:
+        try:
+            convert_to_universal(latest[1])
+        except RuntimeError as exc:
+            error[0] = str(exc)
+    if world_size() > 1:
+        dist.broadcast_object_list(error, src=0)
+    if error[0] is not None:
+        raise RuntimeError(error[0])
+    return latest[1] / UNIVERSAL

@@ -38,6 +38,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--export-only", metavar="OUT_DIR", help="export the newest complete checkpoint of OUT_DIR and exit"
     )
+    parser.add_argument(
+        "--skip-memory-check", action="store_true", help="start even when the memory plan (aim_ds.plan) does not fit"
+    )
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=40")
     args = parser.parse_args(argv)
     if not args.export_only and (not args.config or not args.deepspeed):
@@ -68,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
             return export_only(args.export_only)
         cfg = load_config(PretrainConfig, args.config, overrides=args.overrides)
         ds_base = load_ds_config(args.deepspeed)
-        result = run(cfg, ds_base, ds_source=args.deepspeed)
+        result = run(cfg, ds_base, ds_source=args.deepspeed, check_memory=not args.skip_memory_check)
     except ConfigError as exc:
         log.error("configuration error: %s", exc)
         return 2

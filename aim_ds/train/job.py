@@ -46,5 +46,14 @@ class Job:
 
     def save(self, step: int, epoch: int, batch_in_epoch: int) -> None:
         """A complete checkpoint for ``step`` with the data position and the config (every rank)."""
-        client_state = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "config": to_dict(self.cfg)}
+        # The position also in images: a resume with another world size or micro-batch maps it back.
+        images_in_epoch = batch_in_epoch * self.plan.micro_batch_size * self.world
+        client_state = {
+            "step": step,
+            "epoch": epoch,
+            "batch_in_epoch": batch_in_epoch,
+            "images_in_epoch": images_in_epoch,
+            "world_size": self.world,
+            "config": to_dict(self.cfg),
+        }
         ckpt.save(self.engine, self.ckpt_dir, step, client_state, self.cfg.checkpoint.keep_last)

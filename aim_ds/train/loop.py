@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .. import checkpoint as ckpt
 from ..config import ConfigError, save_config, to_dict
-from ..distributed import all_reduce_, init_distributed
+from ..distributed import all_reduce_, init_distributed, is_main, world_size
 from ..flops import train_flops_per_image
 from ..io import atomic_write_json
 from ..metrics import MetricsLogger, flops_per_second_per_device, model_flops_utilisation
@@ -27,7 +27,15 @@ from ..model import AIMConfig
 from ..optim import lr_at_step, set_lr
 from .config import NonFiniteLossError, PretrainConfig, RunPlan, resolve_plan, resolved_config
 from .data import _batches_per_epoch, build_loaders, draw_prefix_len, iterate_batches
-from .engine import build_ds_config, build_engine, build_model, count_parameters, model_config, shard_report
+from .engine import (
+    build_ds_config,
+    build_engine,
+    build_model,
+    count_parameters,
+    model_config,
+    shard_report,
+    zero_stage,
+)
 from .evaluate import validate
 from .finish import finish
 from .job import Job
@@ -43,12 +51,20 @@ class RunResult:
     out_dir: Path
 
 
-def run(cfg: PretrainConfig, ds_base: dict[str, Any], *, ds_source: str = "the DeepSpeed config") -> RunResult:
-    """Train (or resume) the run described by ``cfg`` on every rank of the launched job."""
+def run(
+    cfg: PretrainConfig, ds_base: dict[str, Any], *, ds_source: str = "the DeepSpeed config", check_memory: bool = True
+) -> RunResult:
+    """Train (or resume) the run described by ``cfg`` on every rank of the launched job.
+    ``check_memory``: print the memory plan (ZeRO-3) and stop before building anything when it
+    does not fit (:class:`aim_ds.plan.PlanError`, a ConfigError)."""
     rank, world, device = init_distributed()
     model_cfg = model_config(cfg)  # the one resolution of the architecture; passed down from here
     cfg, plan = _plan(cfg, model_cfg, world)
     ds, notes = build_ds_config(ds_base, cfg, plan, on_cpu=device.type != "cuda", source=ds_source)
+    if check_memory and zero_stage(ds) == 3:
+        _check_memory(cfg, model_cfg, ds, plan, world, device)
+    if cfg.checkpoint.resume:
+        _universal_if_resized(cfg, ds, world)
     model = build_model(model_cfg, cfg, ds)
     out_dir = Path(cfg.out_dir)
     if rank == 0:
@@ -107,6 +123,26 @@ def _plan(cfg: PretrainConfig, model_cfg: AIMConfig, world: int) -> tuple[Pretra
     return resolved_config(cfg, plan), plan
 
 
+def _check_memory(
+    cfg: PretrainConfig, model_cfg: AIMConfig, ds: dict[str, Any], plan: RunPlan, world: int, device: torch.device
+) -> None:
+    """Rank 0 logs the plan of :mod:`aim_ds.plan`; every rank raises PlanError when it does not fit."""
+    from ..plan import check_run, local_hardware
+
+    sizing = check_run(
+        model_cfg,
+        cfg.model.name,
+        ds,
+        local_hardware(world, device),
+        batch_size=cfg.train.batch_size,
+        micro_batch=plan.micro_batch_size,
+        checkpointing=cfg.model.grad_checkpointing,
+        peak_flops=cfg.log.peak_flops_per_device,
+    )
+    if is_main():
+        log.info("%s", sizing.text)
+
+
 def _write_run_files(cfg: PretrainConfig, ds: dict[str, Any], out_dir: Path) -> None:
     """Rank 0: the resolved run config and the DeepSpeed config the engine gets, beside the run."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -129,13 +165,39 @@ def _resume(engine: Any, cfg: PretrainConfig, *, is_main: bool) -> tuple[int, in
     if resumed is None:
         return 0, 0, 0
     step, client = resumed
-    epoch, batch_in_epoch = int(client["epoch"]), int(client["batch_in_epoch"])
+    per_batch = engine.train_micro_batch_size_per_gpu() * world_size()
+    epoch, batch_in_epoch = int(client["epoch"]), batch_in_epoch_from(client, per_batch)
     if is_main:
         _warn_config_changes(client.get("config", {}), to_dict(cfg))
         log.info(
             "resumed from %s at step %d (epoch %d, batch %d)", ckpt.tag_for_step(step), step, epoch, batch_in_epoch
         )
     return step, epoch, batch_in_epoch
+
+
+def _universal_if_resized(cfg: PretrainConfig, ds: dict[str, Any], world: int) -> None:
+    """A newest checkpoint written with another world size is resumed from DeepSpeed's universal form
+    (converted here on rank 0 once): ``checkpoint.load_universal`` goes into the engine config."""
+    universal = ckpt.prepare_resume(Path(cfg.out_dir) / "checkpoints", world)
+    if universal is not None:
+        ds.setdefault("checkpoint", {})["load_universal"] = True
+        if is_main():
+            log.info("the newest checkpoint was written with another world size: resuming from %s", universal)
+
+
+def batch_in_epoch_from(client: dict[str, Any], images_per_batch: int) -> int:
+    """The micro-batch index in the epoch for ``images_per_batch`` = micro-batch x world size, from a
+    checkpoint's position in images, so that a resume with another world size or micro-batch
+    neither skips nor repeats an image."""
+    images = client.get("images_in_epoch")
+    if images is None:  # a checkpoint from before positions were kept in images
+        return int(client["batch_in_epoch"])
+    if images % images_per_batch:
+        raise ConfigError(
+            f"the checkpoint stopped {images} images into its epoch, not a multiple of "
+            f"train.micro_batch_size x world size = {images_per_batch}; pick a micro-batch that divides it"
+        )
+    return images // images_per_batch
 
 
 def _warn_config_changes(saved: dict[str, Any], current: dict[str, Any]) -> None:

@@ -1,0 +1,74 @@
+"""``python -m aim_ds.plan``: the plan of one run config on the given hardware (see :mod:`aim_ds.plan`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..config import ConfigError
+from ..flops import H100_BF16_DENSE_FLOPS
+from . import __doc__ as PLAN_DOC
+from .memory import GIB, Hardware, host_memory_bytes, runtime_bytes
+from .report import make_plan
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m aim_ds.plan", description=(PLAN_DOC or "").split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="run config YAML (run/configs/*.yaml)")
+    parser.add_argument("--deepspeed", required=True, help="DeepSpeed config JSON (ds_configs/*.json)")
+    parser.add_argument("--gpus", type=int, default=8, help="GPUs (ranks) per node")
+    parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: DeepSpeed's CPU accelerator")
+    parser.add_argument("--gpu-memory-gb", type=float, default=80.0, help="per GPU, GiB")
+    parser.add_argument("--host-memory-gb", type=float, default=None, help="per node, GiB (default: this machine's)")
+    parser.add_argument("--runtime-gb", type=float, default=None, help="per-rank footprint outside the model, GiB")
+    parser.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation for the step time")
+    parser.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_FLOPS / 1e12, help="per device")
+    parser.add_argument("overrides", nargs="*", help="run-config overrides, e.g. train.micro_batch_size=32")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ..config import load_config
+    from ..train.config import PretrainConfig, resolve_plan
+    from ..train.engine import load_ds_config, model_config
+
+    args = parse_args(argv)
+    try:
+        cfg = load_config(PretrainConfig, args.config, overrides=args.overrides)
+        ds = load_ds_config(args.deepspeed)
+        model_cfg = model_config(cfg)
+        host = int(args.host_memory_gb * GIB) if args.host_memory_gb else host_memory_bytes()
+        per_rank_host = host // args.gpus
+        hw = Hardware(
+            gpus_per_node=args.gpus,
+            nodes=args.nodes,
+            device=args.device,
+            device_memory=int(args.gpu_memory_gb * GIB) if args.device == "cuda" else per_rank_host,
+            host_memory=host,
+            runtime=runtime_bytes(args.device, args.runtime_gb),
+        )
+        run = resolve_plan(cfg, hw.world_size, model_cfg.image_size, model_cfg.num_patches)
+        sizing = make_plan(
+            model_cfg,
+            cfg.model.name,
+            ds,
+            hw,
+            batch_size=cfg.train.batch_size,
+            micro_batch=run.micro_batch_size,
+            checkpointing=cfg.model.grad_checkpointing,
+            mfu=args.mfu,
+            peak_flops=args.peak_tflops * 1e12,
+        )
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    print(sizing.text)
+    if not sizing.fits:
+        print(f"does not fit: {sizing.message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""The plan as text, the does-not-fit message naming the knob, and the driver's start-up check."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..config import ConfigError
+from ..flops import H100_BF16_DENSE_FLOPS
+from ..model import AIMConfig
+from .memory import (
+    GIB,
+    Activations,
+    Hardware,
+    MemoryPlan,
+    Parameters,
+    PlanError,
+    choices_that_fit,
+    count_parameters,
+    engine_settings,
+    fits,
+    host_memory_bytes,
+    measure_activations,
+    plan_memory,
+    runtime_bytes,
+    step_seconds,
+)
+
+
+def _gib(value: float) -> str:
+    return f"{value / GIB:.2f} GiB"
+
+
+def format_plan(
+    name: str,
+    params: Parameters,
+    acts: Activations,
+    hw: Hardware,
+    chosen: MemoryPlan,
+    best: list[MemoryPlan],
+    seconds: float,
+    mfu: float,
+) -> str:
+    """The plan as the CLI and the driver print it."""
+    unit = "GPU" if hw.device == "cuda" else "rank (CPU: host memory)"
+    verdict = "fits" if fits(chosen, hw) else "DOES NOT FIT"
+    lines = [
+        f"plan for {name} on {hw.nodes} node(s) x {hw.gpus_per_node} {hw.device} = world {hw.world_size}",
+        f"  parameters: trunk {params.trunk / 1e6:.1f}M + head {params.head / 1e6:.1f}M = "
+        f"{params.total / 1e6:.1f}M (largest layer {params.largest_layer / 1e6:.1f}M)",
+        f"  activations per token: {acts.per_token(False) / 1024:.1f} KiB without checkpointing, "
+        f"{acts.per_token(True) / 1024:.1f} KiB with (measured: one block saves "
+        f"{acts.per_block / acts.num_patches / 1024:.1f} KiB/token)",
+        f"  per {unit}, micro-batch {chosen.micro_batch} x accumulation {chosen.accumulation}, "
+        f"checkpointing {'on' if chosen.checkpointing else 'off'}:",
+        f"    model states {_gib(chosen.model_states)} (DeepSpeed estimator)",
+        f"    activations  {_gib(chosen.activations)}",
+        f"    buffers      {_gib(chosen.buffers)}",
+        f"    runtime      {_gib(chosen.runtime)}",
+        f"    peak         {_gib(chosen.peak)} of {_gib(hw.device_memory)}: {verdict}",
+    ]
+    if hw.device == "cuda":
+        lines.append(f"  host memory per node: {_gib(chosen.host_per_node)} of {_gib(hw.host_memory)}")
+    for plan in best:
+        lines.append(
+            f"  fits: micro-batch {plan.micro_batch} x accumulation {plan.accumulation}, checkpointing "
+            f"{'on' if plan.checkpointing else 'off'} (peak {_gib(plan.peak)})"
+        )
+    if not best:
+        lines.append("  no micro-batch fits, even at 1 with checkpointing")
+    lines.append(f"  step time at MFU {mfu:.0%}: {seconds:.2f} s")
+    return "\n".join(lines)
+
+
+def does_not_fit_message(chosen: MemoryPlan, best: list[MemoryPlan], hw: Hardware) -> str:
+    """Why ``chosen`` does not fit, naming the knob to change."""
+    where = "per GPU" if hw.device == "cuda" else "per rank of host memory"
+    if chosen.peak > hw.device_memory:
+        head = f"the plan needs {_gib(chosen.peak)} {where} but {_gib(hw.device_memory)} is available"
+    else:
+        head = f"the plan needs {_gib(chosen.host_per_node)} of host memory per node, {_gib(hw.host_memory)} is there"
+    if best:
+        fixes = " or ".join(
+            f"train.micro_batch_size={p.micro_batch} with model.grad_checkpointing={str(p.checkpointing).lower()}"
+            for p in best
+        )
+        return f"{head}; set {fixes}"
+    return (
+        f"{head}; even micro-batch 1 with checkpointing does not fit: use more GPUs (--num_gpus / nodes) "
+        "or a DeepSpeed config with offload (ds_configs/zero3_offload.json)"
+    )
+
+
+@dataclass(frozen=True)
+class RunSizing:
+    """Everything the plan of one run needs; :func:`make_plan` computes it."""
+
+    text: str
+    chosen: MemoryPlan
+    best: list[MemoryPlan]
+    fits: bool
+    message: str
+
+
+def make_plan(
+    model_cfg: AIMConfig,
+    name: str,
+    ds: dict[str, Any],
+    hw: Hardware,
+    *,
+    batch_size: int,
+    micro_batch: int,
+    checkpointing: bool,
+    mfu: float = 0.4,
+    peak_flops: float = H100_BF16_DENSE_FLOPS,
+) -> RunSizing:
+    """Plan ``micro_batch`` with ``checkpointing`` and the choices that fit, as text and numbers."""
+    engine = engine_settings(ds, device=hw.device)
+    if engine.stage != 3:
+        raise ConfigError(f"the planner models ZeRO-3; the DeepSpeed config has stage {engine.stage}")
+    params = count_parameters(model_cfg)
+    acts = measure_activations(model_cfg, torch.bfloat16 if engine.bytes_per_param == 2 else torch.float32)
+    chosen = plan_memory(
+        params, acts, engine, hw, batch_size=batch_size, micro_batch=micro_batch, checkpointing=checkpointing
+    )
+    best = choices_that_fit(params, acts, engine, hw, batch_size)
+    seconds = step_seconds(model_cfg, batch_size, hw.world_size, checkpointing, peak_flops, mfu)
+    ok = fits(chosen, hw)
+    text = format_plan(name, params, acts, hw, chosen, best, seconds, mfu)
+    return RunSizing(text, chosen, best, ok, "" if ok else does_not_fit_message(chosen, best, hw))
+
+
+def local_hardware(world_size: int, device: torch.device) -> Hardware:
+    """The hardware of a launched run: ranks per node from the launcher's environment, the GPU's
+    memory on CUDA, or this machine's memory shared by its ranks on the CPU."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world_size)))
+    host = host_memory_bytes()
+    if device.type == "cuda":
+        memory = torch.cuda.get_device_properties(device).total_memory
+    else:
+        memory = host // max(local, 1)
+    return Hardware(
+        gpus_per_node=local,
+        nodes=max(world_size // max(local, 1), 1),
+        device=device.type,
+        device_memory=memory,
+        host_memory=host,
+        runtime=runtime_bytes(device.type, None),
+    )
+
+
+def check_run(
+    model_cfg: AIMConfig,
+    name: str,
+    ds: dict[str, Any],
+    hw: Hardware,
+    *,
+    batch_size: int,
+    micro_batch: int,
+    checkpointing: bool,
+    peak_flops: float = H100_BF16_DENSE_FLOPS,
+) -> RunSizing:
+    """The driver's start-up plan (every rank computes the same one, so all stop together);
+    :class:`PlanError` naming the knob to change when it does not fit."""
+    sizing = make_plan(
+        model_cfg,
+        name,
+        ds,
+        hw,
+        batch_size=batch_size,
+        micro_batch=micro_batch,
+        checkpointing=checkpointing,
+        peak_flops=peak_flops,
+    )
+    if not sizing.fits:
+        raise PlanError(f"{sizing.message} (the plan:\n{sizing.text})")
+    return sizing

@@ -1,0 +1,222 @@
+"""The planner (aim_ds.plan) against reality: a few ZeRO-3 optimizer steps on CPU ranks, peak memory
+per rank measured, side by side with the planner's prediction for the same settings.
+
+    python bench/bench_plan.py --model aim-0.6B --micro-batch 1 4 --checkpointing off on \
+        [--override depth=4 head_depth=2] [--steps 3] [--out bench_out/plan.md]
+    python bench/bench_plan.py --table --out bench_out/plan_table.md   # the planner's table, no run
+
+Each configuration is one launch of the real ``deepspeed`` launcher with two CPU ranks (gloo, fp32,
+as run/pretrain.py trains on the CPU) running this file with ``--worker``: the model is built under
+``deepspeed.zero.Init`` and wrapped by aim_ds.train.engine exactly as the driver does; images are
+synthetic (memory does not depend on pixel values). A rank's peak is its peak resident set size
+(``ru_maxrss``), which on the CPU accelerator holds everything the planner counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+ROOT = Path(__file__).resolve().parents[1]
+GIB = 1024**3
+
+
+def _run_config(model: str, overrides: dict[str, Any], micro: int, world: int, checkpointing: bool) -> Any:
+    from aim_ds.train.config import PretrainConfig
+
+    cfg = PretrainConfig()
+    cfg.model.name, cfg.model.overrides = model, overrides
+    cfg.model.grad_checkpointing, cfg.model.zero_init = checkpointing, True
+    cfg.train.batch_size, cfg.train.micro_batch_size, cfg.train.steps = micro * world, micro, 100
+    return cfg
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One rank: build, train ``--steps`` steps, report peak RSS and the plan (rank 0 writes JSON)."""
+    import torch
+
+    from aim_ds.distributed import init_distributed, is_main, max_across_ranks
+    from aim_ds.plan import check_run, local_hardware
+    from aim_ds.train.config import resolve_plan
+    from aim_ds.train.engine import build_ds_config, build_engine, build_model, load_ds_config, model_config
+
+    rank, world, device = init_distributed()
+    overrides = json.loads(args.overrides_json)
+    cfg = _run_config(args.model, overrides, args.micro_batch[0], world, args.checkpointing[0] == "on")
+    model_cfg = model_config(cfg)
+    run_plan = resolve_plan(cfg, world, model_cfg.image_size, model_cfg.num_patches)
+    ds, _ = build_ds_config(load_ds_config(args.deepspeed), cfg, run_plan, on_cpu=True)
+    hardware = local_hardware(world, device)  # its runtime term: this rank's RSS with everything imported
+    sizing = (
+        check_run(
+            model_cfg,
+            args.model,
+            ds,
+            hardware,
+            batch_size=cfg.train.batch_size,
+            micro_batch=run_plan.micro_batch_size,
+            checkpointing=cfg.model.grad_checkpointing,
+        )
+        if not args.no_check
+        else None
+    )
+    model = build_model(model_cfg, cfg, ds)
+    engine, _ = build_engine(model, cfg, ds, run_plan)
+    generator = torch.Generator().manual_seed(rank)
+    size = model_cfg.image_size
+    for _step in range(args.steps):
+        images = torch.randn(run_plan.micro_batch_size, 3, size, size, generator=generator)
+        prefix = torch.randint(1, model_cfg.num_patches, (run_plan.micro_batch_size,), generator=generator)
+        loss = engine(images, prefix_len=prefix)["loss"]
+        engine.backward(loss)
+        engine.step()
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak_max = max_across_ranks(peak_kib) * 1024
+    if is_main():
+        from aim_ds.plan import make_plan
+
+        if sizing is None:
+            sizing = make_plan(
+                model_cfg, args.model, ds, hardware, batch_size=cfg.train.batch_size,
+                micro_batch=run_plan.micro_batch_size, checkpointing=cfg.model.grad_checkpointing,
+            )  # fmt: skip
+        chosen = sizing.chosen
+        result = {
+            "model": args.model,
+            "overrides": overrides,
+            "micro_batch": run_plan.micro_batch_size,
+            "checkpointing": cfg.model.grad_checkpointing,
+            "world": world,
+            "measured_peak_bytes": peak_max,
+            "predicted_peak_bytes": chosen.peak,
+            "predicted": {
+                "model_states": chosen.model_states,
+                "activations": chosen.activations,
+                "buffers": chosen.buffers,
+                "runtime": chosen.runtime,
+            },
+            "plan": sizing.text,
+        }
+        Path(args.result).write_text(json.dumps(result))
+
+
+def launch(args: argparse.Namespace, micro: int, checkpointing: str) -> dict[str, Any]:
+    """One configuration under the real launcher, two CPU ranks; returns rank 0's JSON."""
+    from aim_ds.distributed import free_port
+
+    deepspeed = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "result.json"
+        overrides = dict(kv.split("=", 1) for kv in args.override)
+        overrides = {k: int(v) if v.isdigit() else v for k, v in overrides.items()}
+        command = [
+            deepspeed, "--num_gpus", str(args.ranks), "--master_port", str(free_port()), str(Path(__file__).resolve()),
+            "--worker", "--model", args.model, "--micro-batch", str(micro), "--checkpointing", checkpointing,
+            "--steps", str(args.steps), "--deepspeed", args.deepspeed, "--result", str(result),
+            "--overrides-json", json.dumps(overrides), *(["--no-check"] if args.no_check else []),
+        ]  # fmt: skip
+        env = dict(os.environ, DS_ACCELERATOR="cpu")
+        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+        if done.returncode != 0 or not result.exists():
+            raise SystemExit(f"launch failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+        return json.loads(result.read_text())
+
+
+def table(args: argparse.Namespace) -> str:
+    """The planner's table: Table 1 sizes on 8 x 80 GB, and 7B on one 80 GB GPU with offload."""
+    from aim_ds.config import load_config
+    from aim_ds.plan import GIB, Hardware, make_plan, step_seconds
+    from aim_ds.train.config import PretrainConfig
+    from aim_ds.train.engine import load_ds_config, model_config
+
+    rows = ["| run | GPUs | micro-batch x accum | ckpt | states | activations | buffers | peak / GPU | host / node | "
+            "fits at | step s (40% MFU) |", "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    cases = [(size, "zero3.json", 8) for size in ("0.6B", "1B", "3B", "7B")] + [("7B", "zero3_offload.json", 1)]
+    for size, ds_name, gpus in cases:
+        cfg = load_config(PretrainConfig, ROOT / f"run/configs/aim-{size}.yaml")
+        hw = Hardware(gpus, 1, "cuda", 80 * GIB, 1000 * GIB, 2 * GIB)
+        micro = cfg.train.micro_batch_size
+        sizing = make_plan(
+            model_config(cfg), cfg.model.name, load_ds_config(ROOT / "ds_configs" / ds_name), hw,
+            batch_size=cfg.train.batch_size, micro_batch=micro, checkpointing=cfg.model.grad_checkpointing,
+        )  # fmt: skip
+        plan = sizing.chosen
+        best = "; ".join(f"{p.micro_batch}{' +ckpt' if p.checkpointing else ''}" for p in sizing.best) or "none"
+        seconds = step_seconds(model_config(cfg), cfg.train.batch_size, gpus, plan.checkpointing, 989e12, 0.4)
+        rows.append(
+            f"| aim-{size} {ds_name} | {gpus} | {plan.micro_batch} x {plan.accumulation} | "
+            f"{'on' if plan.checkpointing else 'off'} | {plan.model_states / GIB:.1f} | "
+            f"{plan.activations / GIB:.1f} | {plan.buffers / GIB:.1f} | {plan.peak / GIB:.1f} | "
+            f"{plan.host_per_node / GIB:.0f} | {best} | {seconds:.1f} |"
+        )
+    return "\n".join(rows)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="aim-0.6B")
+    parser.add_argument("--override", nargs="*", default=[], help="AIMConfig overrides, e.g. depth=4")
+    parser.add_argument("--micro-batch", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--checkpointing", nargs="+", choices=("off", "on"), default=["off", "on"])
+    parser.add_argument("--steps", type=int, default=3, help="optimizer steps (the ZeRO-3 trace completes at 1)")
+    parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--deepspeed", default=str(ROOT / "ds_configs/zero3.json"))
+    parser.add_argument("--no-check", action="store_true", help="run even when the planner says it does not fit")
+    parser.add_argument("--table", action="store_true", help="print the planner's table only")
+    parser.add_argument("--out", default=None, help="markdown file for the results")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    parser.add_argument("--overrides-json", default="{}", help=argparse.SUPPRESS)
+    parser.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        worker(args)
+        return 0
+    if args.table:
+        text = table(args)
+    else:
+        rows = [
+            f"{args.model} {' '.join(args.override)} on {args.ranks} CPU ranks (ZeRO-3, fp32, gloo), "
+            f"{args.steps} steps, {datetime.date.today()}",
+            "",
+            "| micro-batch | ckpt | measured peak / rank | predicted | ratio | states | activations | buffers | runtime |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for micro in args.micro_batch:
+            for checkpointing in args.checkpointing:
+                r = launch(args, micro, checkpointing)
+                p = r["predicted"]
+                rows.append(
+                    f"| {micro} | {checkpointing} | {r['measured_peak_bytes'] / GIB:.2f} GiB | "
+                    f"{r['predicted_peak_bytes'] / GIB:.2f} GiB | "
+                    f"{r['predicted_peak_bytes'] / r['measured_peak_bytes']:.2f} | "
+                    + " | ".join(f"{p[k] / GIB:.2f}" for k in ("model_states", "activations", "buffers", "runtime"))
+                    + " |"
+                )
+                print(rows[-1], flush=True)
+        text = "\n".join(rows)
+    print(text)
+    if args.out:
+        from aim_ds.io import atomic_write_text
+
+        atomic_write_text(args.out, text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""The memory and time planner (aim_ds.plan): numbers against hand-computed values for aim-test,
+the fake-tensor measurement against a real CPU forward, and the does-not-fit error."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from aim_ds.attention import build_mask
+from aim_ds.flops import train_flops_per_image
+from aim_ds.model import Block
+from aim_ds.plan import (
+    GIB,
+    Activations,
+    Hardware,
+    PlanError,
+    check_run,
+    count_parameters,
+    engine_settings,
+    main,
+    measure_activations,
+    model_state_bytes,
+    saved_bytes,
+    step_seconds,
+)
+from aim_ds.registry import get_model_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+ZERO3 = json.loads((ROOT / "ds_configs/zero3.json").read_text())
+TEST_CFG = get_model_spec("aim-test").config  # 32 px, patch 4 (N=64), width 64, 2 heads, depth 4, head 64 x 2
+
+
+def _hardware(device: str = "cuda", gpus: int = 2, memory_gb: float = 80.0, runtime: int = 0) -> Hardware:
+    return Hardware(
+        gpus_per_node=gpus,
+        nodes=1,
+        device=device,
+        device_memory=int(memory_gb * GIB),
+        host_memory=int(64 * GIB),
+        runtime=runtime,
+    )
+
+
+def test_parameter_counts_by_hand() -> None:
+    params = count_parameters(TEST_CFG)
+    d, n_in = 64, 4 * 4 * 3
+    block = 2 * 2 * d + 3 * d * d + d * d + 2 * d * 4 * d  # two LayerNorms, qkv, proj, fc1, fc2 (no biases)
+    trunk = (n_in * d + d) + 2 * d + 4 * block + 2 * d  # patch conv + its norm, blocks, post-trunk norm
+    head_block = 2 * d + 2 * d * 4 * d
+    head = (d * d + d) + 2 * head_block + 2 * d + (d * n_in + n_in)  # embed, blocks, norm, out
+    assert (params.trunk, params.head) == (trunk, head) == (201_024, 73_200)
+    assert params.largest_layer == d * 4 * d  # fc1 / fc2
+
+
+def test_block_activations_by_hand() -> None:
+    """fp32, boolean-mask SDPA, per image: x, norm_1 out, the float mask [N, N], qkv [N, 3D], the
+    attention output, x + attn, norm_2 out, fc1 out and gelu out [N, 4D] each, the log-sum-exp
+    [H, N] and two LayerNorms' mean and rstd: 4 * N * (16 D + N + H + 4) bytes."""
+    n, d, h = 64, 64, 2
+    acts = measure_activations(TEST_CFG, torch.float32)
+    assert acts.per_block == 4 * n * (16 * d + n + h + 4) == 280_064
+    assert acts.block_input == 4 * n * d
+    assert acts.rest > 0 and (acts.depth, acts.num_patches) == (4, 64)
+    bf16 = measure_activations(TEST_CFG, torch.bfloat16)
+    assert bf16.per_block < acts.per_block  # the norms' statistics and the SDPA lse stay fp32
+
+
+def test_fake_measurement_matches_a_real_forward() -> None:
+    """The FakeTensorMode count equals the same count over real CPU tensors."""
+    torch.manual_seed(0)
+    block = Block(TEST_CFG)
+    x = torch.randn(3, 64, 64, requires_grad=True)
+    mask = build_mask(torch.tensor([1, 5, 63]), 64, "sdpa", torch.device("cpu"))
+    real = saved_bytes(lambda: block(x, mask), list(block.parameters()))
+    assert real == 3 * measure_activations(TEST_CFG, torch.float32).per_block
+
+
+def test_activation_peak_formula() -> None:
+    acts = Activations(per_block=100, block_input=10, rest=50, depth=4, num_patches=8)
+    assert acts.peak(2, checkpointing=False) == 2 * (4 * 100 + 100 + 50)
+    assert acts.peak(2, checkpointing=True) == 2 * (4 * 10 + 100 + 100 + 50)
+    assert acts.per_token(False) == (4 * 100 + 100 + 50) / 8
+
+
+def test_model_states_from_deepspeeds_estimator() -> None:
+    params = count_parameters(TEST_CFG)
+    total, largest = params.total, params.largest_layer
+    hw = _hardware(gpus=2)
+    gpu = engine_settings(ZERO3, device="cuda")
+    assert gpu.bytes_per_param == 2 and not gpu.offload_optimizer
+    device, _ = model_state_bytes(params, gpu, hw)
+    assert device == 4 * largest + int(18 * total / 2)  # DeepSpeed: 16-bit partitions, fp32 Adam, largest layer
+    cpu = engine_settings(ZERO3, device="cpu")  # DeepSpeed's CPU path: fp32, no offload
+    assert cpu.bytes_per_param == 4
+    device_fp32, _ = model_state_bytes(params, cpu, hw)
+    assert device_fp32 == device + -(-4 * total // 2)
+    offload = json.loads((ROOT / "ds_configs/zero3_offload.json").read_text())
+    off = engine_settings(offload, device="cuda")
+    assert off.offload_optimizer and off.offload_param
+    device_off, host_off = model_state_bytes(params, off, hw)
+    assert device_off == 4 * largest and host_off == int(total * 18 * 1.5)
+    assert engine_settings(offload, device="cpu").offload_optimizer is False  # no offload on the CPU
+
+
+def test_step_time_from_flops() -> None:
+    flops = train_flops_per_image(TEST_CFG)
+    seconds = step_seconds(TEST_CFG, batch_size=16, world_size=2, checkpointing=False, peak_flops=1e12, mfu=0.5)
+    assert seconds == pytest.approx(flops * 16 / (2 * 1e12 * 0.5))
+    slower = step_seconds(TEST_CFG, batch_size=16, world_size=2, checkpointing=True, peak_flops=1e12, mfu=0.5)
+    assert seconds < slower < seconds * 4 / 3 * 1.01  # recompute adds at most one forward (1/3 of 6 x params)
+
+
+def test_does_not_fit_names_the_knob() -> None:
+    """aim-0.6B at micro-batch 512 on 8 GB GPUs does not fit; the error names the micro-batch and
+    checkpointing settings that do."""
+    cfg = get_model_spec("aim-0.6B").config
+    hw = _hardware(gpus=8, memory_gb=8.0, runtime=GIB)
+    with pytest.raises(PlanError) as caught:
+        check_run(cfg, "aim-0.6B", ZERO3, hw, batch_size=4096, micro_batch=512, checkpointing=False)
+    message = str(caught.value)
+    assert "train.micro_batch_size=" in message and "model.grad_checkpointing=true" in message
+    assert "DOES NOT FIT" in message
+    fitting = check_run(cfg, "aim-0.6B", ZERO3, hw, batch_size=4096, micro_batch=4, checkpointing=True)
+    assert fitting.fits and fitting.chosen.peak <= hw.device_memory
+    assert fitting.chosen.accumulation == 4096 // (4 * 8)
+    tiny = _hardware(gpus=8, memory_gb=1.0)
+    with pytest.raises(PlanError, match="offload"):
+        check_run(cfg, "aim-0.6B", ZERO3, tiny, batch_size=4096, micro_batch=1, checkpointing=True)
+
+
+def test_cli_prints_the_plan(capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(
+        [
+            "--config", str(ROOT / "run/configs/aim-7B.yaml"), "--deepspeed", str(ROOT / "ds_configs/zero3.json"),
+            "--gpus", "8", "--nodes", "4", "--gpu-memory-gb", "80", "--host-memory-gb", "1000",
+        ]
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "world 32" in out and "trunk 6445.4M" in out and "model states" in out and "step time at MFU 40%" in out
+    code = main(
+        [
+            "--config", str(ROOT / "run/configs/aim-7B.yaml"), "--deepspeed", str(ROOT / "ds_configs/zero3.json"),
+            "--gpus", "8", "--gpu-memory-gb", "16", "--runtime-gb", "2",
+        ]
+    )  # fmt: skip
+    assert code == 1
+    assert "does not fit" in capsys.readouterr().err
