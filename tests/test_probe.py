@@ -250,17 +250,16 @@ def test_two_ranks_shard_data_and_share_heads(digits: dict[str, Path], tmp_path:
     ZeRO-3 checkpoint of the pretrained trunk: rank 0 consolidates it once, each rank extracts and
     trains on its half, gradients are averaged, evaluation counts every val image once."""
     import os
-    import socket
     import subprocess
     import sys
 
     from test_weights import make_deepspeed_run  # tests/ is on sys.path under pytest
 
+    from aim_ds.distributed import free_port
+
     run = make_deepspeed_run(tmp_path / "ds_run", steps=0, init=digits["pretrained"] / "model.safetensors")
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     out = tmp_path / "ddp"
     command = [
         sys.executable,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -17,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 import aim_ds
 from aim_ds import weights as W
+from aim_ds.distributed import free_port
 from aim_ds.interop import to_ml_aim
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,12 +60,6 @@ _DS_SCRIPT = textwrap.dedent(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def make_deepspeed_run(run: Path, steps: int, init: Path | None = None) -> Path:
     """A real 1-rank ZeRO-3 (CPU, gloo) run folder ``run`` with one complete checkpoint at ``steps``
     (aim-test, from ``init``'s weights when given) and ``reference.safetensors``, the gathered weights."""
@@ -79,7 +73,7 @@ def make_deepspeed_run(run: Path, steps: int, init: Path | None = None) -> Path:
         LOCAL_RANK="0",
         WORLD_SIZE="1",
         MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(_free_port()),
+        MASTER_PORT=str(free_port()),
         PYTHONPATH=str(REPO),
     )
     command = [sys.executable, str(script), str(run), str(steps)] + ([str(init)] if init else [])
