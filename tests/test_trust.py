@@ -12,6 +12,7 @@ import socket
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -234,3 +235,52 @@ def test_probe_metrics_keep_their_history(tmp_path: Path) -> None:
     records = [json.loads(line) for line in path.read_text().splitlines()]
     assert [r["kind"] for r in records] == ["run_start", "train", "run_start", "train"]
     assert [r["run"] for r in records if r["kind"] == "run_start"] == [0, 1]
+
+
+_CHILD = """
+import sys, time
+from pathlib import Path
+from aim_ds.train.lock import LauncherWatch
+watch = LauncherWatch(interval_s=0.05)
+print("watching" if watch.watching else "not watching", watch.gone(), flush=True)
+deadline = time.monotonic() + 60
+while watch.watching and watch.gone() is None and time.monotonic() < deadline:
+    time.sleep(0.05)
+Path(sys.argv[1]).write_text(str(watch.gone()))
+"""
+
+_LAUNCHER = """
+import os, subprocess, sys
+child = subprocess.Popen([sys.executable, "-c", sys.argv[1], sys.argv[2]], stdout=subprocess.PIPE, text=True)
+print(child.stdout.readline(), end="", flush=True)  # the child watches; now this launcher goes
+print(os.getpid(), flush=True)
+"""
+
+
+def test_ranks_notice_their_launcher_is_gone(tmp_path: Path) -> None:
+    """A real process tree: a launcher (torchrun's module name in its command line) starts a rank,
+    then exits; the rank sees it gone. Under a plain parent nothing is watched."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    result = tmp_path / "rank.txt"
+    launcher = subprocess.run(
+        [sys.executable, "-c", _LAUNCHER, _CHILD, str(result), "torch.distributed.run"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    first, launcher_pid = launcher.stdout.split("\n")[:2]
+    assert first == "watching None", launcher.stdout + launcher.stderr
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not result.exists():
+        time.sleep(0.1)
+    assert result.read_text() == f"launcher PID {launcher_pid} is gone"
+    plain = subprocess.run(
+        [sys.executable, "-c", _CHILD, str(tmp_path / "plain.txt")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert plain.stdout.strip() == "not watching None", plain.stdout + plain.stderr
+    assert (tmp_path / "plain.txt").read_text() == "None"

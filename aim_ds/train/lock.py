@@ -25,6 +25,8 @@ from typing import Any
 from ..config import ConfigError
 
 LOCK_FILE = "run.lock"
+# Parents whose disappearance means the job is gone (a plain shell's does not).
+_LAUNCHERS = ("deepspeed.launcher.launch", "torch.distributed.run", "torchrun", "torch.distributed.launch")
 _FILE_MODE = 0o666  # the umask applies, as for every file the run writes
 
 log = logging.getLogger(__name__)
@@ -152,16 +154,19 @@ class RunLock:
 class LauncherWatch:
     """Notices that the job around this rank is gone.
 
-    Watched at construction: the parent (the launcher, or the shell of a plain ``python`` run) and,
-    when the parent is DeepSpeed's per-node launcher, the ``deepspeed`` runner above it (the one a
-    user or a scheduler signals). :meth:`gone` says why once either has exited or this process was
+    Watched at construction, when the parent is a launcher (DeepSpeed's per-node launcher or
+    torchrun): the parent and, under DeepSpeed, the ``deepspeed`` runner above it (the one a user or
+    a scheduler signals). A plain ``python`` run watches nothing (its shell may exit on purpose,
+    e.g. under ``nohup``). :meth:`gone` says why once either has exited or this process was
     re-parented; it looks at most once per ``interval_s`` seconds (two ``/proc`` reads).
     """
 
     def __init__(self, interval_s: float = 1.0) -> None:
         self.parent = os.getppid()
         self.runner: int | None = None
-        if "deepspeed.launcher.launch" in _cmdline(self.parent):
+        command = _cmdline(self.parent)
+        self.watching = any(name in command for name in _LAUNCHERS)
+        if "deepspeed.launcher.launch" in command:
             self.runner = _parent_of(self.parent)
         self.interval_s = interval_s
         self._next = 0.0
@@ -170,7 +175,7 @@ class LauncherWatch:
     def gone(self) -> str | None:
         """None while the launcher is there; otherwise what is gone."""
         now = time.monotonic()
-        if self._reason is None and now >= self._next:
+        if self.watching and self._reason is None and now >= self._next:
             self._next = now + self.interval_s
             if os.getppid() != self.parent or not pid_alive(self.parent):
                 self._reason = f"launcher PID {self.parent} is gone"
