@@ -114,6 +114,7 @@ def test_foreign_run_folder_is_refused(beton: Path, tmp_path: Path, caplog: pyte
 def _damaged_files(root: Path) -> dict[str, Path]:
     from safetensors.torch import save_file
 
+    root.mkdir(parents=True, exist_ok=True)
     good = root / "good.safetensors"
     save_file({"trunk.blocks.0.mlp.fc1.weight": torch.randn(256, 64)}, str(good))
     data = good.read_bytes()
@@ -137,6 +138,13 @@ def test_damaged_weights_name_the_file(tmp_path: Path) -> None:
         message = str(info.value)
         assert message.startswith(str(path)) and "\n" not in message, (kind, message)
         assert "damaged or not" in message, (kind, message)
+    # A probe head given with --head goes through the same readers.
+    from aim_ds.probe.heads import load_head
+
+    heads = _damaged_files(tmp_path / "heads")
+    for path in (heads["truncated"], heads["text_bin"]):
+        with pytest.raises(WeightsError, match=f"^{path}: damaged or not"):
+            load_head(path, num_heads=4)
 
 
 def test_probe_driver_exits_2_on_damaged_weights(tmp_path: Path) -> None:
