@@ -5,7 +5,17 @@ writes its ZeRO shards), plus our ``rng_state_rank{r}.pt`` per rank and a ``COMP
 that rank 0 writes after a barrier, i.e. after every rank finished writing. A folder without the
 marker (a save cut short by a kill, a crash, a full disk) is never resumed from and is removed at
 the next successful save. DeepSpeed's own ``latest`` file is not written: it would point at a
-folder before it is complete.
+folder before it is complete. A save is written under ``step_0000040.partial`` and renamed onto
+its final name once marked complete, so re-saving a step never removes a complete folder before
+the new one is complete.
+
+Resume goes through DeepSpeed's own loader, which unpickles the shards with
+``torch.load(weights_only=False)``: it trusts every ``*.pt`` file in the tag folder. Before handing
+a folder to it, :func:`load_latest` reads every ``*.pt`` file with the weights-only reader of
+:mod:`aim_ds.zero_shards` (tensors, plain data and two DeepSpeed types only), so a file that asks
+for anything else, or a damaged one, is skipped with its name, and the next older complete
+checkpoint is tried. The run folder itself must carry the manifest the project writes
+(:data:`MANIFEST`, :func:`check_manifest`): a folder the project did not write is refused.
 
 The folder-level helpers (:func:`list_complete`, :func:`prune`, ...) need no DeepSpeed and no
 process group; :func:`save` and :func:`load_latest` take an engine and must run on every rank.
@@ -14,6 +24,7 @@ process group; :func:`save` and :func:`load_latest` take an engine and must run 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
@@ -27,11 +38,20 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .distributed import barrier, rank, world_size
-from .io import atomic_dir, atomic_write_json, remove_if_exists
+from .distributed import barrier, min_across_ranks, rank, world_size
+from .io import PARTIAL_SUFFIX, atomic_dir, atomic_write_json, partial_path, remove_if_exists
+from .zero_shards import ShardError, load_shard
 
 COMPLETE_MARKER = "COMPLETE"
 UNIVERSAL = "universal"  # <tag>/universal/: DeepSpeed's universal form of that checkpoint, any world size
+MANIFEST = "aim_ds_run.json"  # what marks a run folder as written by this project
+_MANIFEST_FORMAT = "aim-ds-run/1"
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(RuntimeError):
+    """A run folder or checkpoint that cannot be resumed from; the message names the file."""
 _TAG_RE = re.compile(r"^step_(\d{7,})$")
 
 
@@ -89,6 +109,11 @@ def prune(ckpt_dir: str | os.PathLike, keep_last: int) -> list[Path]:
     Returns the removed paths.
     """
     removed = []
+    root = Path(ckpt_dir)
+    if root.is_dir():  # saves cut short before their rename (see save)
+        for leftover in root.glob(f"step_*{PARTIAL_SUFFIX}"):
+            remove_if_exists(leftover)
+            removed.append(leftover)
     tags = list_tags(ckpt_dir)
     complete = [path for _, path in tags if is_complete(path)]
     doomed = [path for _, path in tags if not is_complete(path)]
@@ -143,56 +168,140 @@ def _to_tuples(value: Any) -> Any:
 def save(engine: Any, ckpt_dir: str | os.PathLike, step: int, client_state: dict[str, Any], keep_last: int) -> Path:
     """Save a complete checkpoint for ``step`` on every rank, mark it complete, prune old ones.
 
-    ``client_state`` must be plain data (DeepSpeed stores it with rank 0's model states).
-    Returns the checkpoint folder.
+    Every rank writes into ``<tag>.partial``; once all have written and rank 0 has marked it
+    complete, it replaces ``<tag>`` (an existing complete ``<tag>``, re-saved by a resumed run that
+    stopped again at once, is moved aside and removed only after the swap). ``client_state`` must
+    be plain data (DeepSpeed stores it with rank 0's model states). Returns the checkpoint folder.
     """
     ckpt_dir = Path(ckpt_dir)
     tag = tag_for_step(step)
-    path = ckpt_dir / tag
-    if rank() == 0 and path.exists():
-        # Re-saving a step (e.g. a resumed run stopped again at once): never leave old shards
-        # mixed with new ones under a marker.
-        remove_if_exists(path)
+    path, tmp = ckpt_dir / tag, partial_path(ckpt_dir / tag)
+    if rank() == 0:
+        remove_if_exists(tmp)  # a save of this step cut short earlier
     barrier()
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
-    path.mkdir(parents=True, exist_ok=True)
+    engine.save_checkpoint(str(ckpt_dir), tag=tmp.name, client_state=client_state, save_latest=False)
+    tmp.mkdir(parents=True, exist_ok=True)
     # Inside a folder that counts only once marked complete, so a plain write is enough here.
-    torch.save(capture_rng_state(), path / f"rng_state_rank{rank()}.pt")
+    torch.save(capture_rng_state(), tmp / f"rng_state_rank{rank()}.pt")
     barrier()  # every rank has written its shards and RNG state
     if rank() == 0:
-        mark_complete(path, {"step": step, "world_size": world_size()})
+        mark_complete(tmp, {"step": step, "world_size": world_size()})
+        _swap_in(tmp, path)
         prune(ckpt_dir, keep_last)
     barrier()  # nobody races ahead into a new save while rank 0 prunes
     return path
 
 
-def load_latest(engine: Any, ckpt_dir: str | os.PathLike) -> tuple[int, dict[str, Any]] | None:
-    """Load the newest complete checkpoint into ``engine`` on every rank; restore this rank's RNG.
+def _swap_in(tmp: Path, path: Path) -> None:
+    """Rename the complete folder ``tmp`` onto ``path``; an old ``path`` goes only after the swap."""
+    old = path.with_name(path.name + ".old")
+    remove_if_exists(old)
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    remove_if_exists(old)
 
-    Rank 0 picks the tag and broadcasts it so that all ranks load the same one even if a folder
-    changes under them. Returns ``(step, client_state)`` or None when there is nothing to resume.
+
+def write_manifest(run_dir: str | os.PathLike) -> None:
+    """Mark ``run_dir`` as a run folder of this project (kept when present)."""
+    from . import __version__
+
+    path = Path(run_dir) / MANIFEST
+    if not path.is_file():
+        atomic_write_json(path, {"format": _MANIFEST_FORMAT, "created": time.time(), "aim_ds_version": __version__})
+
+
+def check_manifest(run_dir: str | os.PathLike) -> None:
+    """Raise :class:`CheckpointError` when ``run_dir`` holds checkpoints (or a config) but not the
+    manifest this project writes: resuming would hand files nobody here wrote to DeepSpeed's
+    loader. An empty or missing folder passes (a new run)."""
+    run_dir = Path(run_dir)
+    path = run_dir / MANIFEST
+    if path.is_file():
+        try:
+            ok = json.loads(path.read_text()).get("format") == _MANIFEST_FORMAT
+        except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
+            ok = False
+        if not ok:
+            raise CheckpointError(f"{path}: not a manifest written by aim-ds (expected format {_MANIFEST_FORMAT!r})")
+        return
+    if list_tags(run_dir / "checkpoints") or (run_dir / "config.yaml").is_file():
+        raise CheckpointError(
+            f"{run_dir} holds a run that aim-ds did not write (no {MANIFEST}); refusing to resume from it. "
+            "Choose a new out_dir"
+        )
+
+
+def verify_tag(path: str | os.PathLike) -> str | None:
+    """None when every ``*.pt`` file of the checkpoint folder ``path`` reads with the weights-only
+    reader (:func:`aim_ds.zero_shards.load_shard`, memory-mapped: the tensor bytes are not read);
+    otherwise the first problem, naming the file."""
+    files = sorted(Path(path).glob("*.pt"))
+    if not files:
+        return f"{path}: no *.pt files"
+    for file in files:
+        try:
+            load_shard(file)
+        except ShardError as exc:
+            return str(exc)
+    return None
+
+
+def load_latest(engine: Any, ckpt_dir: str | os.PathLike) -> tuple[int, dict[str, Any]] | None:
+    """Load the newest complete checkpoint that loads into ``engine`` on every rank; restore this
+    rank's RNG. Returns ``(step, client_state)``, or None when there is nothing to resume.
+
+    Rank 0 lists the complete tags and broadcasts them so that all ranks try the same ones even if
+    a folder changes under them. A tag is skipped (with a warning naming the file) when any rank
+    finds one of its files unsafe or damaged (:func:`verify_tag`) or DeepSpeed fails to load it;
+    the next older one is tried. Raises :class:`CheckpointError` when complete checkpoints exist
+    but none loads (starting over would let pruning delete them).
     """
     choice: list[Any] = [None]
     if rank() == 0:
-        latest = latest_complete(ckpt_dir)
-        choice[0] = latest[1].name if latest else None
+        choice[0] = [path.name for _, path in reversed(list_complete(ckpt_dir))]
     if world_size() > 1:
         dist.broadcast_object_list(choice, src=0)
-    tag = choice[0]
-    if tag is None:
-        return None
-    if engine.load_universal_checkpoint():  # written by another world size: its universal form
-        load_path, client_state = engine.load_checkpoint(str(Path(ckpt_dir) / tag), tag=UNIVERSAL)
-    else:
-        load_path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    tags: list[str] = choice[0]
+    skipped: list[str] = []
+    for tag in tags:
+        folder = Path(ckpt_dir) / tag
+        problem = verify_tag(folder)
+        client_state: dict[str, Any] = {}
+        if min_across_ranks(0 if problem else 1) == 1:
+            problem, client_state = _load_tag(engine, folder)
+            if min_across_ranks(0 if problem else 1) == 1:
+                if skipped and rank() == 0:
+                    log.warning("resuming from %s, the newest checkpoint that loads", folder)
+                rng_file = folder / f"rng_state_rank{rank()}.pt"
+                if rng_file.is_file():
+                    restore_rng_state(torch.load(rng_file, weights_only=True))
+                step = step_from_tag(tag)
+                assert step is not None
+                return step, client_state
+        why = problem or "another rank could not read it"
+        skipped.append(f"{tag}: {why}")
+        if rank() == 0 or problem:
+            log.warning("skipping checkpoint %s: %s", folder, why)
+    if skipped:
+        raise CheckpointError("no complete checkpoint loads:\n  " + "\n  ".join(skipped))
+    return None
+
+
+def _load_tag(engine: Any, folder: Path) -> tuple[str | None, dict[str, Any]]:
+    """DeepSpeed's load of the tag folder ``folder``: ``(None, client_state)`` when it loaded, else
+    ``(what went wrong, {})``. A failed load may leave the engine half-loaded; the next tag's load
+    overwrites every parameter and optimizer state."""
+    try:
+        if engine.load_universal_checkpoint():  # written by another world size: its universal form
+            load_path, client_state = engine.load_checkpoint(str(folder), tag=UNIVERSAL)
+        else:
+            load_path, client_state = engine.load_checkpoint(str(folder.parent), tag=folder.name)
+    except Exception as exc:  # noqa: BLE001 - any failure means: try the previous checkpoint
+        return f"{folder}: DeepSpeed could not load it ({type(exc).__name__}: {str(exc)[:200]})", {}
     if load_path is None:
-        raise RuntimeError(f"DeepSpeed could not load checkpoint {Path(ckpt_dir) / tag}")
-    rng_file = Path(ckpt_dir) / tag / f"rng_state_rank{rank()}.pt"
-    if rng_file.is_file():
-        restore_rng_state(torch.load(rng_file, weights_only=True))
-    step = step_from_tag(tag)
-    assert step is not None
-    return step, dict(client_state or {})
+        return f"{folder}: DeepSpeed could not load it", {}
+    return None, dict(client_state or {})
 
 
 def saved_world_size(path: str | os.PathLike) -> int | None:

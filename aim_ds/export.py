@@ -1,8 +1,8 @@
 """Export a training checkpoint as consolidated fp32 safetensors, and load it back without DeepSpeed.
 
 The weights come from the fp32 master copy in the optimizer shards of a complete checkpoint
-(DeepSpeed's ``zero_to_fp32`` merges the ZeRO-2/3 partitions), not from the bf16 module weights,
-so nothing is lost to rounding. Files written to ``<run>/export/``:
+(:mod:`aim_ds.zero_shards` merges the ZeRO-1/2/3 partitions without unpickling code), not from the
+bf16 module weights, so nothing is lost to rounding. Files written to ``<run>/export/``:
 
 - ``model.safetensors``: our full state dict (``preprocessor.*``, ``trunk.*``, ``head.*``);
 - ``model.json``: ``{"model", "overrides", "step", "aim_ds_version", "checkpoint"}``;
@@ -41,14 +41,14 @@ REFERENCE_FILE = "reference_forward.safetensors"
 def consolidate_fp32(ckpt_dir: str | os.PathLike, tag: str) -> dict[str, Tensor]:
     """The full fp32 state dict of checkpoint ``ckpt_dir/tag``, merged from every rank's shards.
 
-    Runs in one process without a process group; needs host memory for the whole model
-    (4 bytes per parameter, about 27 GB for AIM-7B with its head).
+    Read by :mod:`aim_ds.zero_shards` with ``torch.load(weights_only=True)``: a crafted shard cannot
+    run code (DeepSpeed's ``zero_to_fp32`` unpickles anything). Runs in one process without a
+    process group; needs host memory for the whole model (4 bytes per parameter, about 27 GB for
+    AIM-7B with its head). Raises :class:`aim_ds.zero_shards.ShardError` naming a refused file.
     """
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from .zero_shards import consolidate_fp32 as merge_shards
 
-    state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
-    # zero_to_fp32 may hand back views into one flat buffer; safetensors wants separate tensors.
-    return {k: v.detach().to(torch.float32).contiguous().clone() for k, v in state.items()}
+    return merge_shards(ckpt_dir, tag)
 
 
 def _complete_state_dict(state: dict[str, Tensor], model: AIM) -> dict[str, Tensor]:

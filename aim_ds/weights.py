@@ -18,12 +18,14 @@ prefixes are stripped once at reading, the keys mapped once, the shapes checked 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import pickle
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -36,6 +38,7 @@ from .export import EXPORT_DIR, META_FILE, WEIGHTS_FILE
 from .interop import map_ml_aim_keys, strip_wrappers
 from .model import AIM, AIMConfig
 from .registry import create_model, get_model_spec, list_models
+from .zero_shards import ShardError, refusal
 
 Source = Literal["export", "deepspeed", "ml_aim"]
 
@@ -117,9 +120,11 @@ def read_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return strip_wrappers(load_file(str(path), device="cpu"))
+        with read_errors(path, "a safetensors file"):
+            return strip_wrappers(load_file(str(path), device="cpu"))
     if path.suffix in _TORCH_SUFFIXES:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with read_errors(path, "a torch checkpoint"):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
         for _ in range(3):  # nested wrappers, e.g. {"model": {"module": sd}}
             if isinstance(obj, dict) and obj and all(isinstance(v, Tensor) for v in obj.values()):
                 return strip_wrappers(dict(obj))
@@ -133,6 +138,21 @@ def read_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
     raise WeightsError(
         f"{path}: unknown weights file type {path.suffix!r}; expected .safetensors or one of {_TORCH_SUFFIXES}"
     )
+
+
+@contextlib.contextmanager
+def read_errors(path: Path, kind: str) -> Iterator[None]:
+    """Turn a reader's raw error (``SafetensorError``, ``UnpicklingError``, ``KeyError: 101``...) into
+    one :class:`WeightsError` line naming ``path`` and what is wrong with it."""
+    try:
+        yield
+    except WeightsError:
+        raise
+    except pickle.UnpicklingError as exc:
+        raise WeightsError(f"{path}: {refusal(exc)}") from None
+    except Exception as exc:  # noqa: BLE001 - every reader failure means the same: a damaged file
+        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise WeightsError(f"{path}: damaged or not {kind} ({type(exc).__name__}: {detail})") from None
 
 
 def resolve_deepspeed_checkpoint(path: str | os.PathLike) -> tuple[Path, str]:
@@ -198,7 +218,7 @@ def detect_source(path: str | os.PathLike) -> Source:
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
-        with safe_open(str(path), framework="pt") as f:
+        with read_errors(path, "a safetensors file"), safe_open(str(path), framework="pt") as f:
             return _keys_source(strip_wrappers(dict.fromkeys(f.keys())))
     return _keys_source(read_state_dict_file(path))
 
@@ -217,14 +237,21 @@ def _backbone_only(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
 
 def _read_meta(folder: Path) -> dict[str, Any]:
     meta_file = folder / META_FILE
-    return json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    if not meta_file.is_file():
+        return {}
+    with read_errors(meta_file, "JSON"):
+        return json.loads(meta_file.read_text())
 
 
 def _load_deepspeed(path: Path) -> TrunkWeights:
     from .export import consolidate_fp32
 
     ckpt_dir, tag = resolve_deepspeed_checkpoint(path)
-    state = _backbone_only(strip_wrappers(consolidate_fp32(ckpt_dir, tag)))
+    try:
+        full = consolidate_fp32(ckpt_dir, tag)
+    except ShardError as exc:
+        raise WeightsError(f"refusing the DeepSpeed checkpoint in {path}: {exc}") from None
+    state = _backbone_only(strip_wrappers(full))
     meta: dict[str, Any] = {"checkpoint": str(ckpt_dir / tag), "step": ckpt.step_from_tag(tag)}
     # The model name the run was trained with, from a sibling export's model.json, if any.
     run_meta = _read_meta(ckpt_dir.parent / EXPORT_DIR)
@@ -462,6 +489,7 @@ __all__ = [
     "infer_architecture",
     "load_trunk_state_dict",
     "load_trunk_weights",
+    "read_errors",
     "read_state_dict_file",
     "resolve_deepspeed_checkpoint",
 ]

@@ -99,7 +99,11 @@ def make_betons(stages: Stages, out: Path, model: str, seed: int) -> dict[str, i
 def pretrain(stages: Stages, out: Path, args: argparse.Namespace) -> Path:
     """Stage 2: DeepSpeed ZeRO-3 pretraining on the GPUs there are, else 2 CPU ranks. Returns the run folder."""
     run_dir = out / "pretrain"
-    launcher = [str(Path(sys.executable).with_name("deepspeed"))]
+    from aim_ds.distributed import free_port
+
+    # A free port, not DeepSpeed's default 29500: another DeepSpeed job on this machine would make
+    # the ranks' gloo connections fail with "connection reset".
+    launcher = [str(Path(sys.executable).with_name("deepspeed")), "--master_port", str(free_port())]
     env = {}
     if _has_cuda():
         import torch

@@ -6,9 +6,12 @@
         --config run/configs/aim-tiny.yaml    # CPU, two ranks, fp32, gloo
     python run/pretrain.py --export-only runs/aim-tiny   # safetensors from the newest checkpoint
 
-A run started again with the same out_dir resumes from its newest complete checkpoint.
-Exit codes: 0 finished or stopped cleanly (signal / train.stop_after_steps, checkpoint saved),
-2 bad configuration, 3 non-finite loss.
+A run started again with the same out_dir resumes from its newest complete checkpoint that loads.
+Before anything is built, every field and path of the config is checked (exit 2 naming the key)
+and rank 0 takes the run folder's lock (exit 2 naming the holder when another job has it).
+Exit codes: 0 finished or stopped cleanly (signal / train.stop_after_steps / launcher gone,
+checkpoint saved), 2 bad configuration, locked or unresumable run folder, damaged weights,
+3 non-finite loss.
 """
 
 from __future__ import annotations
@@ -22,10 +25,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from aim_ds import checkpoint as ckpt  # noqa: E402
 from aim_ds.config import ConfigError, load_config  # noqa: E402
 from aim_ds.train.config import NonFiniteLossError, PretrainConfig  # noqa: E402
 from aim_ds.train.engine import load_ds_config  # noqa: E402
+from aim_ds.train.lock import RunLock, RunLockedError  # noqa: E402
 from aim_ds.train.loop import run  # noqa: E402
+from aim_ds.train.preflight import check_config  # noqa: E402
+from aim_ds.zero_shards import ShardError  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -49,12 +56,37 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def export_only(run_dir: str) -> int:
-    """Consolidate the newest complete checkpoint of ``run_dir`` into ``run_dir/export``."""
+    """Consolidate the newest complete checkpoint of ``run_dir`` into ``run_dir/export`` (under the
+    run folder's lock; the shards are read without unpickling code, see aim_ds.zero_shards)."""
     from aim_ds.export import export_latest
 
+    ckpt.check_manifest(run_dir)
     cfg = load_config(PretrainConfig, Path(run_dir) / "config.yaml")
-    path = export_latest(run_dir, model_name=cfg.model.name, overrides=cfg.model.overrides, ml_aim=cfg.export.ml_aim)
+    with RunLock(run_dir):
+        path = export_latest(
+            run_dir, model_name=cfg.model.name, overrides=cfg.model.overrides, ml_aim=cfg.export.ml_aim
+        )
     logging.getLogger("aim_ds").info("exported to %s", path)
+    return 0
+
+
+def train(args: argparse.Namespace) -> int:
+    """Check everything that can be checked without a process group, lock the run folder (rank 0)
+    and run. Every rank checks on its own, so a bad config exits before DeepSpeed starts."""
+    cfg = load_config(PretrainConfig, args.config, overrides=args.overrides)
+    ds_base = load_ds_config(args.deepspeed)
+    check_config(cfg)
+    lock = RunLock(cfg.out_dir)
+    if os.environ.get("RANK", "0") == "0":
+        lock.acquire()  # before anything is written into the run folder
+    try:
+        ckpt.check_manifest(cfg.out_dir)
+        if lock.held:
+            ckpt.write_manifest(cfg.out_dir)
+        result = run(cfg, ds_base, ds_source=args.deepspeed, check_memory=not args.skip_memory_check)
+    finally:
+        lock.release()
+    logging.getLogger("aim_ds").info("%s at step %d: %s", result.status, result.step, result.out_dir)
     return 0
 
 
@@ -67,19 +99,19 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     log = logging.getLogger("aim_ds")
     try:
-        if args.export_only:
-            return export_only(args.export_only)
-        cfg = load_config(PretrainConfig, args.config, overrides=args.overrides)
-        ds_base = load_ds_config(args.deepspeed)
-        result = run(cfg, ds_base, ds_source=args.deepspeed, check_memory=not args.skip_memory_check)
+        return export_only(args.export_only) if args.export_only else train(args)
+    except RunLockedError as exc:
+        log.error("run folder locked: %s", exc)
+        return 2
     except ConfigError as exc:
         log.error("configuration error: %s", exc)
+        return 2
+    except (ckpt.CheckpointError, ShardError) as exc:
+        log.error("cannot resume or export: %s", exc)
         return 2
     except NonFiniteLossError as exc:
         log.error("%s", exc)
         return 3
-    log.info("%s at step %d: %s", result.status, result.step, result.out_dir)
-    return 0
 
 
 if __name__ == "__main__":

@@ -16,7 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.deepspeed
 def test_bench_gpu_harness_runs_zero3_and_plain_on_cpu(tmp_path: Path) -> None:
     out = tmp_path / "gpu.md"
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "MASTER_PORT": "29541"}
+    from aim_ds.distributed import free_port
+
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "MASTER_PORT": str(free_port())}  # not a fixed port: other jobs
     cmd = [
         sys.executable,
         "bench/bench_gpu.py",

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..io import atomic_path
-from ..weights import read_state_dict_file
+from ..weights import read_errors, read_state_dict_file
 from .config import HEAD_TYPES
 
 _BACKBONE_PREFIXES = ("preprocessor.", "trunk.")
@@ -162,7 +162,8 @@ def load_head(path: str | os.PathLike, num_heads: int) -> tuple[str, nn.Module, 
     ml-aim checkpoint holding backbone and head together works too (the backbone keys are ignored)."""
     path = Path(path)
     if path.suffix == ".safetensors":
-        state, metadata = _read_safetensors(path)
+        with read_errors(path, "a safetensors file"):
+            state, metadata = _read_safetensors(path)
     else:
         state, metadata = read_state_dict_file(path), {}
         state = {k: v for k, v in state.items() if not k.startswith(_BACKBONE_PREFIXES)}

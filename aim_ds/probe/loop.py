@@ -108,13 +108,22 @@ class _Schedule:
 
 
 class _MetricsLog:
-    """``probe_metrics.jsonl`` in the run folder, one JSON record a line, written by rank 0."""
+    """``probe_metrics.jsonl`` in the run folder, one JSON record a line, written by rank 0.
+
+    The file keeps its history across probe runs: each run appends, starting with a ``"run_start"``
+    record (wall time, a fresh ``run`` number) so that a reader can tell the runs apart."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.enabled = is_main()
         if self.enabled:
-            path.write_text("")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            text = path.read_text() if path.is_file() else ""
+            if text and not text.endswith("\n"):  # a killed run's torn last line stays on its own line
+                with open(path, "a") as f:
+                    f.write("\n")
+            runs = text.count('"kind": "run_start"')
+            self.write({"kind": "run_start", "run": runs, "time": time.time()})
 
     def write(self, record: dict[str, Any]) -> None:
         if self.enabled:

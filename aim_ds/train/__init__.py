@@ -3,9 +3,11 @@
 - :mod:`.config`: the run config's sections, :class:`~.config.RunPlan` (steps, batch split) and
   the errors the driver maps to exit codes; no process group, no DeepSpeed;
 - :mod:`.engine`: the DeepSpeed config merge, the model and the engine;
+- :mod:`.preflight`: every field and path checked before any rank builds anything (exit 2);
+- :mod:`.lock`: one job per run folder (``run.lock``) and the watch on the launcher;
 - :mod:`.data`: the loaders, stateless prefix draws and the data position;
 - :mod:`.job`: what one rank's loop shares (:class:`~.job.Job`) and the checkpoint save;
-- :mod:`.stopping`: SIGTERM / SIGINT and ``train.stop_after_steps``: checkpoint, then stop;
+- :mod:`.stopping`: SIGTERM / SIGINT, a launcher gone, ``train.stop_after_steps``: checkpoint, then stop;
 - :mod:`.evaluate`: the held-out loss; :mod:`.finish`: the end-of-run plots, reference forward, export;
 - :mod:`.loop`: :func:`~.loop.run`, the step loop.
 

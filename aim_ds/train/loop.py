@@ -68,7 +68,6 @@ def run(
     model = build_model(model_cfg, cfg, ds)
     out_dir = Path(cfg.out_dir)
     if rank == 0:
-        _write_run_files(cfg, ds, out_dir)
         for note in notes:
             log.info(note)
         log.info(
@@ -86,6 +85,8 @@ def run(
     if cfg.log.shard_report:
         atomic_write_json(out_dir / f"shards_rank{rank}.json", shard_report(engine.module), indent=1)
     step, epoch, batch_in_epoch = _resume(engine, cfg, is_main=rank == 0)
+    if rank == 0:  # only once the resume worked: a failing one leaves the run's config.yaml as it was
+        _write_run_files(cfg, ds, out_dir)
     logger = MetricsLogger(
         out_dir,
         enabled=rank == 0,

@@ -13,21 +13,31 @@ from typing import Any
 
 from .. import checkpoint as ckpt
 from .job import Job
+from .lock import LauncherWatch
 
 log = logging.getLogger(__name__)
 
 
 class StopRequest:
     """SIGTERM / SIGINT set a flag (:attr:`requested`) while installed; :meth:`restore` puts the
-    previous handlers back."""
+    previous handlers back. A launcher that is gone (:class:`~aim_ds.train.lock.LauncherWatch`:
+    the ``deepspeed`` runner killed, the ranks left training with no parent) counts as a request."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
         self._previous: dict[int, Any] = {}
+        self.watch = LauncherWatch()
 
     @property
     def requested(self) -> bool:
-        return self.signum is not None
+        return self.signum is not None or self.watch.gone() is not None
+
+    @property
+    def reason(self) -> str | None:
+        """Why this rank asks to stop (a signal's name, or what is gone), None when it does not."""
+        if self.signum is not None:
+            return f"signal {signal.Signals(self.signum).name}"
+        return self.watch.gone()
 
     def install(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -58,6 +68,6 @@ def save_or_stop(
         job.save(step, epoch, batch_in_epoch)
     if stopping and job.is_main:
         # stop_now may come from another rank's signal; this rank names its own when it has one.
-        why = f"signal {signal.Signals(stop.signum).name}" if stop.signum is not None else "train.stop_after_steps"
+        why = stop.reason or ("train.stop_after_steps" if stop_after else "another rank's request")
         log.info("stopped at step %d (%s); checkpoint %s saved", step, why, ckpt.tag_for_step(step))
     return periodic or stopping, stopping

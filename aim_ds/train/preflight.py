@@ -1,0 +1,138 @@
+"""Checks that run before any rank builds anything: every field and every path of the run config.
+
+:func:`check_config` raises :class:`~aim_ds.config.ConfigError` with one message naming the key and
+its value (``optim.peak_lr=nan: must be a finite number > 0``), so that a bad config fails in a
+second with exit code 2, before DeepSpeed starts, a checkpoint loads or ``config.yaml`` is
+rewritten. It needs no process group: every rank runs it on its own and they all agree.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ..config import ConfigError
+from .config import PretrainConfig, resolve_plan
+
+
+def _bad(key: str, value: Any, why: str) -> ConfigError:
+    return ConfigError(f"{key}={value!r}: {why}")
+
+
+def _finite(key: str, value: float, *, low: float, low_open: bool = False, high: float = math.inf) -> None:
+    """``value`` finite and within ``[low, high]`` (``(low, high]`` when ``low_open``)."""
+    below = value <= low if low_open else value < low
+    if not math.isfinite(value) or below or value > high:
+        bound = f"> {low}" if low_open else f">= {low}"
+        upper = f" and <= {high}" if math.isfinite(high) else ""
+        raise _bad(key, value, f"must be a finite number {bound}{upper}")
+
+
+def _at_least(key: str, value: int, low: int) -> None:
+    if value < low:
+        raise _bad(key, value, f"must be >= {low}")
+
+
+def _check_pair(key: str, pair: tuple[float, float], *, low: float, high: float) -> None:
+    """A ``(lo, hi)`` range with ``low < lo <= hi <= high``."""
+    lo, hi = pair
+    if not (math.isfinite(lo) and math.isfinite(hi)) or not (low < lo <= hi <= high):
+        upper = "" if math.isinf(high) else f" <= {high}"
+        raise _bad(key, list(pair), f"must be [low, high] with {low} < low <= high{upper}")
+
+
+def check_fields(cfg: PretrainConfig) -> None:
+    """Every number of ``cfg`` within its range (no paths; see :func:`check_paths`)."""
+    d, t, o = cfg.data, cfg.train, cfg.optim
+    if not d.sources:
+        raise _bad("data.sources", [], "give at least one {path, prob}")
+    for i, source in enumerate(d.sources):
+        if not source.path:
+            raise _bad(f"data.sources[{i}].path", source.path, "is empty")
+        _finite(f"data.sources[{i}].prob", source.prob, low=0.0, low_open=True)
+    _at_least("data.image_size", d.image_size, 0)
+    _at_least("data.resize_size", d.resize_size, 0)
+    _check_pair("data.scale", d.scale, low=0.0, high=1.0)
+    _check_pair("data.ratio", d.ratio, low=0.0, high=math.inf)
+    _at_least("data.num_workers", d.num_workers, 0)
+    _at_least("train.batch_size", t.batch_size, 1)
+    _at_least("train.micro_batch_size", t.micro_batch_size, 0)
+    _at_least("train.steps", t.steps, 0)
+    _finite("train.patches_seen", t.patches_seen, low=0.0)
+    _at_least("train.seed", t.seed, 0)
+    _at_least("train.stop_after_steps", t.stop_after_steps, 0)
+    _finite("optim.peak_lr", o.peak_lr, low=0.0, low_open=True)
+    _finite("optim.min_lr", o.min_lr, low=0.0, high=o.peak_lr)
+    _finite("optim.warmup_fraction", o.warmup_fraction, low=0.0, high=1.0)
+    _at_least("optim.warmup_steps", o.warmup_steps, -1)
+    _finite("optim.weight_decay", o.weight_decay, low=0.0)
+    for i, beta in enumerate(o.betas):
+        _finite(f"optim.betas[{i}]", beta, low=0.0, high=1.0)
+        if beta >= 1.0:
+            raise _bad(f"optim.betas[{i}]", beta, "must be < 1")
+    _finite("optim.eps", o.eps, low=0.0, low_open=True)
+    _finite("optim.grad_clip", o.grad_clip, low=0.0)
+    for key in ("every_steps", "batch_size", "max_batches", "patch_grid_images"):
+        _at_least(f"val.{key}", getattr(cfg.val, key), 0)
+    _at_least("log.every_steps", cfg.log.every_steps, 0)
+    _finite("log.peak_flops_per_device", cfg.log.peak_flops_per_device, low=0.0, low_open=True)
+    _at_least("checkpoint.every_steps", cfg.checkpoint.every_steps, 0)
+    if not cfg.out_dir:
+        raise _bad("out_dir", cfg.out_dir, "is empty")
+
+
+def _writable(key: str, folder: Path) -> None:
+    """``folder`` (or its nearest existing parent, where it will be created) accepts a new file."""
+    probe = folder
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        raise _bad(key, str(folder), f"{probe} exists and is not a folder")
+    try:
+        with tempfile.NamedTemporaryFile(dir=probe, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise _bad(key, str(folder), f"not writable ({exc.strerror or exc})") from None
+
+
+def check_paths(cfg: PretrainConfig) -> None:
+    """Every source and the val beton exist; ``out_dir`` and its checkpoint folder are writable."""
+    from ..data.beton import resolve_betons
+
+    for i, source in enumerate(cfg.data.sources):
+        try:
+            resolve_betons(source.path)
+        except (FileNotFoundError, OSError, ValueError) as exc:
+            raise _bad(f"data.sources[{i}].path", source.path, f"no beton there ({exc})") from None
+    if cfg.data.val_path:
+        val = Path(cfg.data.val_path)
+        if not val.is_file():
+            raise _bad("data.val_path", cfg.data.val_path, "no such file")
+        if not os.access(val, os.R_OK):
+            raise _bad("data.val_path", cfg.data.val_path, "not readable")
+    out_dir = Path(cfg.out_dir)
+    _writable("out_dir", out_dir)
+    ckpt_dir = out_dir / "checkpoints"
+    if ckpt_dir.exists():
+        _writable("out_dir (its checkpoints/ folder)", ckpt_dir)
+
+
+def check_config(cfg: PretrainConfig, world_size: int | None = None) -> None:
+    """Fields, the model (registry name and overrides), the batch split for ``world_size`` ranks
+    (default: the launcher's ``WORLD_SIZE``, 1 for a plain process), then paths: the first problem
+    raises :class:`ConfigError` naming its key and value."""
+    from .engine import model_config
+
+    check_fields(cfg)
+    model_cfg = model_config(cfg)
+    image_size = cfg.data.image_size or model_cfg.image_size
+    if image_size != model_cfg.image_size:
+        raise _bad("data.image_size", image_size, f"differs from the model's image_size={model_cfg.image_size}")
+    world = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
+    resolve_plan(cfg, world, image_size, model_cfg.num_patches)
+    check_paths(cfg)
