@@ -232,13 +232,18 @@ class PixelHead(nn.Module):
         self.blocks = nn.ModuleList([HeadBlock(cfg.head_width, hidden, cfg.norm_eps) for _ in range(cfg.head_depth)])
         self.norm = LayerNorm(cfg.head_width, eps=cfg.norm_eps)
         self.out = Linear(cfg.head_width, cfg.patch_dim)
+        self.grad_checkpointing = False
 
     def forward(self, x: Tensor) -> Tensor:
         """``[B, N, D]`` -> ``[B, N, p*p*3]``."""
         x = self.embed(x)
         x = x + self.pos_embed.to(x.dtype)
         for block in self.blocks:
-            x = block(x)
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                # Each block's [B, N, 4W] hidden activation is the head's largest; recompute it.
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
         return self.out(self.norm(x))
 
 
@@ -257,9 +262,11 @@ class AIM(nn.Module):
     def num_patches(self) -> int:
         return self.config.num_patches
 
-    def set_grad_checkpointing(self, enabled: bool = True) -> None:
-        """Recompute each trunk block in the backward pass instead of storing its activations."""
+    def set_grad_checkpointing(self, enabled: bool = True, *, head: bool = False) -> None:
+        """Recompute each trunk block (``enabled``) and each pixel-head block (``head``) in the
+        backward pass instead of storing their activations."""
         self.trunk.grad_checkpointing = enabled
+        self.head.grad_checkpointing = head
 
     def sample_prefix_len(self, batch_size: int, generator: torch.Generator | None = None) -> Tensor:
         """Prefix lengths drawn uniformly from ``[1, N-1]``, ``[B]`` int64 on the CPU."""
@@ -296,11 +303,13 @@ class AIM(nn.Module):
         batch = images.shape[0]
         if prefix_len is None:
             prefix_len = self.sample_prefix_len(batch)
-        prefix_len = prefix_len.to(images.device, torch.long)
         if prefix_len.shape != (batch,):
             raise ValueError(f"prefix_len must have shape [{batch}], got {tuple(prefix_len.shape)}")
-        if bool(((prefix_len < 1) | (prefix_len >= self.num_patches)).any()):
-            raise ValueError(f"prefix_len values must lie in [1, {self.num_patches - 1}], got {prefix_len.tolist()}")
+        if prefix_len.device.type == "cpu":
+            # Checked on the host, before the copy: a check of a device tensor would stall the
+            # host until the GPU catches up, every step. Device tensors are the caller's to check.
+            check_prefix_len(prefix_len, self.num_patches)
+        prefix_len = prefix_len.to(images.device, torch.long, non_blocking=True)
         features = self.forward_trunk(images, prefix_len)
         pred = self.head(features)
         return {"loss": self.forward_loss(pred, images, prefix_len), "pred": pred}
@@ -323,6 +332,14 @@ class AIM(nn.Module):
         by_index = self.trunk.block_outputs(x, layers)
         # A layer listed twice counts twice in the mean, as the caller asked.
         return torch.stack([by_index[i] for i in layers]).mean(dim=0)
+
+
+def check_prefix_len(prefix_len: Tensor, num_patches: int) -> None:
+    """Raise ValueError unless every value of the host tensor ``prefix_len`` ``[B]`` lies in
+    ``[1, num_patches - 1]``. Reads through NumPy: no tensor scalar read, no device sync."""
+    values = prefix_len.detach().numpy()
+    if values.size and (values.min() < 1 or values.max() >= num_patches):
+        raise ValueError(f"prefix_len values must lie in [1, {num_patches - 1}], got {values.tolist()}")
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -56,7 +56,7 @@ def worker(args: argparse.Namespace) -> None:
     cfg = _run_config(args.model, overrides, args.micro_batch[0], world, args.checkpointing[0] == "on")
     model_cfg = model_config(cfg)
     run_plan = resolve_plan(cfg, world, model_cfg.image_size, model_cfg.num_patches)
-    ds, _ = build_ds_config(load_ds_config(args.deepspeed), cfg, run_plan, on_cpu=True)
+    ds, _ = build_ds_config(load_ds_config(args.deepspeed), cfg, run_plan, model_cfg, source=args.deepspeed)
     hardware = local_hardware(world, device)  # its runtime term: this rank's RSS with everything imported
     sizing = (
         check_run(

@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 PY=${PYTHON:-python3}
 STAMP="$VENV/.aim-ds-setup"
-APT_PACKAGES=(pkg-config libopencv-dev libturbojpeg0-dev libjpeg62-turbo-dev zlib1g-dev)
+# g++: DeepSpeed JIT-compiles its C++ ops (cpu_adam for ZeRO offload, the CPU accelerator's shm comm).
+APT_PACKAGES=(pkg-config libopencv-dev libturbojpeg0-dev libjpeg62-turbo-dev zlib1g-dev g++)
 TORCH_CPU_VERSION=2.13.0
 
 log() { echo "[setup] $*"; }
@@ -74,5 +75,11 @@ files = {str(pathlib.Path(f)) for f in md.files("pillow-simd") or ()}
 assert "PIL/__init__.py" in files, "Pillow-SIMD does not own the PIL package"
 print(f"[setup] PIL {PIL.__version__} from pillow-simd")
 PY
+# 6. DeepSpeedCPUAdam's C++ op (ZeRO optimizer offload) is JIT-built with ninja + g++ on first use:
+#    ~50 s on 2 cores. Build it now, once, into the torch_extensions cache, instead of inside a run.
+log "building DeepSpeed's cpu_adam op (cached in ~/.cache/torch_extensions)"
+DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}" "$VENV/bin/python" -c \
+  "import torch; from deepspeed.ops.adam import DeepSpeedCPUAdam; DeepSpeedCPUAdam([torch.nn.Parameter(torch.zeros(1))])" \
+  >/dev/null 2>&1 || log "warning: cpu_adam did not build; ZeRO offload will retry (and say why) at first use"
 echo "$want" > "$STAMP"
 log "done"

@@ -10,38 +10,31 @@ from pathlib import Path
 
 import pytest
 
+from aim_ds.distributed import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.deepspeed
-def test_bench_gpu_harness_runs_zero3_and_plain_on_cpu(tmp_path: Path) -> None:
+def test_bench_gpu_harness_runs_plain_zero2_zero3_and_both_attentions_on_cpu(tmp_path: Path) -> None:
     out = tmp_path / "gpu.md"
-    from aim_ds.distributed import free_port
-
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "MASTER_PORT": str(free_port())}  # not a fixed port: other jobs
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "MASTER_PORT": str(free_port())}
     cmd = [
-        sys.executable,
-        "bench/bench_gpu.py",
-        "--models",
-        "aim-test",
-        "--micro-batch",
-        "8",
-        "--device",
-        "cpu",
-        "--steps",
-        "2",
-        "--warmup",
-        "1",
-        "--out",
-        str(out),
-    ]
+        sys.executable, "bench/bench_gpu.py", "--models", "aim-test", "--micro-batch", "8", "--accumulation", "2",
+        "--device", "cpu", "--steps", "2", "--warmup", "1", "--out", str(out),
+    ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    results = json.loads(out.with_suffix(".json").read_text())
-    assert {r["mode"] for r in results} == {"zero3", "plain"}
+    report = json.loads(out.with_suffix(".json").read_text())
+    results = report["results"]
+    assert {(r["attention"], r["mode"]) for r in results} == {("sdpa", "plain"), ("sdpa", "zero2"), ("sdpa", "zero3")}
     for r in results:
-        assert r["model"] == "aim-test" and r["micro_batch"] == 8
-        assert r["step_s"] > 0 and r["images_per_second"] == pytest.approx(8 / r["step_s"])
-        assert r["tflops_per_device"] > 0
+        assert r["model"] == "aim-test" and (r["micro_batch"], r["accumulation"]) == (8, 2)
+        assert r["step_s"] > 0 and r["images_per_second"] == pytest.approx(16 / r["step_s"])
+        assert r["tflops_per_device"] > 0 and r["peak_mem_gib"] > 0
+    # FlexAttention cannot train on CPU: each of its rows is skipped with PyTorch's reason.
+    assert len(report["skipped"]) == 3
+    assert all("FlexAttention does not support backward on CPU" in s for s in report["skipped"])
     table = out.read_text()
-    assert "| aim-test | zero3 | 8 |" in table and "ZeRO-3 / plain step" in table
+    assert "| aim-test | sdpa | zero3 | 8 x 2 |" in table and "step / plain step" in table
+    assert "- skipped: aim-test flex plain: FlexAttention does not support backward on CPU" in table

@@ -17,9 +17,10 @@ def test_flex_attention_kernel_matches_sdpa_reference_in_bf16() -> None:
     cfg = model.config
     images = torch.randn(4, 3, cfg.image_size, cfg.image_size, device="cuda")
     prefix = torch.tensor([1, 7, 33, cfg.num_patches - 1], device="cuda")
-    mask = build_mask(prefix, cfg.num_patches, "auto", images.device)
-    assert not isinstance(mask, torch.Tensor), "auto must pick FlexAttention's BlockMask on CUDA"
+    mask = build_mask(prefix, cfg.num_patches, "flex", images.device)
+    assert not isinstance(mask, torch.Tensor), "flex must build FlexAttention's BlockMask"
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        model.config = cfg.replace(attn_impl="flex")
         flex = model(images, prefix)["pred"].float()
         model.config = cfg.replace(attn_impl="sdpa")
         sdpa = model(images, prefix)["pred"].float()

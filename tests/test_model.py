@@ -292,6 +292,43 @@ def test_grad_checkpointing_gives_same_gradients() -> None:
         torch.testing.assert_close(p.grad, ref[n], atol=1e-6, rtol=1e-5)
 
 
+def test_head_grad_checkpointing_recomputes_and_gives_same_gradients() -> None:
+    torch.manual_seed(0)
+    model = aim_ds.create_model("aim-test")
+    images = torch.randn(2, 3, 32, 32)
+    prefix = torch.tensor([3, 30])
+    calls = []
+    model.head.blocks[0].register_forward_pre_hook(lambda *_: calls.append(1))  # recompute stops early: no post hook
+    out = model(images, prefix)
+    out["loss"].backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters()}
+    assert len(calls) == 1
+    model.zero_grad()
+    model.set_grad_checkpointing(False, head=True)
+    assert model.head.grad_checkpointing and not model.trunk.grad_checkpointing
+    calls.clear()
+    again = model(images, prefix)
+    again["loss"].backward()
+    assert len(calls) == 2  # the head block ran again in the backward pass
+    assert torch.equal(again["loss"], out["loss"])
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref[n], atol=1e-6, rtol=1e-5)
+
+
+def test_prefix_len_on_the_host_is_checked_without_tensor_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = aim_ds.create_model("aim-test")
+    reads = []
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _o=original, _n=name: reads.append(_n) or _o(self, *a))
+    with torch.no_grad():
+        model(torch.randn(2, 3, 32, 32), torch.tensor([1, 63]))
+    monkeypatch.undo()
+    assert reads == []
+    with pytest.raises(ValueError, match=r"prefix_len values must lie in \[1, 63\], got \[0, 5\]"):
+        model(torch.randn(2, 3, 32, 32), torch.tensor([0, 5]))
+
+
 def test_ml_aim_round_trip_identical_outputs() -> None:
     torch.manual_seed(0)
     model = aim_ds.create_model("aim-test").eval()

@@ -23,6 +23,7 @@ from aim_ds.plan import (
     main,
     measure_activations,
     model_state_bytes,
+    plan_memory,
     saved_bytes,
     step_seconds,
 )
@@ -89,20 +90,28 @@ def test_model_states_from_deepspeeds_estimator() -> None:
     params = count_parameters(TEST_CFG)
     total, largest = params.total, params.largest_layer
     hw = _hardware(gpus=2)
-    gpu = engine_settings(ZERO3, device="cuda")
-    assert gpu.bytes_per_param == 2 and not gpu.offload_optimizer
-    device, _ = model_state_bytes(params, gpu, hw)
-    assert device == 4 * largest + int(18 * total / 2)  # DeepSpeed: 16-bit partitions, fp32 Adam, largest layer
-    cpu = engine_settings(ZERO3, device="cpu")  # DeepSpeed's CPU path: fp32, no offload
-    assert cpu.bytes_per_param == 4
-    device_fp32, _ = model_state_bytes(params, cpu, hw)
-    assert device_fp32 == device + -(-4 * total // 2)
+    # DeepSpeed's estimator alone: 16-bit parameter and gradient partitions, fp32 master + Adam, largest layer.
+    estimator = 4 * largest + int(18 * total / 2)
+    bf16 = engine_settings(ZERO3, device="cuda")  # as shipped: bf16 weights, gradients accumulated in fp32
+    assert (bf16.bytes_per_param, bf16.grad_bytes, bf16.offload_optimizer) == (2, 4, False)
+    device, _ = model_state_bytes(params, bf16, hw)
+    assert device == estimator + -(-2 * total // 2)  # the fp32 gradient partition: 2 more bytes a parameter
+    fp32 = engine_settings(json.loads((ROOT / "ds_configs/zero3_fp32.json").read_text()), device="cpu")
+    assert (fp32.bytes_per_param, fp32.grad_bytes) == (4, 4)
+    device_fp32, _ = model_state_bytes(params, fp32, hw)
+    assert device_fp32 == estimator + -(-4 * total // 2)
     offload = json.loads((ROOT / "ds_configs/zero3_offload.json").read_text())
     off = engine_settings(offload, device="cuda")
     assert off.offload_optimizer and off.offload_param
     device_off, host_off = model_state_bytes(params, off, hw)
-    assert device_off == 4 * largest and host_off == int(total * 18 * 1.5)
-    assert engine_settings(offload, device="cpu").offload_optimizer is False  # no offload on the CPU
+    assert device_off == 4 * largest and host_off == int(total * 18 * 1.5) + 2 * -(-2 * total // 2)
+    # The CPU accelerator runs the offload config as written; "host" and "device" are one memory there.
+    on_cpu = engine_settings(offload, device="cpu")
+    assert on_cpu.offload_optimizer and on_cpu.offload_param
+    acts = Activations(per_block=0, block_input=0, rest=0, depth=1, num_patches=1)
+    cpu_hw = _hardware(device="cpu", gpus=2)
+    plan = plan_memory(params, acts, on_cpu, cpu_hw, batch_size=4, micro_batch=1, checkpointing=False)
+    assert plan.model_states == device_off + -(-host_off // 2)
 
 
 def test_step_time_from_flops() -> None:

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 import aim_ds
 from aim_ds.config import ConfigError, load_config
@@ -18,12 +19,23 @@ from aim_ds.train.config import (
     resolve_plan,
     resolved_config,
 )
-from aim_ds.train.engine import build_ds_config, load_ds_config, optimizer_offloaded, zero_stage
+from aim_ds.train.engine import (
+    build_ds_config,
+    check_runs_here,
+    load_ds_config,
+    model_hidden_size,
+    optimizer_offloaded,
+    zero_stage,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "run" / "configs"
 DS_CONFIGS = ROOT / "ds_configs"
 RUN_CONFIGS = ["aim-test", "aim-tiny", "aim-0.6B", "aim-1B", "aim-3B", "aim-7B"]
+
+
+def _model_cfg(cfg: PretrainConfig) -> aim_ds.AIMConfig:
+    return aim_ds.get_model_spec(cfg.model.name).config
 
 
 def _plan(cfg: PretrainConfig, world: int):
@@ -39,7 +51,7 @@ def test_every_run_config_loads_and_fits_every_ds_config(name: str) -> None:
     plan = _plan(cfg, world)
     assert plan.micro_batch_size * plan.grad_accum_steps * world == cfg.train.batch_size
     for ds_file in DS_CONFIGS.glob("*.json"):
-        ds, _ = build_ds_config(load_ds_config(ds_file), cfg, plan, on_cpu=False)
+        ds, _ = build_ds_config(load_ds_config(ds_file), cfg, plan, _model_cfg(cfg))
         assert ds["train_batch_size"] == cfg.train.batch_size
 
 
@@ -153,16 +165,16 @@ def test_ds_json_disagreeing_with_run_config() -> None:
     plan = _plan(cfg, 2)
     base = load_ds_config(DS_CONFIGS / "zero3.json")
     with pytest.raises(BatchConfigError, match=r"train_micro_batch_size_per_gpu=4.*train\.micro_batch_size"):
-        build_ds_config({**base, "train_micro_batch_size_per_gpu": 4}, cfg, plan, on_cpu=True)
+        build_ds_config({**base, "train_micro_batch_size_per_gpu": 4}, cfg, plan, _model_cfg(cfg))
     with pytest.raises(BatchConfigError, match=r"train_batch_size=32.*train\.batch_size"):
-        build_ds_config({**base, "train_batch_size": 32}, cfg, plan, on_cpu=True)
+        build_ds_config({**base, "train_batch_size": 32}, cfg, plan, _model_cfg(cfg))
     with pytest.raises(BatchConfigError, match=r"gradient_clipping=0.5.*optim\.grad_clip"):
-        build_ds_config({**base, "gradient_clipping": 0.5}, cfg, plan, on_cpu=True)
+        build_ds_config({**base, "gradient_clipping": 0.5}, cfg, plan, _model_cfg(cfg))
     with pytest.raises(ConfigError, match="optimizer"):
-        build_ds_config({**base, "optimizer": {"type": "Adam"}}, cfg, plan, on_cpu=True)
+        build_ds_config({**base, "optimizer": {"type": "Adam"}}, cfg, plan, _model_cfg(cfg))
     # Agreeing values and "auto" pass.
     ds, _ = build_ds_config(
-        {**base, "train_batch_size": 16, "gradient_accumulation_steps": "auto"}, cfg, plan, on_cpu=True
+        {**base, "train_batch_size": 16, "gradient_accumulation_steps": "auto"}, cfg, plan, _model_cfg(cfg)
     )
     assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (
         16,
@@ -172,35 +184,87 @@ def test_ds_json_disagreeing_with_run_config() -> None:
     assert ds["gradient_clipping"] == 1.0
 
 
-def test_cpu_turns_bf16_and_offload_off_and_says_so() -> None:
+def test_precision_and_offload_run_as_the_config_says() -> None:
+    """No device turns bf16 or offload off: the merged config asks for what the JSON asks for."""
     cfg = load_config(PretrainConfig, CONFIGS / "aim-test.yaml")
     plan = _plan(cfg, 2)
     base = load_ds_config(DS_CONFIGS / "zero3_offload.json")
     assert optimizer_offloaded(base)
-    ds, notes = build_ds_config(base, cfg, plan, on_cpu=True)
-    assert ds["bf16"]["enabled"] is False and not optimizer_offloaded(ds)
-    assert any("bf16" in n for n in notes)
-    assert base["bf16"]["enabled"] is True  # the caller's dict is not modified
-    gpu, gpu_notes = build_ds_config(base, cfg, plan, on_cpu=False)
-    assert gpu["bf16"]["enabled"] is True and optimizer_offloaded(gpu) and not gpu_notes
+    ds, notes = build_ds_config(base, cfg, plan, _model_cfg(cfg))
+    assert ds["bf16"]["enabled"] is True and optimizer_offloaded(ds)
+    assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert not any("bf16" in n or "offload" in n for n in notes)
+    assert base["zero_optimization"]["reduce_bucket_size"] == "auto"  # the caller's dict is not modified
+    fp32, _ = build_ds_config(load_ds_config(DS_CONFIGS / "zero3_fp32.json"), cfg, plan, _model_cfg(cfg))
+    assert fp32["bf16"]["enabled"] is False
+
+
+def test_a_precision_the_device_lacks_is_an_error_saying_why() -> None:
+    cfg = load_config(PretrainConfig, CONFIGS / "aim-test.yaml")
+    ds, _ = build_ds_config(load_ds_config(DS_CONFIGS / "zero3.json"), cfg, _plan(cfg, 2), _model_cfg(cfg))
+    check_runs_here(ds, "cpu", [torch.float32, torch.bfloat16])  # DeepSpeed's CPU accelerator: fine
+    with pytest.raises(ConfigError, match=r"enables bf16 but DeepSpeed's npu accelerator does not support.*zero3_fp32"):
+        check_runs_here(ds, "npu", [torch.float32, torch.float16])
+    with pytest.raises(ConfigError, match="enables fp16"):
+        check_runs_here({"fp16": {"enabled": True}}, "cpu", [torch.float32, torch.bfloat16])
+
+
+@pytest.mark.parametrize("ds_file", sorted(p.name for p in DS_CONFIGS.glob("*.json")))
+def test_every_shipped_config_accumulates_and_reduces_in_fp32(ds_file: str) -> None:
+    ds = load_ds_config(DS_CONFIGS / ds_file)
+    assert ds["data_types"]["grad_accum_dtype"] == "fp32" and ds["communication_data_type"] == "fp32"
+
+
+def test_half_precision_config_without_accumulation_dtype_gets_fp32() -> None:
+    cfg = load_config(PretrainConfig, CONFIGS / "aim-test.yaml")
+    bare = {"bf16": {"enabled": True}, "zero_optimization": {"stage": 3}}
+    ds, notes = build_ds_config(bare, cfg, _plan(cfg, 2), _model_cfg(cfg))
+    assert ds["data_types"]["grad_accum_dtype"] == "fp32" and ds["communication_data_type"] == "fp32"
+    assert any("accumulate in fp32" in n for n in notes) and any("reduced in fp32" in n for n in notes)
+    # ZeRO off + bf16: DeepSpeed cannot accumulate in fp32 there, so nothing is added.
+    ds0, _ = build_ds_config({"bf16": {"enabled": True}}, cfg, _plan(cfg, 2), _model_cfg(cfg))
+    assert "data_types" not in ds0
+
+
+@pytest.mark.parametrize("name", ["aim-test", "aim-0.6B", "aim-1B", "aim-3B", "aim-7B"])
+def test_auto_knobs_resolve_from_the_width(name: str) -> None:
+    """"auto" -> hidden^2, 0.9 hidden^2, 10 hidden (Transformers' DeepSpeed integration), hidden being
+    the wider of trunk and head."""
+    cfg = load_config(PretrainConfig, CONFIGS / f"{name}.yaml")
+    model_cfg = _model_cfg(cfg)
+    hidden = max(model_cfg.width, model_cfg.head_width)
+    assert model_hidden_size(model_cfg) == hidden
+    world = 2 if name == "aim-test" else 8
+    for ds_file in ("zero3.json", "zero3_offload.json", "zero3_fp32.json", "zero2.json"):
+        ds, notes = build_ds_config(load_ds_config(DS_CONFIGS / ds_file), cfg, _plan(cfg, world), model_cfg)
+        zero = ds["zero_optimization"]
+        assert zero["reduce_bucket_size"] == hidden * hidden
+        if zero_stage(ds) == 3:
+            assert zero["stage3_prefetch_bucket_size"] == int(0.9 * hidden * hidden)
+            assert zero["stage3_param_persistence_threshold"] == 10 * hidden
+        assert "auto" not in json.dumps(ds)
+        assert any(f"reduce_bucket_size=auto -> {hidden * hidden}" in n for n in notes)
+    # A number in the JSON is kept as it is.
+    fixed = {"zero_optimization": {"stage": 3, "reduce_bucket_size": 12345}}
+    assert build_ds_config(fixed, cfg, _plan(cfg, world), model_cfg)[0]["zero_optimization"]["reduce_bucket_size"] == 12345
 
 
 def test_zero3_buckets_keep_norms_whole_and_shard_matrices() -> None:
-    """The persistence threshold lies above every 1-D parameter and below every matrix of the
-    Table 1 models, so norms and biases stay gathered and all matrices are sharded."""
+    """The persistence threshold "auto" resolves (10 x width) above every 1-D parameter and below
+    every matrix of the Table 1 models, so norms and biases stay gathered and all matrices are sharded."""
     for ds_file in ("zero3.json", "zero3_offload.json"):
-        ds = json.loads((DS_CONFIGS / ds_file).read_text())
-        assert zero_stage(ds) == 3 and ds["bf16"]["enabled"]
-        zero = ds["zero_optimization"]
-        assert zero["overlap_comm"] and zero["contiguous_gradients"]
-        threshold = zero["stage3_param_persistence_threshold"]
+        base = json.loads((DS_CONFIGS / ds_file).read_text())
+        assert zero_stage(base) == 3 and base["bf16"]["enabled"]
         for name in ("aim-0.6B", "aim-1B", "aim-3B", "aim-7B"):
-            with __import__("torch").device("meta"):
+            cfg = load_config(PretrainConfig, CONFIGS / f"{name}.yaml")
+            ds, _ = build_ds_config(base, cfg, _plan(cfg, 8), _model_cfg(cfg))
+            zero = ds["zero_optimization"]
+            assert zero["overlap_comm"] and zero["contiguous_gradients"]
+            threshold = zero["stage3_param_persistence_threshold"]
+            with torch.device("meta"):
                 model = aim_ds.create_model(name)
             sizes = [(p.ndim, p.numel()) for p in model.parameters()]
             assert max(n for d, n in sizes if d == 1) < threshold < min(n for d, n in sizes if d >= 2)
-            largest = max(n for _, n in sizes)
-            assert zero["reduce_bucket_size"] >= largest / 2  # buckets not smaller than a big layer
     assert zero_stage(load_ds_config(DS_CONFIGS / "zero2.json")) == 2
 
 

@@ -256,8 +256,6 @@ def test_two_ranks_shard_data_and_share_heads(digits: dict[str, Path], tmp_path:
 
     from test_weights import make_deepspeed_run  # tests/ is on sys.path under pytest
 
-    from aim_ds.distributed import free_port
-
     run = make_deepspeed_run(tmp_path / "ds_run", steps=0, init=digits["pretrained"] / "model.safetensors")
 
     port = free_port()

@@ -7,8 +7,8 @@ Per GPU (per rank on the CPU accelerator, where everything lives in host memory)
 
 - model states: DeepSpeed's own ZeRO-3 estimator (``estimate_zero3_model_states_mem_needs``: 16-bit
   parameter and gradient partitions, fp32 master weights and Adam moments, the largest layer
-  gathered). DeepSpeed's CPU path trains in fp32 (``aim_ds.train.engine.build_ds_config``), where
-  the parameter and gradient partitions take 4 bytes instead of 2: :func:`model_state_bytes` adds them.
+  gathered). An fp32 config (``ds_configs/zero3_fp32.json``) keeps the parameter and gradient
+  partitions in 4 bytes instead of 2: :func:`model_state_bytes` adds them.
 - activations: what autograd saves, *measured* by running one real trunk block, and the
   preprocessor + head + loss, under ``FakeTensorMode`` (shapes and dtypes, no memory) with
   ``saved_tensors_hooks`` counting each saved storage once, parameters excluded. Without activation

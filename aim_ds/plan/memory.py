@@ -7,8 +7,8 @@ Per GPU (per rank on the CPU accelerator, where everything lives in host memory)
 
 - model states: DeepSpeed's own ZeRO-3 estimator (``estimate_zero3_model_states_mem_needs``: 16-bit
   parameter and gradient partitions, fp32 master weights and Adam moments, the largest layer
-  gathered). DeepSpeed's CPU path trains in fp32 (``aim_ds.train.engine.build_ds_config``), where
-  the parameter and gradient partitions take 4 bytes instead of 2: :func:`model_state_bytes` adds them.
+  gathered). An fp32 config (``ds_configs/zero3_fp32.json``) keeps the parameter and gradient
+  partitions in 4 bytes instead of 2: :func:`model_state_bytes` adds them.
 - activations: what autograd saves, *measured* by running one real trunk block, and the
   preprocessor + head + loss, under ``FakeTensorMode`` (shapes and dtypes, no memory) with
   ``saved_tensors_hooks`` counting each saved storage once, parameters excluded. Without activation
@@ -54,13 +54,14 @@ class EngineSettings:
     """What of a DeepSpeed config moves memory (read by :func:`engine_settings`)."""
 
     stage: int
-    bytes_per_param: int  # 2 (bf16/fp16) or 4 (fp32, e.g. DeepSpeed's CPU path)
+    bytes_per_param: int  # 2 (bf16/fp16) or 4 (fp32, e.g. ds_configs/zero3_fp32.json)
     offload_optimizer: bool
     offload_param: bool
     max_live_parameters: int
     max_reuse_distance: int
     reduce_bucket_size: int  # elements
     overlap_comm: bool
+    grad_bytes: int = 2  # per gradient element: 4 when gradients accumulate in fp32 (data_types.grad_accum_dtype)
 
 
 @dataclass(frozen=True)
@@ -130,22 +131,24 @@ class MemoryPlan:
 
 
 def engine_settings(ds: dict[str, Any], *, device: str) -> EngineSettings:
-    """Memory-relevant settings of a DeepSpeed config. On the CPU, DeepSpeed trains in fp32 with no
-    offload (as :func:`aim_ds.train.engine.build_ds_config` sets it)."""
+    """Memory-relevant settings of a DeepSpeed config, as the engine runs them on every device
+    (:func:`aim_ds.train.engine.build_ds_config` downgrades nothing: bf16 and offload run on the CPU
+    accelerator too, where "offloaded" states stay in the same host memory)."""
     zero = ds.get("zero_optimization", {})
     half = ds.get("bf16", {}).get("enabled", False) or ds.get("fp16", {}).get("enabled", False)
-    on_gpu = device == "cuda"
 
     def offloaded(key: str) -> bool:
-        return on_gpu and zero.get(key, {}).get("device", "none") in ("cpu", "nvme")
+        return zero.get(key, {}).get("device", "none") in ("cpu", "nvme")
 
     def number(key: str, default: float) -> int:
         value = zero.get(key, default)
         return int(default if value == "auto" else value)
 
+    fp32_grads = not half or str(ds.get("data_types", {}).get("grad_accum_dtype", "")).lower() in ("fp32", "float32")
     return EngineSettings(
+        grad_bytes=4 if fp32_grads else 2,
         stage=int(zero.get("stage", 0)),
-        bytes_per_param=2 if half and on_gpu else 4,
+        bytes_per_param=2 if half else 4,
         offload_optimizer=offloaded("offload_optimizer"),
         offload_param=offloaded("offload_param"),
         max_live_parameters=number("stage3_max_live_parameters", 1e9),
@@ -228,7 +231,8 @@ def _measure_fake(cfg: AIMConfig, depth: int, dtype: torch.dtype, batch: int, bu
 
 def model_state_bytes(params: Parameters, engine: EngineSettings, hw: Hardware) -> tuple[int, int]:
     """``(per GPU, host per node)`` bytes of parameters, gradients and optimizer states under ZeRO-3,
-    from DeepSpeed's estimator; fp32 training adds 2 + 2 bytes per parameter partition."""
+    from DeepSpeed's estimator (16-bit parameter and gradient partitions); fp32 parameters add 2 bytes
+    per parameter partition, fp32 gradients (fp32 training, or bf16 with fp32 accumulation) 2 more."""
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 
     host, device, _largest = estimate_zero3_model_states_mem_needs(
@@ -240,8 +244,9 @@ def model_state_bytes(params: Parameters, engine: EngineSettings, hw: Hardware) 
         cpu_offload_params=engine.offload_param,
         zero_init=True,
     )
-    if engine.bytes_per_param == 4:
-        extra = math.ceil(4 * params.total / hw.world_size)
+    widened = (engine.bytes_per_param - 2) + (engine.grad_bytes - 2)
+    if widened:
+        extra = math.ceil(widened * params.total / hw.world_size)
         if engine.offload_optimizer:
             host += extra * hw.gpus_per_node
         else:
@@ -270,6 +275,8 @@ def plan_memory(
 ) -> MemoryPlan:
     """The peak per rank for one (micro-batch, checkpointing) choice."""
     device_states, host_states = model_state_bytes(params, engine, hw)
+    if hw.device == "cpu":  # DeepSpeed's CPU accelerator: "offloaded" states share the same host memory
+        device_states += math.ceil(host_states / hw.gpus_per_node)
     return MemoryPlan(
         micro_batch=micro_batch,
         accumulation=max(batch_size // (micro_batch * hw.world_size), 1),

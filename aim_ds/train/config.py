@@ -25,6 +25,7 @@ class ModelSection:
     name: str = "aim-test"
     overrides: dict[str, Any] = field(default_factory=dict)  # AIMConfig fields, e.g. {head_depth: 8}
     grad_checkpointing: bool = False  # recompute trunk blocks in backward (activation checkpointing)
+    head_grad_checkpointing: bool = False  # the same for the pixel head's blocks (0.4B parameters at 7B)
     # Build under deepspeed.zero.Init (ZeRO-3 only): each rank allocates only its shard instead of a
     # full fp32 copy first (AIM-7B + head: 27 GB of host memory per rank otherwise).
     zero_init: bool = False

@@ -10,6 +10,7 @@ import contextlib
 import json
 import math
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,14 +35,49 @@ def load_ds_config(path: str | os.PathLike) -> dict[str, Any]:
         raise ConfigError(f"DeepSpeed config '{path}' is not valid JSON: {exc}") from None
 
 
-def build_ds_config(
-    base: dict[str, Any], cfg: PretrainConfig, plan: RunPlan, *, on_cpu: bool, source: str = "the DeepSpeed config"
-) -> tuple[dict[str, Any], list[str]]:
-    """Fill batch sizes and clipping from the run config into a copy of ``base``.
+# zero_optimization knobs that may say "auto": filled from the model's width as the DeepSpeed
+# integration of Hugging Face Transformers does (hidden^2, 0.9 * hidden^2, 10 * hidden), in elements.
+AUTO_ZERO_KNOBS: dict[str, Callable[[int], int]] = {
+    "reduce_bucket_size": lambda hidden: hidden * hidden,
+    "stage3_prefetch_bucket_size": lambda hidden: int(0.9 * hidden * hidden),
+    "stage3_param_persistence_threshold": lambda hidden: 10 * hidden,
+}
 
-    A value the JSON already sets (other than ``"auto"``) must agree with the run config, else
-    :class:`BatchConfigError` says which knob to change. On CPU, bf16/fp16 are switched off (fp32):
-    DeepSpeed's CPU path trains in fp32 here. Returns the dict and notes for the log.
+
+def model_hidden_size(model_cfg: AIMConfig) -> int:
+    """The width the ``"auto"`` knobs scale with: the wider of trunk and pixel head (the head's 2048
+    exceeds aim-0.6B's trunk width of 1536), as Transformers takes the largest hidden size."""
+    return max(model_cfg.width, model_cfg.head_width)
+
+
+def resolve_auto_knobs(ds: dict[str, Any], hidden: int) -> list[str]:
+    """Replace ``"auto"`` in the :data:`AUTO_ZERO_KNOBS` of ``ds["zero_optimization"]`` (in place)
+    with values from ``hidden`` (the model width). Returns one note per knob filled."""
+    zero = ds.get("zero_optimization", {})
+    notes = []
+    for key, value_of in AUTO_ZERO_KNOBS.items():
+        if zero.get(key) == "auto":
+            zero[key] = value_of(hidden)
+            notes.append(f"zero_optimization.{key}=auto -> {zero[key]} (hidden size {hidden})")
+    return notes
+
+
+def build_ds_config(
+    base: dict[str, Any],
+    cfg: PretrainConfig,
+    plan: RunPlan,
+    model_cfg: AIMConfig,
+    *,
+    source: str = "the DeepSpeed config",
+) -> tuple[dict[str, Any], list[str]]:
+    """Fill batch sizes, clipping and the ``"auto"`` ZeRO knobs into a copy of ``base``.
+
+    A batch value the JSON already sets (other than ``"auto"``) must agree with the run config, else
+    :class:`BatchConfigError` says which knob to change. Precision and offload are taken as the
+    JSON says, on every device (:func:`check_runs_here` rejects what the device cannot do). A bf16 or
+    fp16 ZeRO config that leaves ``data_types.grad_accum_dtype`` / ``communication_data_type`` unset
+    gets fp32 for both, since DeepSpeed would otherwise sum and reduce gradients in 16 bits. Returns
+    the dict and notes for the log.
     """
     ds = json.loads(json.dumps(base))  # deep copy, plain data
     notes: list[str] = []
@@ -61,18 +97,33 @@ def build_ds_config(
                 f"(the driver fills it) or change {knob}"
             )
         ds[key] = want
-    if on_cpu:
-        for precision in ("bf16", "fp16"):
-            if ds.get(precision, {}).get("enabled", False):
-                ds[precision]["enabled"] = False
-                notes.append(f"no CUDA: {precision} turned off, training in fp32 on CPU")
-        zero = ds.get("zero_optimization", {})
-        for offload in ("offload_optimizer", "offload_param"):
-            if zero.get(offload, {}).get("device", "none") not in ("none", None):
-                zero[offload]["device"] = "none"
-                notes.append(f"no CUDA: zero_optimization.{offload} turned off (already on the CPU)")
+    notes += resolve_auto_knobs(ds, model_hidden_size(model_cfg))
+    half = any(ds.get(p, {}).get("enabled", False) for p in ("bf16", "fp16"))
+    if half and zero_stage(ds) >= 1:  # stage 0 + bf16 cannot accumulate in fp32 (DeepSpeed refuses)
+        if "grad_accum_dtype" not in ds.get("data_types", {}):
+            ds.setdefault("data_types", {})["grad_accum_dtype"] = "fp32"
+            notes.append(f"{source} leaves data_types.grad_accum_dtype unset: gradients accumulate in fp32")
+        if "communication_data_type" not in ds:
+            ds["communication_data_type"] = "fp32"
+            notes.append(f"{source} leaves communication_data_type unset: gradients are reduced in fp32")
     ds.setdefault("steps_per_print", 10**9)  # our logger reports; silence DeepSpeed's own step prints
     return ds, notes
+
+
+def check_runs_here(
+    ds: dict[str, Any], device_name: str, supported_dtypes: Sequence[torch.dtype], source: str = "the DeepSpeed config"
+) -> None:
+    """Raise :class:`ConfigError` saying why when ``ds`` asks for a precision the accelerator
+    ``device_name`` cannot train in (``supported_dtypes``: DeepSpeed's ``get_accelerator()
+    .supported_dtypes()``). Nothing is switched off quietly: bf16, offload and ZeRO-3 all run on
+    DeepSpeed's CPU accelerator, so the CPU trains what a GPU would."""
+    for key, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        if ds.get(key, {}).get("enabled", False) and dtype not in supported_dtypes:
+            raise ConfigError(
+                f"{source} enables {key} but DeepSpeed's {device_name} accelerator does not support "
+                f"{dtype} here (it supports {', '.join(str(d) for d in supported_dtypes)}); use a config "
+                f"without {key}, e.g. ds_configs/zero3_fp32.json"
+            )
 
 
 def optimizer_offloaded(ds: dict[str, Any]) -> bool:
@@ -111,7 +162,7 @@ def build_model(model_cfg: AIMConfig, cfg: PretrainConfig, ds: dict[str, Any] | 
         context = deepspeed.zero.Init(config_dict_or_path=ds)
     with context:
         model = AIM(model_cfg, name=cfg.model.name)
-    model.set_grad_checkpointing(cfg.model.grad_checkpointing)
+    model.set_grad_checkpointing(cfg.model.grad_checkpointing, head=cfg.model.head_grad_checkpointing)
     return model
 
 

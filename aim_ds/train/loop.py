@@ -31,6 +31,7 @@ from .engine import (
     build_ds_config,
     build_engine,
     build_model,
+    check_runs_here,
     count_parameters,
     model_config,
     shard_report,
@@ -60,7 +61,8 @@ def run(
     rank, world, device = init_distributed()
     model_cfg = model_config(cfg)  # the one resolution of the architecture; passed down from here
     cfg, plan = _plan(cfg, model_cfg, world)
-    ds, notes = build_ds_config(ds_base, cfg, plan, on_cpu=device.type != "cuda", source=ds_source)
+    ds, notes = build_ds_config(ds_base, cfg, plan, model_cfg, source=ds_source)
+    _check_accelerator(ds, ds_source)
     if check_memory and zero_stage(ds) == 3:
         _check_memory(cfg, model_cfg, ds, plan, world, device)
     if cfg.checkpoint.resume:
@@ -110,6 +112,14 @@ def run(
         return RunResult(status, step, out_dir)
     finally:
         logger.close()
+
+
+def _check_accelerator(ds: dict[str, Any], source: str) -> None:
+    """:func:`check_runs_here` against the accelerator DeepSpeed picked (DS_ACCELERATOR or auto)."""
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    check_runs_here(ds, accelerator.device_name(), accelerator.supported_dtypes(), source)
 
 
 def _plan(cfg: PretrainConfig, model_cfg: AIMConfig, world: int) -> tuple[PretrainConfig, RunPlan]:
@@ -220,23 +230,81 @@ def _warn_config_changes(saved: dict[str, Any], current: dict[str, Any]) -> None
 
 class _LogWindow:
     """Images, summed loss and wall time since the last log line: the logged loss is the mean over
-    the window's steps (the step's own loss at ``log.every_steps=1``)."""
+    the window's steps (the step's own loss at ``log.every_steps=1``). The loss sum stays on the
+    device; it is read only when a line is logged."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
         self.reset()
 
     def reset(self) -> None:
-        self.start, self.images, self.loss, self.steps = time.perf_counter(), 0, 0.0, 0
+        self.start, self.images, self.steps = time.perf_counter(), 0, 0
+        self.loss = torch.zeros((), dtype=torch.float32, device=self.device)
 
     def restart_clock(self) -> None:
         """Keep validation and checkpoint time out of images/s."""
         self.start = time.perf_counter()
 
-    def add(self, images: int, loss: float) -> None:
-        self.images, self.loss, self.steps = self.images + images, self.loss + loss, self.steps + 1
+    def add(self, images: int, loss: Tensor) -> None:
+        self.images, self.steps = self.images + images, self.steps + 1
+        self.loss += loss
 
     def images_per_second(self) -> float:
         return self.images / max(time.perf_counter() - self.start, 1e-9)
+
+
+class _StepStats:
+    """One optimizer step's ``[loss, stop flag, gradient norm]`` (loss averaged over micro-steps
+    and ranks, flag summed over ranks), copied to the host without waiting for the device: a
+    CUDA tensor goes to pinned memory with an event, read later by :meth:`values`. Reading a step's
+    stats one step late keeps the host from waiting on the device every step."""
+
+    def __init__(self, step: int, stats: Tensor, *, has_grad_norm: bool) -> None:
+        self.step, self.has_grad_norm = step, has_grad_norm
+        self.event = None
+        if stats.device.type == "cuda":
+            self.host = torch.empty(stats.shape, dtype=stats.dtype, pin_memory=True)
+            self.host.copy_(stats, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = stats.detach()
+
+    def values(self) -> tuple[float, bool, float | None]:
+        """``(loss, stop_requested, grad_norm)``, ``grad_norm`` None when the engine computes none.
+        Waits for the copy (not for later steps' work)."""
+        if self.event is not None:
+            self.event.synchronize()
+        loss, flag, norm = self.host.numpy().tolist()  # a host array: no tensor read, no device sync
+        return loss, flag > 0, norm if self.has_grad_norm else None
+
+    def check(self) -> bool:
+        """Raise :class:`NonFiniteLossError` naming this step when its loss or gradient norm is not
+        finite; else return whether any rank asked to stop."""
+        loss, stop_requested, norm = self.values()
+        if not math.isfinite(loss):
+            raise NonFiniteLossError(self.step, "loss", loss)
+        if norm is not None and not math.isfinite(norm):
+            raise NonFiniteLossError(self.step, "gradient norm", norm)
+        return stop_requested
+
+
+def _sync_due(cfg: PretrainConfig, plan: RunPlan, step: int) -> bool:
+    """Whether optimizer step ``step`` logs, validates, checkpoints or ends the run: then its stats
+    are read at once (a checkpoint must never hold a non-finite step). Other steps read theirs one
+    step later."""
+
+    def every(n: int) -> bool:
+        return n > 0 and step % n == 0
+
+    stop_after = cfg.train.stop_after_steps > 0 and step >= cfg.train.stop_after_steps
+    return (
+        step >= plan.total_steps
+        or stop_after
+        or every(max(cfg.log.every_steps, 1))
+        or every(cfg.checkpoint.every_steps)
+        or every(cfg.val.every_steps)
+    )
 
 
 def _train_loop(job: Job, step: int, epoch: int, batch_in_epoch: int) -> tuple[str, int]:
@@ -249,7 +317,8 @@ def _train_loop(job: Job, step: int, epoch: int, batch_in_epoch: int) -> tuple[s
     flops_per_image = train_flops_per_image(job.model_cfg)
     stop = StopRequest()
     stop.install()
-    window = _LogWindow()
+    window = _LogWindow(job.device)
+    pending: _StepStats | None = None  # the previous step's stats, not yet read
     last_saved = step
     engine.train()
     try:
@@ -262,23 +331,23 @@ def _train_loop(job: Job, step: int, epoch: int, batch_in_epoch: int) -> tuple[s
                 min_lr=cfg.optim.min_lr,
             )
             set_lr(job.optimizer, lr)
-            step_loss, stop_now, epoch, batch_in_epoch = _optimizer_step(job, step, batches, stop)
+            loss, flag, epoch, batch_in_epoch = _optimizer_step(job, step, batches, stop)
             step += 1
-            window.add(cfg.train.batch_size, step_loss)
-            grad_norm = _grad_norm(engine)
-            if grad_norm is not None and not math.isfinite(grad_norm):
-                raise NonFiniteLossError(step, "gradient norm", grad_norm)
+            window.add(cfg.train.batch_size, loss)
+            grad_norm = _grad_norm(engine, job.device)
+            stats = torch.stack([loss, flag, grad_norm if grad_norm is not None else torch.zeros_like(loss)])
+            stats = _StepStats(step, stats, has_grad_norm=grad_norm is not None)
+            # The previous step first: a non-finite value there names that step, one step late.
+            stop_now = pending.check() if pending is not None else False
+            pending = None
+            if stop_now or _sync_due(cfg, plan, step):
+                stop_now = stats.check() or stop_now
+            else:
+                pending = stats
             if step % max(cfg.log.every_steps, 1) == 0 or step == plan.total_steps:
-                _log_step(
-                    job,
-                    step,
-                    window.loss / window.steps,
-                    lr,
-                    grad_norm,
-                    window.images_per_second(),
-                    epoch,
-                    flops_per_image,
-                )
+                _, _, grad_norm = stats.values()
+                mean_loss = float(window.loss) / window.steps  # the one host read of the window
+                _log_step(job, step, mean_loss, lr, grad_norm, window.images_per_second(), epoch, flops_per_image)
                 window.reset()
             if job.val_loader is not None and cfg.val.every_steps > 0 and step % cfg.val.every_steps == 0:
                 if step < plan.total_steps:  # the last one comes with the end of the run
@@ -297,29 +366,27 @@ def _train_loop(job: Job, step: int, epoch: int, batch_in_epoch: int) -> tuple[s
         stop.restore()
 
 
-def _optimizer_step(job: Job, step: int, batches: Any, stop: StopRequest) -> tuple[float, bool, int, int]:
-    """The forward/backward passes of one optimizer step and the update. Returns ``(loss, stop_now,
-    epoch, batch_in_epoch)``: the loss averaged over micro-steps and ranks, whether any rank was
-    asked to stop, and the data position after the step's last micro-batch."""
+def _optimizer_step(job: Job, step: int, batches: Any, stop: StopRequest) -> tuple[Tensor, Tensor, int, int]:
+    """The forward/backward passes of one optimizer step and the update. Returns ``(loss, flag,
+    epoch, batch_in_epoch)``: the loss averaged over micro-steps and ranks and the number of ranks
+    asked to stop (both 0-d fp32 device tensors, not read here), and the data position after the
+    step's last micro-batch."""
     plan, engine = job.plan, job.engine
     loss_sum = torch.zeros((), dtype=torch.float32, device=job.device)
     for micro in range(plan.grad_accum_steps):
         epoch, index, images = next(batches)
+        # Drawn on the host; the model checks it there before copying it to the images' device.
         prefix_len = draw_prefix_len(images.shape[0], plan.num_patches, job.cfg.train.seed, job.rank, step, micro)
-        loss = engine(images, prefix_len=prefix_len.to(images.device))["loss"]
+        loss = engine(images, prefix_len=prefix_len)["loss"]
         engine.backward(loss)
         loss_sum += loss.detach().float()
         if micro == plan.grad_accum_steps - 1:
-            # Before the update: one all-reduce carries the loss for the log, the non-finite check
-            # (NaN on any rank makes the sum NaN) and the stop flag, so that all ranks agree.
+            # One all-reduce carries the loss for the log, the non-finite check (NaN on any rank
+            # makes the sum NaN) and the stop flag, so that all ranks decide alike.
             flag = torch.tensor(float(stop.requested), device=job.device)
             stats = all_reduce_(torch.stack([loss_sum / plan.grad_accum_steps, flag]), "sum")
-            step_loss = float(stats[0]) / job.world
-            stop_now = float(stats[1]) > 0
-            if not math.isfinite(step_loss):
-                raise NonFiniteLossError(step + 1, "loss", step_loss)
         engine.step()
-    return step_loss, stop_now, epoch, index + 1
+    return stats[0] / job.world, stats[1], epoch, index + 1
 
 
 def _log_step(
@@ -354,8 +421,12 @@ def _log_step(
         log.info(line)
 
 
-def _grad_norm(engine: Any) -> float | None:
+def _grad_norm(engine: Any, device: torch.device) -> Tensor | None:
+    """The last step's global gradient norm as a 0-d fp32 tensor on ``device``, without reading it
+    (None when the engine computes none)."""
     norm = engine.get_global_grad_norm()
     if norm is None:
         return None
-    return float(norm.item() if isinstance(norm, Tensor) else norm)
+    if isinstance(norm, Tensor):
+        return norm.detach().to(device=device, dtype=torch.float32).reshape(())
+    return torch.tensor(float(norm), dtype=torch.float32, device=device)
