@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from test_pretrain_deepspeed import DEEPSPEED, LAUNCH_TIMEOUT_S, PERSISTENCE_THRESHOLD, ROOT, VENV_BIN, betons
+from test_pretrain_deepspeed import DEEPSPEED, LAUNCH_TIMEOUT_S, PERSISTENCE_THRESHOLD, ROOT, VENV_BIN
 
 from aim_ds import checkpoint as ckpt
 from aim_ds.config import ConfigError
@@ -30,7 +30,6 @@ from aim_ds.distributed import free_port
 from aim_ds.metrics import read_metrics
 from aim_ds.train.loop import batch_in_epoch_from
 
-__all__ = ["betons"]  # the session fixture, shared with test_pretrain_deepspeed
 
 STEPS = 6
 BATCH, MICRO = 16, 4  # accumulation 2 on two ranks, 4 on one
