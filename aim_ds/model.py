@@ -179,18 +179,14 @@ class Trunk(nn.Module):
         self.post_trunk_norm = LayerNorm(cfg.width, eps=cfg.norm_eps)
         self.grad_checkpointing = False
 
-    def forward(self, x: Tensor, mask=None, collect: Sequence[int] = ()) -> tuple[Tensor, list[Tensor]]:
-        """Returns the normed output ``[B, N, D]`` and the raw outputs of the blocks in ``collect``."""
-        collected = []
-        wanted = set(collect)
-        for i, block in enumerate(self.blocks):
+    def forward(self, x: Tensor, mask=None) -> Tensor:
+        """``[B, N, D]`` -> the normed output ``[B, N, D]`` (``mask``: see :mod:`aim_ds.attention`)."""
+        for block in self.blocks:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, mask, use_reentrant=False)
             else:
                 x = block(x, mask)
-            if i in wanted:
-                collected.append(x)
-        return self.post_trunk_norm(x), collected
+        return self.post_trunk_norm(x)
 
     def block_outputs(self, x: Tensor, indices: Sequence[int]) -> dict[int, Tensor]:
         """Raw outputs ``{i: [B, N, D]}`` of blocks ``indices`` (0-based, non-negative) under full
@@ -276,7 +272,7 @@ class AIM(nn.Module):
         """``[B, 3, H, W]`` -> normed trunk output ``[B, N, D]`` under the prefix-causal mask."""
         x = self.preprocessor(images)
         mask = build_mask(prefix_len, x.shape[1], self.config.attn_impl, x.device)
-        out, _ = self.trunk(x, mask)
+        out = self.trunk(x, mask)
         return out
 
     def targets(self, images: Tensor) -> Tensor:
@@ -321,7 +317,7 @@ class AIM(nn.Module):
         20 blocks, not 32)."""
         x = self.preprocessor(images)
         if layers is None:
-            out, _ = self.trunk(x, None)
+            out = self.trunk(x, None)
             return out
         layers = [int(i) for i in layers]
         depth = self.config.depth

@@ -47,7 +47,7 @@ from aim_ds.flops import H100_BF16_DENSE_FLOPS, train_flops_per_image  # noqa: E
 from aim_ds.io import atomic_write_json, atomic_write_text  # noqa: E402
 from aim_ds.optim import build_optimizer, param_groups  # noqa: E402
 from aim_ds.registry import PAPER_RECIPE  # noqa: E402
-from aim_ds.train.engine import model_hidden_size, optimizer_offloaded, resolve_auto_knobs  # noqa: E402
+from aim_ds.train.engine import optimizer_offloaded, resolve_auto_knobs  # noqa: E402
 
 MODES = ("plain", "zero2", "zero3")
 ATTENTION = ("sdpa", "flex")
@@ -124,7 +124,7 @@ def _ds_config(path: str, micro_batch: int, accumulation: int, model_cfg: aim_ds
         wall_clock_breakdown=False,
     )
     config.setdefault("gradient_clipping", PAPER_RECIPE.grad_clip)
-    resolve_auto_knobs(config, model_hidden_size(model_cfg))
+    resolve_auto_knobs(config, model_cfg)
     return config
 
 

@@ -10,6 +10,7 @@ import torch
 
 import aim_ds
 from aim_ds.config import ConfigError, load_config
+from aim_ds.model import Block
 from aim_ds.registry import PAPER_RECIPE, get_model_spec
 from aim_ds.train.config import (
     BatchConfigError,
@@ -25,6 +26,7 @@ from aim_ds.train.engine import (
     load_ds_config,
     model_hidden_size,
     optimizer_offloaded,
+    trunk_block_parameters,
     zero_stage,
 )
 
@@ -228,8 +230,8 @@ def test_half_precision_config_without_accumulation_dtype_gets_fp32() -> None:
 
 @pytest.mark.parametrize("name", ["aim-test", "aim-0.6B", "aim-1B", "aim-3B", "aim-7B"])
 def test_auto_knobs_resolve_from_the_width(name: str) -> None:
-    """"auto" -> hidden^2, 0.9 hidden^2, 10 hidden (Transformers' DeepSpeed integration), hidden being
-    the wider of trunk and head."""
+    """"auto" -> hidden^2 and 10 hidden (Transformers' DeepSpeed integration), hidden being the wider
+    of trunk and head; the prefetch bucket holds one whole trunk block."""
     cfg = load_config(PretrainConfig, CONFIGS / f"{name}.yaml")
     model_cfg = _model_cfg(cfg)
     hidden = max(model_cfg.width, model_cfg.head_width)
@@ -240,10 +242,15 @@ def test_auto_knobs_resolve_from_the_width(name: str) -> None:
         zero = ds["zero_optimization"]
         assert zero["reduce_bucket_size"] == hidden * hidden
         if zero_stage(ds) == 3:
-            assert zero["stage3_prefetch_bucket_size"] == int(0.9 * hidden * hidden)
+            # One trunk block, counted from the built module (meta device: no memory).
+            with torch.device("meta"):
+                block = Block(model_cfg)
+            assert zero["stage3_prefetch_bucket_size"] == sum(p.numel() for p in block.parameters())
             assert zero["stage3_param_persistence_threshold"] == 10 * hidden
         assert "auto" not in json.dumps(ds)
         assert any(f"reduce_bucket_size=auto -> {hidden * hidden}" in n for n in notes)
+    if name == "aim-7B":  # the next block fits the prefetch bucket (the old 1e8 did not: 201M)
+        assert trunk_block_parameters(model_cfg) == 201_342_976
     # A number in the JSON is kept as it is.
     fixed = {"zero_optimization": {"stage": 3, "reduce_bucket_size": 12345}}
     assert build_ds_config(fixed, cfg, _plan(cfg, world), model_cfg)[0]["zero_optimization"]["reduce_bucket_size"] == 12345

@@ -61,6 +61,7 @@ class EngineSettings:
     max_reuse_distance: int
     reduce_bucket_size: int  # elements
     overlap_comm: bool
+    prefetch_bucket_size: int = 50_000_000  # elements gathered ahead of use (DeepSpeed's default)
     grad_bytes: int = 2  # per gradient element: 4 when gradients accumulate in fp32 (data_types.grad_accum_dtype)
 
 
@@ -154,6 +155,7 @@ def engine_settings(ds: dict[str, Any], *, device: str) -> EngineSettings:
         max_live_parameters=number("stage3_max_live_parameters", 1e9),
         max_reuse_distance=number("stage3_max_reuse_distance", 1e9),
         reduce_bucket_size=number("reduce_bucket_size", 5e8),
+        prefetch_bucket_size=number("stage3_prefetch_bucket_size", 5e7),
         overlap_comm=bool(zero.get("overlap_comm", False)),
     )
 
@@ -255,12 +257,15 @@ def model_state_bytes(params: Parameters, engine: EngineSettings, hw: Hardware) 
 
 
 def buffer_bytes(params: Parameters, engine: EngineSettings) -> int:
-    """Gathered parameters beyond the largest layer plus the gradient reduce bucket, per rank."""
+    """Gathered parameters beyond the largest layer (those kept within the reuse distance, plus the
+    prefetch bucket gathered ahead, all capped by ``stage3_max_live_parameters``) and the gradient
+    reduce bucket(s) in the gradients' dtype, per rank."""
     if engine.offload_param:
         return 0  # gathered one layer at a time from host memory (in the estimator's largest layer)
-    gathered = min(params.total, engine.max_live_parameters, engine.max_reuse_distance // 2 + params.largest_layer)
+    kept = engine.max_reuse_distance // 2 + params.largest_layer + engine.prefetch_bucket_size
+    gathered = min(params.total, engine.max_live_parameters, kept)
     reduce = engine.reduce_bucket_size * (2 if engine.overlap_comm else 1)
-    return (max(gathered - params.largest_layer, 0) + reduce) * engine.bytes_per_param
+    return max(gathered - params.largest_layer, 0) * engine.bytes_per_param + reduce * engine.grad_bytes
 
 
 def plan_memory(

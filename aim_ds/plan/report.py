@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -118,6 +119,10 @@ def make_plan(
     peak_flops: float = H100_BF16_DENSE_FLOPS,
 ) -> RunSizing:
     """Plan ``micro_batch`` with ``checkpointing`` and the choices that fit, as text and numbers."""
+    from ..train.engine import resolve_auto_knobs
+
+    ds = copy.deepcopy(ds)
+    resolve_auto_knobs(ds, model_cfg)  # "auto" knobs as the driver will fill them
     engine = engine_settings(ds, device=hw.device)
     if engine.stage != 3:
         raise ConfigError(f"the planner models ZeRO-3; the DeepSpeed config has stage {engine.stage}")

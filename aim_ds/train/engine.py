@@ -35,30 +35,41 @@ def load_ds_config(path: str | os.PathLike) -> dict[str, Any]:
         raise ConfigError(f"DeepSpeed config '{path}' is not valid JSON: {exc}") from None
 
 
-# zero_optimization knobs that may say "auto": filled from the model's width as the DeepSpeed
-# integration of Hugging Face Transformers does (hidden^2, 0.9 * hidden^2, 10 * hidden), in elements.
-AUTO_ZERO_KNOBS: dict[str, Callable[[int], int]] = {
-    "reduce_bucket_size": lambda hidden: hidden * hidden,
-    "stage3_prefetch_bucket_size": lambda hidden: int(0.9 * hidden * hidden),
-    "stage3_param_persistence_threshold": lambda hidden: 10 * hidden,
+# zero_optimization knobs that may say "auto", filled from the model's shape (in elements). The
+# bucket and threshold follow the DeepSpeed integration of Hugging Face Transformers (hidden^2 and
+# 10 * hidden). The prefetch bucket departs from its 0.9 * hidden^2 on purpose: that is 1/13 of one
+# trunk block (12 D^2 parameters: qkv 3 D^2, proj D^2, fc1 and fc2 4 D^2 each), so ZeRO-3 could never
+# have the next block gathered while the current one computes. One whole trunk block it is (201M
+# elements at 7B: 0.4 GB in bf16 per GPU).
+AUTO_ZERO_KNOBS: dict[str, Callable[[AIMConfig], int]] = {
+    "reduce_bucket_size": lambda cfg: model_hidden_size(cfg) ** 2,
+    "stage3_prefetch_bucket_size": lambda cfg: trunk_block_parameters(cfg),
+    "stage3_param_persistence_threshold": lambda cfg: 10 * model_hidden_size(cfg),
 }
 
 
 def model_hidden_size(model_cfg: AIMConfig) -> int:
-    """The width the ``"auto"`` knobs scale with: the wider of trunk and pixel head (the head's 2048
-    exceeds aim-0.6B's trunk width of 1536), as Transformers takes the largest hidden size."""
+    """The width the bucket and threshold scale with: the wider of trunk and pixel head (the head's
+    2048 exceeds aim-0.6B's trunk width of 1536), as Transformers takes the largest hidden size."""
     return max(model_cfg.width, model_cfg.head_width)
 
 
-def resolve_auto_knobs(ds: dict[str, Any], hidden: int) -> list[str]:
+def trunk_block_parameters(model_cfg: AIMConfig) -> int:
+    """Parameters of one trunk block: four D^2 attention matrices, two 4 D^2 MLP matrices (no
+    biases), two LayerNorms (2 D each)."""
+    width = model_cfg.width
+    return 12 * width * width + 4 * width
+
+
+def resolve_auto_knobs(ds: dict[str, Any], model_cfg: AIMConfig) -> list[str]:
     """Replace ``"auto"`` in the :data:`AUTO_ZERO_KNOBS` of ``ds["zero_optimization"]`` (in place)
-    with values from ``hidden`` (the model width). Returns one note per knob filled."""
+    with values from the model's shape. Returns one note per knob filled."""
     zero = ds.get("zero_optimization", {})
     notes = []
     for key, value_of in AUTO_ZERO_KNOBS.items():
         if zero.get(key) == "auto":
-            zero[key] = value_of(hidden)
-            notes.append(f"zero_optimization.{key}=auto -> {zero[key]} (hidden size {hidden})")
+            zero[key] = value_of(model_cfg)
+            notes.append(f"zero_optimization.{key}=auto -> {zero[key]}")
     return notes
 
 
@@ -97,7 +108,7 @@ def build_ds_config(
                 f"(the driver fills it) or change {knob}"
             )
         ds[key] = want
-    notes += resolve_auto_knobs(ds, model_hidden_size(model_cfg))
+    notes += resolve_auto_knobs(ds, model_cfg)
     half = any(ds.get(p, {}).get("enabled", False) for p in ("bf16", "fp16"))
     if half and zero_stage(ds) >= 1:  # stage 0 + bf16 cannot accumulate in fp32 (DeepSpeed refuses)
         if "grad_accum_dtype" not in ds.get("data_types", {}):
