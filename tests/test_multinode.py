@@ -30,7 +30,6 @@ from aim_ds.distributed import free_port
 from aim_ds.metrics import read_metrics
 from aim_ds.train.loop import batch_in_epoch_from
 
-
 STEPS = 6
 BATCH, MICRO = 16, 4  # accumulation 2 on two ranks, 4 on one
 
