@@ -44,6 +44,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--checkpoints-model", default="aim-tiny", help="with --pretrain: the run probed at every step")
     parser.add_argument("--steps", type=int, default=600, help="with --pretrain: optimizer steps of every size")
     parser.add_argument("--every", type=int, default=100, help="with --pretrain: checkpoint and val-loss interval")
+    parser.add_argument("--batch-size", type=int, default=32, help="with --pretrain: global batch of every size")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--checkpoints-run", default=None, help="run folder whose every checkpoint is probed")
     parser.add_argument("--size-runs", nargs="*", default=[], help="run folders of different sizes, same data/steps")
@@ -70,6 +71,11 @@ def pretrain_sizes(stages: demo.Stages, out: Path, args: argparse.Namespace) -> 
         overrides = [
             f"data.sources=[{{path: {out / 'digits_train.beton'}, prob: 1.0}}]",
             f"data.val_path={out / 'digits_val.beton'}",
+            # The same batch, schedule and data order for every size: only the architecture differs.
+            f"train.batch_size={args.batch_size}",
+            "train.micro_batch_size=0",  # batch / world size
+            "optim.peak_lr=1e-3",
+            "optim.warmup_fraction=0.05",
             f"train.steps={args.steps}",
             f"train.seed={args.seed}",
             f"checkpoint.every_steps={args.every}",
