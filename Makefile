@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export DS_ACCELERATOR ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1 && echo cuda || echo cpu)
 
-.PHONY: setup test test-fast lint bench bench-gpu wheels demo clean
+.PHONY: setup test test-fast lint bench bench-gpu wheels demo study clean
 
 setup:
 	@bash scripts/setup.sh
@@ -13,6 +13,14 @@ setup:
 DEMO_ARGS ?=
 demo: setup
 	$(PY) run/demo.py --out demo_out $(DEMO_ARGS)
+
+# The paper's two findings at small scale (run/study.py, aim_ds/study.py): digits betons, aim-test /
+# aim-tiny / aim-mini pretrained for the same steps on 2 CPU ranks (a checkpoint and val loss every 100
+# steps, all kept), every aim-tiny checkpoint probed, then the sizes. Figures in study_out/study/.
+# A quick check of the path: make study STUDY_ARGS="--steps 40 --every 20 train.epochs=2"
+STUDY_ARGS ?=
+study: setup
+	$(PY) run/study.py --out study_out --pretrain $(STUDY_ARGS)
 
 test: setup
 	$(PY) -m pytest tests -q -ra
@@ -38,4 +46,4 @@ wheels: setup
 	@ls wheels
 
 clean:
-	rm -rf bench_out demo_out .pytest_cache
+	rm -rf bench_out demo_out study_out .pytest_cache

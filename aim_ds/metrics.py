@@ -107,7 +107,7 @@ class MetricsLogger:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self._wandb_run is not None:
-            prefix = "val/" if kind == "val" else "train/"
+            prefix = f"{kind}/" if kind in ("val", "probe") else "train/"
             numeric = {prefix + k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
             self._wandb_run.log(numeric, step=int(step))
 
@@ -170,7 +170,17 @@ def plot_loss(metrics_path: str | os.PathLike, png_path: str | os.PathLike) -> b
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("normalised-pixel MSE")
     ax.grid(True, alpha=0.3)
-    ax.legend()
+    handles, labels = ax.get_legend_handles_labels()
+    probes = read_metrics(metrics_path, "probe")  # live probe (aim_ds.train.live_probe): top-1 on a right axis
+    if probes:
+        accuracy = ax.twinx()
+        for key in sorted({k for r in probes for k in r if k.startswith("top1_")}):
+            points = [(r["step"], 100 * r[key]) for r in probes if _finite(r.get(key))]
+            accuracy.plot(*zip(*points, strict=True), "s--", label=f"probe {key[5:]} top-1", linewidth=1.0)
+        accuracy.set_ylabel("probe top-1 (%)")
+        more = accuracy.get_legend_handles_labels()
+        handles, labels = handles + more[0], labels + more[1]
+    ax.legend(handles, labels)
     fig.tight_layout()
     with atomic_path(png_path) as tmp:
         fig.savefig(tmp, format="png")  # the temporary name has no .png suffix to infer it from
@@ -218,9 +228,12 @@ def save_patch_grid(
     min_cell_px: int = 128,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
+    captions: Sequence[str] | None = None,
 ) -> Path:
     """Save a PNG with, for each of the first ``num_images`` images, the true image (left) and the
-    model's next-patch predictions (right), side by side, one image per row.
+    model's next-patch predictions (right), side by side, one image per row. With ``captions`` (one
+    per image, e.g. its class and prefix length), a header names the columns and each row carries
+    its caption (:func:`_label_grid`).
 
     ``images`` ``[B, 3, H, W]`` ImageNet-normalised; ``pred`` ``[B, N, p*p*3]`` from the model's
     forward. With ``prefix_len`` ``[B]``, prefix patches (whose predictions the loss ignores) are
@@ -251,6 +264,25 @@ def save_patch_grid(
             top = gap + b * (height * scale + gap)
             left = gap + column * (width * scale + gap)
             canvas[top : top + height * scale, left : left + width * scale] = big
+    picture = Image.fromarray(canvas)
+    if captions is not None:
+        picture = _label_grid(picture, list(captions)[:count], row_height=height * scale + gap, gap=gap)
     with atomic_path(path) as tmp:
-        Image.fromarray(canvas).save(tmp, format="PNG")
+        picture.save(tmp, format="PNG")
     return Path(path)
+
+
+def _label_grid(picture: Any, captions: list[str], *, row_height: int, gap: int, band: int = 14) -> Any:
+    """``picture`` with a header band naming the columns and a caption band under each row."""
+    from PIL import Image, ImageDraw
+
+    width = picture.width
+    out = Image.new("RGB", (width, band + picture.height + band * len(captions)), "white")
+    draw = ImageDraw.Draw(out)
+    draw.text((gap, 1), "true", fill="black")
+    draw.text((width // 2 + gap, 1), "predicted (prefix faded)", fill="black")
+    for b, caption in enumerate(captions):
+        top = band + b * (row_height + band)
+        out.paste(picture.crop((0, gap + b * row_height, width, gap + (b + 1) * row_height)), (0, top + gap))
+        draw.text((gap, top + gap + row_height - gap), caption, fill="black")
+    return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,9 @@ from .layers import LayerNorm, Linear, PatchConv
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+RELEASED_NORM_EPS = 1e-6  # LayerNorm eps of the released ml-aim weights (docs/recipe.md, "Trunk")
+HeadBlockKind = Literal["transformer", "mlp"]
+HEAD_BLOCKS: tuple[str, ...] = ("transformer", "mlp")
 
 
 @dataclass(frozen=True)
@@ -36,8 +40,12 @@ class AIMConfig:
     head_width: int = 2048
     head_depth: int = 12
     head_mlp_ratio: float = 4.0
-    norm_eps: float = 1e-6  # the released weights' value; the authors' training config used 1e-5
+    # The authors' training config (docs/recipe.md, "Trunk"); released weights load with
+    # RELEASED_NORM_EPS (aim_ds.weights sets it for ml-aim files).
+    norm_eps: float = 1e-5
     target_eps: float = 1e-6  # per-patch target normalisation
+    target_unbiased: bool = True  # the authors' training code normalises targets by the unbiased variance
+    head_block: HeadBlockKind = "transformer"  # see HeadBlock: the authors' code; "mlp": the paper's wording
     attn_impl: AttentionImpl = "auto"
 
     def __post_init__(self) -> None:
@@ -48,6 +56,8 @@ class AIMConfig:
         for name in ("width", "head_width"):
             if getattr(self, name) % 4 != 0:
                 raise ValueError(f"{name} {getattr(self, name)} must be a multiple of 4 for the 2D sin-cos embedding")
+        if self.head_block not in HEAD_BLOCKS:
+            raise ValueError(f"head_block {self.head_block!r} is not one of {', '.join(HEAD_BLOCKS)}")
         if self.attn_impl not in ("auto", "sdpa", "flex"):
             raise ValueError(f"attn_impl {self.attn_impl!r} is not one of 'auto', 'sdpa', 'flex'")
 
@@ -107,10 +117,11 @@ def unpatchify(patches: Tensor, patch_size: int, grid_size: int) -> Tensor:
     return x.reshape(batch, 3, grid_size * p, grid_size * p)
 
 
-def normalize_patches(patches: Tensor, eps: float = 1e-6) -> Tensor:
-    """Per-patch target normalisation over the last dim: ``(t - mean) / sqrt(var + eps)``."""
+def normalize_patches(patches: Tensor, eps: float = 1e-6, unbiased: bool = False) -> Tensor:
+    """Per-patch target normalisation over the last dim: ``(t - mean) / sqrt(var + eps)``, with the
+    unbiased (``/(P-1)``) or the population (``/P``) variance."""
     mean = patches.mean(dim=-1, keepdim=True)
-    var = patches.var(dim=-1, unbiased=False, keepdim=True)
+    var = patches.var(dim=-1, unbiased=unbiased, keepdim=True)
     return (patches - mean) / torch.sqrt(var + eps)
 
 
@@ -205,14 +216,27 @@ class Trunk(nn.Module):
 
 
 class HeadBlock(nn.Module):
-    """Residual MLP block of the pixel head: ``x + fc2(gelu(fc1(norm(x))))``, no attention."""
+    """Residual MLP block of the pixel head, no attention (docs/recipe.md, "Pretraining head").
 
-    def __init__(self, width: int, hidden: int, eps: float) -> None:
+    ``"mlp"`` (the paper's wording): ``x + mlp(norm(x))``. ``"transformer"`` (the authors' training
+    code: a transformer block whose attention is an identity): ``x = x + norm_1(x)``, then
+    ``x + mlp(norm_2(x))``. The default is the training code's, since it produced the paper's numbers.
+    """
+
+    def __init__(self, width: int, hidden: int, eps: float, kind: HeadBlockKind = "transformer") -> None:
         super().__init__()
-        self.norm = LayerNorm(width, eps=eps)
+        self.kind = kind
+        if kind == "transformer":
+            self.norm_1 = LayerNorm(width, eps=eps)
+            self.norm_2 = LayerNorm(width, eps=eps)
+        else:
+            self.norm = LayerNorm(width, eps=eps)
         self.mlp = MLP(width, hidden)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.kind == "transformer":
+            x = x + self.norm_1(x)  # the identity "attention" of the normed input, added back
+            return x + self.mlp(self.norm_2(x))
         return x + self.mlp(self.norm(x))
 
 
@@ -225,7 +249,9 @@ class PixelHead(nn.Module):
         self.embed = Linear(cfg.width, cfg.head_width)
         self.register_buffer("pos_embed", sincos_pos_embed_2d(cfg.head_width, cfg.grid_size), persistent=False)
         hidden = int(cfg.head_width * cfg.head_mlp_ratio)
-        self.blocks = nn.ModuleList([HeadBlock(cfg.head_width, hidden, cfg.norm_eps) for _ in range(cfg.head_depth)])
+        self.blocks = nn.ModuleList(
+            [HeadBlock(cfg.head_width, hidden, cfg.norm_eps, cfg.head_block) for _ in range(cfg.head_depth)]
+        )
         self.norm = LayerNorm(cfg.head_width, eps=cfg.norm_eps)
         self.out = Linear(cfg.head_width, cfg.patch_dim)
         self.grad_checkpointing = False
@@ -277,7 +303,8 @@ class AIM(nn.Module):
 
     def targets(self, images: Tensor) -> Tensor:
         """Per-patch normalised pixel targets ``[B, N, p*p*3]`` in fp32."""
-        return normalize_patches(patchify(images.float(), self.config.patch_size), self.config.target_eps)
+        patches = patchify(images.float(), self.config.patch_size)
+        return normalize_patches(patches, self.config.target_eps, self.config.target_unbiased)
 
     def loss_mask(self, prefix_len: Tensor, num_patches: int) -> Tensor:
         """``[B, N-1]`` bool: prediction row ``k`` (of patch ``k+1``) counts iff ``k + 1 >= S``."""

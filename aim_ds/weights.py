@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from . import checkpoint as ckpt
 from .export import EXPORT_DIR, META_FILE, WEIGHTS_FILE
 from .interop import map_ml_aim_keys, strip_wrappers
-from .model import AIM, AIMConfig
+from .model import AIM, RELEASED_NORM_EPS, AIMConfig
 from .registry import create_model, get_model_spec, list_models
 from .zero_shards import ShardError, refusal
 
@@ -456,6 +456,10 @@ def frozen_trunk(
             raise WeightsError(f"{weights.path}: no model.json names the model; pass the model name explicitly")
     elif weights.meta.get("model") not in (None, model_name):
         logger.warning("%s was exported from %r, loading into %r", weights.path, weights.meta["model"], model_name)
+    if weights.source == "ml_aim":
+        # Released weights were trained and are served with eps 1e-6; our pretraining default is the
+        # training config's 1e-5 (docs/recipe.md, "Trunk"). An explicit override still wins.
+        overrides = {"norm_eps": RELEASED_NORM_EPS, **overrides}
     model = build_trunk(model_name, weights.state_dict, **overrides)
     return FrozenTrunk(model, layers).to(device)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 
@@ -60,8 +61,11 @@ def test_table1_recipes() -> None:
     for name in table1_models():
         recipe = get_model_spec(name).recipe
         assert recipe.peak_lr == 1e-3 and recipe.batch_size == 4096 and recipe.betas == (0.9, 0.95)
-    # 0.5T patches at 4096 images x 256 patches per step: 476,838 steps (rounded up).
-    assert get_model_spec("aim-0.6B").recipe.total_steps(256) == math.ceil(0.5e12 / (4096 * 256)) == 476_838
+        # Table 10's length for every size (docs/recipe.md, "Readings").
+        assert (recipe.total_steps(256), recipe.total_warmup_steps(256)) == (1_250_000, 31_250)
+    # Table 1's patch counts stay as figures: 0.5T at 4096 x 256 per step would be 476,838 steps.
+    recipe = dataclasses.replace(get_model_spec("aim-0.6B").recipe, steps=0)
+    assert recipe.total_steps(256) == math.ceil(0.5e12 / (4096 * 256)) == 476_838
     assert get_model_spec("aim-1B").recipe.patches_seen == 1.2e12
 
 
@@ -215,7 +219,7 @@ def test_loss_hand_computed_and_ignores_prefix_targets() -> None:
     images = torch.randn(2, 3, cfg.image_size, cfg.image_size)
     prefix = torch.tensor([3, n - 1])
     pred = torch.randn(2, n, cfg.patch_dim)
-    target = normalize_patches(patchify(images, cfg.patch_size))
+    target = normalize_patches(patchify(images, cfg.patch_size), unbiased=cfg.target_unbiased)
     errors = []
     for b, s in enumerate(prefix.tolist()):
         for k in range(n - 1):

@@ -48,13 +48,14 @@ def _naive_attentive(head: AttentiveProbe, x: torch.Tensor) -> torch.Tensor:
                 sl = slice(h * hd, (h + 1) * hd)
                 scores = keys[:, sl] @ queries[q, sl] / math.sqrt(hd)  # [N]
                 pooled[sl] += (torch.softmax(scores, 0)[:, None] * values[:, sl]).sum(0) / queries.shape[0]
-        out.append(pooled @ head.linear.weight.T + head.linear.bias)
+        bias = head.linear.bias if head.linear.bias is not None else 0.0
+        out.append(pooled @ head.linear.weight.T + bias)
     return torch.stack(out)
 
 
 def test_attentive_head_matches_naive_loop() -> None:
     torch.manual_seed(0)
-    head = AttentiveProbe(16, 4, 5, num_queries=2)
+    head = AttentiveProbe(16, 4, 5, num_queries=2, bias=True)
     head.bn.running_mean.normal_()
     head.bn.running_var.uniform_(0.5, 2.0)
     head.eval()
@@ -76,7 +77,7 @@ def test_batchnorm_normalises_over_tokens_and_batch() -> None:
 
 def test_ml_aim_layout_round_trip(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    head = build_head("attentive", 32, 4, 10, seed=3)
+    head = build_head("attentive", 32, 4, 10, seed=3, bias=True)  # an older release's layout, with a bias
     head.train()
     for _ in range(3):
         head(torch.randn(8, 6, 32))  # give the BatchNorm real running statistics
@@ -103,8 +104,9 @@ def test_ml_aim_layout_round_trip(tmp_path: Path) -> None:
 
 
 def test_released_head_without_bias_and_with_backbone(tmp_path: Path) -> None:
-    """Older releases carry no head.linear.bias; a released file holds backbone and head together."""
-    head = build_head("attentive", 64, 2, 7).eval()
+    """The authors' current probe carries no head.linear.bias (older releases do); a released file
+    holds backbone and head together."""
+    head = build_head("attentive", 64, 2, 7, bias=True).eval()
     state = head_to_ml_aim(head)
     del state["head.linear.bias"]
     backbone = aim_ds.interop.to_ml_aim(aim_ds.create_model("aim-test").state_dict())
@@ -129,7 +131,7 @@ def test_linear_head_round_trip() -> None:
 
 def test_bank_trains_independent_heads_per_lr() -> None:
     torch.manual_seed(0)
-    train = TrainConfig(lrs=[1e-4, 1e-2], weight_decay=0.05, grad_clip=3.0)
+    train = TrainConfig(lrs=[1e-4, 1e-2], weight_decays=[0.05], grad_clip=3.0)
     bank = HeadBank.create(["attentive", "linear"], train.lrs, dim=16, num_heads=2, num_classes=3, train=train)
     assert [s.name for s in bank.slots] == [
         "attentive_lr0.0001",
@@ -152,7 +154,7 @@ def test_bank_trains_independent_heads_per_lr() -> None:
 def _first_step_gradients(grad_clip: float) -> tuple[HeadBank, list[torch.Tensor]]:
     """A bank of two heads after one step, and each head's gradient as that step used it, read
     back from AdamW's first moment (after one step ``exp_avg = (1 - beta1) * grad``)."""
-    train = TrainConfig(lrs=[1e-3], grad_clip=grad_clip)
+    train = TrainConfig(lrs=[1e-3], weight_decays=[0.05], grad_clip=grad_clip)
     bank = HeadBank.create(["attentive", "linear"], train.lrs, dim=8, num_heads=2, num_classes=2, train=train)
     generator = torch.Generator().manual_seed(0)
     feats, labels = 100 * torch.randn(16, 3, 8, generator=generator), torch.randint(0, 2, (16,), generator=generator)

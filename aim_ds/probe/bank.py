@@ -30,11 +30,12 @@ if TYPE_CHECKING:
 class HeadSlot:
     """One trained head: its type, peak LR, module and optimizer."""
 
-    name: str  # "attentive_lr0.001": file stem and results key
+    name: str  # "attentive_lr0.001" (or "attentive_lr0.001_wd0.1" in a decay grid): file stem and results key
     kind: str
     lr: float | None  # None: a loaded head whose file does not say
     head: nn.Module
     optimizer: torch.optim.Optimizer | None
+    weight_decay: float | None = None  # None: a loaded head
 
 
 def _param_groups(head: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -69,18 +70,23 @@ class HeadBank:
         num_classes: int,
         train: TrainConfig,
         num_queries: int = 1,
+        bias: bool = False,
         device: torch.device | str = "cpu",
     ) -> HeadBank:
-        """A head per ``(kind, lr)``, named ``f"{kind}_lr{lr:g}"``, on ``device``, rank 0's on every rank."""
+        """A head per ``(kind, lr, weight decay)`` of ``train.weight_decays``, named ``f"{kind}_lr{lr:g}"``
+        (plus ``f"_wd{wd:g}"`` when the decay grid has more than one value), on ``device``, rank 0's on
+        every rank. ``bias``: a classifier bias (the authors' current probe has none)."""
         slots = []
+        decays = list(train.weight_decays)
         for kind in kinds:
             for lr in lrs:
-                head = build_head(kind, dim, num_heads, num_classes, num_queries=num_queries, seed=train.seed)
-                head = head.to(device)
-                optimizer = torch.optim.AdamW(
-                    _param_groups(head, train.weight_decay), lr=lr, betas=tuple(train.betas), eps=1e-8
-                )
-                slots.append(HeadSlot(f"{kind}_lr{lr:g}", kind, float(lr), head, optimizer))
+                for wd in decays:
+                    head = build_head(
+                        kind, dim, num_heads, num_classes, num_queries=num_queries, seed=train.seed, bias=bias
+                    ).to(device)
+                    optimizer = torch.optim.AdamW(_param_groups(head, wd), lr=lr, betas=tuple(train.betas), eps=1e-8)
+                    name = f"{kind}_lr{lr:g}" + (f"_wd{wd:g}" if len(decays) > 1 else "")
+                    slots.append(HeadSlot(name, kind, float(lr), head, optimizer, float(wd)))
         bank = cls(slots, label_smoothing=train.label_smoothing, grad_clip=train.grad_clip)
         bank.broadcast_parameters()
         return bank
@@ -176,7 +182,7 @@ def summarise(bank: HeadBank, scores: dict[str, dict[str, float]]) -> dict[str, 
     per_type: dict[str, Any] = {}
     for slot in bank.slots:
         entry = per_type.setdefault(slot.kind, {"per_lr": {}, "best": None})
-        row = {"lr": slot.lr, "name": slot.name, **scores[slot.name]}
+        row = {"lr": slot.lr, "weight_decay": slot.weight_decay, "name": slot.name, **scores[slot.name]}
         entry["per_lr"][slot.name] = row
         if entry["best"] is None or row["top1"] > entry["best"]["top1"]:
             entry["best"] = row
@@ -192,6 +198,7 @@ def save_heads(bank: HeadBank, folder: Path, ctx: ProbeContext) -> dict[str, dic
         meta = {
             "kind": slot.kind,
             "lr": slot.lr,
+            "weight_decay": slot.weight_decay,
             "model": ctx.cfg.model.name,
             "layers": ctx.layers,
             "num_heads": ctx.trunk.config.num_heads,
@@ -217,7 +224,9 @@ def format_results(results: dict[str, Any]) -> str:
         for name, row in entry["per_lr"].items():
             mark = "  <- best" if entry["best"] and name == entry["best"]["name"] else ""
             lr = "-" if row["lr"] is None else f"{row['lr']:g}"
+            wd = "-" if row.get("weight_decay") is None else f"{row['weight_decay']:g}"
             lines.append(
-                f"  {kind:9s} lr {lr:<8s} top-1 {100 * row['top1']:6.2f}  top-5 {100 * row['top5']:6.2f}{mark}"
+                f"  {kind:9s} lr {lr:<8s} wd {wd:<5s} top-1 {100 * row['top1']:6.2f}  "
+                f"top-5 {100 * row['top5']:6.2f}{mark}"
             )
     return "\n".join(lines)

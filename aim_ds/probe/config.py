@@ -61,6 +61,7 @@ class HeadsConfig:
 
     types: list[str] = field(default_factory=lambda: ["attentive", "linear"])
     num_queries: int = 1  # learnable queries of the attentive head (the paper: 1)
+    bias: bool = False  # classifier bias; the authors' current probe has none (older released heads do)
 
 
 @dataclass
@@ -72,7 +73,8 @@ class TrainConfig:
     batch_size: int = 1024  # global, over all ranks
     lrs: list[float] = field(default_factory=lambda: [5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3])
     min_lr: float = 1e-5
-    weight_decay: float = 0.05
+    # A head per (type, LR, weight decay): the AIMv2 probe sweeps decay over 0.05 and 0.1 (docs/recipe.md).
+    weight_decays: list[float] = field(default_factory=lambda: [0.05, 0.1])
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = 3.0  # max global grad norm per head; 0 disables
     label_smoothing: float = 0.0
@@ -97,6 +99,8 @@ class ProbeConfig:
 
 def _check_old_spelling(tree: dict[str, Any], where: str) -> None:
     """Raise ``ConfigError`` for the spelling of the model before the config vocabulary was one."""
+    if isinstance(tree.get("train"), dict) and "weight_decay" in tree["train"]:
+        raise ConfigError(f"train.weight_decay became a grid: use train.weight_decays: [...] (in {where})")
     if "model_overrides" in tree:
         raise ConfigError(f"model_overrides was renamed: use model.overrides (in {where})")
     if "model" in tree and not isinstance(tree["model"], dict):
@@ -122,6 +126,10 @@ def load_probe_config(path: str | os.PathLike | None = None, overrides: list[str
         key = key.strip()
         if key == "model_overrides" or key.startswith("model_overrides."):
             raise ConfigError(f"model_overrides was renamed: use model.overrides (override '{item}')")
+        if key == "train.weight_decay":
+            raise ConfigError(
+                f"train.weight_decay became a grid: use train.weight_decays=[{value}] (override '{item}')"
+            )
         if key == "model":
             raise ConfigError(f"model was renamed for the model's name: use model.name={value} (override '{item}')")
     return load_config(ProbeConfig, path, overrides)
@@ -141,6 +149,9 @@ def validate_config(cfg: ProbeConfig, *, eval_only: bool = False) -> None:
             raise ConfigError(f"train.lrs must be positive, got {cfg.train.lrs}")
         if len(set(cfg.train.lrs)) != len(cfg.train.lrs):
             raise ConfigError(f"train.lrs has duplicates: {cfg.train.lrs}")
+        decays = cfg.train.weight_decays
+        if not decays or any(wd < 0 for wd in decays) or len(set(decays)) != len(decays):
+            raise ConfigError(f"train.weight_decays must be distinct non-negative values, got {decays}")
         if not cfg.data.train_path:
             raise ConfigError("data.train_path is not set (a labelled .beton)")
     if not cfg.data.val_path:

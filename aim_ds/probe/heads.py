@@ -28,10 +28,11 @@ class AttentiveProbe(nn.Module):
 
     BatchNorm1d(D, affine=False, eps 1e-6) over the tokens; ``num_queries`` learnable queries
     (init ``0.02 * randn``) attend, per head, over the keys ``k(x)`` and values ``v(x)`` (no
-    bias); the query outputs are averaged, then ``linear`` maps ``D -> C``.
+    bias); the query outputs are averaged, then ``linear`` maps ``D -> C`` (without a bias by default, as
+    the authors' current probe; older released heads with ``head.linear.bias`` load with ``bias=True``).
     """
 
-    def __init__(self, dim: int, num_heads: int, num_classes: int, *, num_queries: int = 1, bias: bool = True) -> None:
+    def __init__(self, dim: int, num_heads: int, num_classes: int, *, num_queries: int = 1, bias: bool = False) -> None:
         super().__init__()
         if dim % num_heads != 0:
             raise ValueError(f"width {dim} is not divisible by num_heads {num_heads}")
@@ -61,7 +62,7 @@ class LinearProbe(nn.Module):
     """Mean over tokens, BatchNorm1d(D, affine=False, eps 1e-6), Linear(D -> C): the usual linear
     probe, trained beside the attentive one to show what attention pooling adds."""
 
-    def __init__(self, dim: int, num_classes: int, *, bias: bool = True) -> None:
+    def __init__(self, dim: int, num_classes: int, *, bias: bool = False) -> None:
         super().__init__()
         self.bn = nn.BatchNorm1d(dim, affine=False, eps=1e-6)
         self.linear = nn.Linear(dim, num_classes, bias=bias)
@@ -72,19 +73,20 @@ class LinearProbe(nn.Module):
 
 
 def build_head(
-    kind: str, dim: int, num_heads: int, num_classes: int, *, num_queries: int = 1, seed: int = 0
+    kind: str, dim: int, num_heads: int, num_classes: int, *, num_queries: int = 1, seed: int = 0, bias: bool = False
 ) -> nn.Module:
     """A freshly initialised head. The init depends on ``seed`` and ``kind`` only, so that heads
-    of different LRs start from the same point and differ by their LR alone."""
+    of different LRs start from the same point and differ by their LR alone. ``bias``: a bias on the
+    classifier; the authors' current probe has none (docs/recipe.md, "Attentive probe")."""
     if kind not in HEAD_TYPES:
         raise ValueError(f"unknown head type {kind!r}; known: {', '.join(HEAD_TYPES)}")
     # fork_rng: seeding here must not move the caller's random stream.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed * 1000 + HEAD_TYPES.index(kind))
         if kind == "attentive":
-            head: nn.Module = AttentiveProbe(dim, num_heads, num_classes, num_queries=num_queries)
+            head: nn.Module = AttentiveProbe(dim, num_heads, num_classes, num_queries=num_queries, bias=bias)
         else:
-            head = LinearProbe(dim, num_classes)
+            head = LinearProbe(dim, num_classes, bias=bias)
         # A small classifier init keeps the first logits near uniform (as MAE's probes do).
         nn.init.trunc_normal_(head.linear.weight, std=0.01)
         if head.linear.bias is not None:

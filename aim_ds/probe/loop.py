@@ -218,7 +218,8 @@ def _train(
     cfg = ctx.cfg
     schedule = _plan(ctx, features)
     log(
-        f"[probe] {len(bank.slots)} heads ({', '.join(cfg.heads.types)} x LRs {cfg.train.lrs}); "
+        f"[probe] {len(bank.slots)} heads ({', '.join(cfg.heads.types)} x LRs {cfg.train.lrs} "
+        f"x weight decays {cfg.train.weight_decays}); "
         f"{cfg.train.epochs} epochs x {schedule.steps_per_epoch} steps, warmup {schedule.warmup_steps} steps, "
         f"{'cached features' if features.use_cache else 'augmented images'}"
     )
@@ -286,6 +287,7 @@ def run_probe(
                 num_classes=len(ctx.class_names),
                 train=cfg.train,
                 num_queries=cfg.heads.num_queries,
+                bias=cfg.heads.bias,
                 device=ctx.device,
             )
             step, history = _train(ctx, bank, features, _MetricsLog(out_dir / "probe_metrics.jsonl"))

@@ -107,6 +107,19 @@ class ExportSection:
 
 
 @dataclass
+class LiveProbeSection:
+    """A quick probe during pretraining (:mod:`aim_ds.train.live_probe`): every ``every_steps``, rank 0
+    probes the current trunk on a small labelled set (cached features, a fresh process) and logs its
+    top-1 beside the val loss (``metrics.jsonl`` kind ``probe``, W&B ``probe/``, ``loss.png``)."""
+
+    every_steps: int = 0  # 0: off
+    config: str = ""  # probe YAML; "": run/configs/probe_<model.name>.yaml
+    train_path: str = ""  # labelled .beton (python -m data_prep imagefolder ...)
+    val_path: str = ""
+    overrides: list[str] = field(default_factory=lambda: ["train.epochs=10", "train.weight_decays=[0.05]"])
+
+
+@dataclass
 class PretrainConfig:
     """The whole run: every section has defaults, a YAML sets what differs."""
 
@@ -118,6 +131,7 @@ class PretrainConfig:
     log: LogSection = field(default_factory=LogSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     export: ExportSection = field(default_factory=ExportSection)
+    probe: LiveProbeSection = field(default_factory=LiveProbeSection)
     out_dir: str = "runs/aim"
 
 

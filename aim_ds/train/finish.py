@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -45,13 +46,34 @@ def finish(job: Job, step: int) -> None:
     job.engine.train()
 
 
+def _grid_images(source: Any, count: int, max_batches: int = 64) -> tuple[Tensor, list[int]]:
+    """Up to ``count`` images ``[b, 3, H, W]`` and their labels, one per class first: a held-out set
+    in file order starts with a whole batch of one class. Unlabelled images (label -1) fill in."""
+    picked: list[tuple[Tensor, int]] = []
+    spare: list[tuple[Tensor, int]] = []
+    for index, (images, labels) in enumerate(source):
+        for image, label in zip(images, labels.tolist(), strict=True):
+            seen = {lab for _, lab in picked}
+            (picked if label >= 0 and label not in seen else spare).append((image, int(label)))
+        if len(picked) >= count or index + 1 >= max_batches:
+            break
+    chosen = (picked + spare)[:count]
+    return torch.stack([image for image, _ in chosen]), [label for _, label in chosen]
+
+
 def _patch_grid(job: Job) -> None:
-    """``patches.png``: true vs predicted patches of the first held-out (else training) batch."""
+    """``patches.png``: true vs predicted patches of held-out (else training) images of different
+    classes, captioned with the class and the prefix length."""
     source = job.val_loader if job.val_loader is not None else job.train_loader.iter_epoch(0)
-    images = next(iter(source))[0]  # [B, 3, H, W]
+    images, labels = _grid_images(source, job.cfg.val.patch_grid_images)  # [b, 3, H, W]
     prefix_len = draw_prefix_len(images.shape[0], job.plan.num_patches, "grid", job.cfg.val.seed).to(images.device)
-    pred = job.engine(images, prefix_len=prefix_len)["pred"]  # [B, N, p*p*3]
+    pred = job.engine(images, prefix_len=prefix_len)["pred"]  # [b, N, p*p*3]
     if job.is_main:
+        names = _class_names(job.cfg.data.val_path if job.val_loader is not None else "")
+        captions = [
+            f"{'class ' + names.get(label, str(label)) if label >= 0 else 'unlabelled'}, prefix {int(length)} patches"
+            for label, length in zip(labels, prefix_len.tolist(), strict=True)
+        ]
         save_patch_grid(
             images,
             pred,
@@ -59,7 +81,20 @@ def _patch_grid(job: Job) -> None:
             job.out_dir / "patches.png",
             num_images=job.cfg.val.patch_grid_images,
             prefix_len=prefix_len,
+            captions=captions,
         )
+
+
+def _class_names(beton: str) -> dict[int, str]:
+    """``{label: class name}`` written beside a labelled beton; empty when there is none."""
+    if not beton:
+        return {}
+    try:
+        from ..data import read_class_names
+
+        return dict(enumerate(read_class_names(beton)))
+    except (OSError, ValueError, KeyError):
+        return {}
 
 
 def _reference_forward(job: Job) -> dict[str, Tensor]:

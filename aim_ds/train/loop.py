@@ -40,6 +40,7 @@ from .engine import (
 from .evaluate import validate
 from .finish import finish
 from .job import Job
+from .live_probe import check_live_probe, live_probe, live_probe_due
 from .stopping import StopRequest, save_or_stop
 
 log = logging.getLogger(__name__)
@@ -212,7 +213,7 @@ def batch_in_epoch_from(client: dict[str, Any], images_per_batch: int) -> int:
 
 
 def _warn_config_changes(saved: dict[str, Any], current: dict[str, Any]) -> None:
-    ignored = {"train.stop_after_steps", "checkpoint", "log", "export", "out_dir", "data.num_workers"}
+    ignored = {"train.stop_after_steps", "checkpoint", "log", "export", "probe", "out_dir", "data.num_workers"}
     changed = []
     for section, values in current.items():
         if section in ignored:
@@ -315,6 +316,7 @@ def _train_loop(job: Job, step: int, epoch: int, batch_in_epoch: int) -> tuple[s
         raise ConfigError(f"the training data gives no full micro-batch of {plan.micro_batch_size} images per rank")
     batches = iterate_batches(job.train_loader, epoch, batch_in_epoch, per_epoch)
     flops_per_image = train_flops_per_image(job.model_cfg)
+    probe_settings = check_live_probe(cfg, Path(__file__).resolve().parents[2])
     stop = StopRequest()
     stop.install()
     window = _LogWindow(job.device)
@@ -353,6 +355,9 @@ def _train_loop(job: Job, step: int, epoch: int, batch_in_epoch: int) -> tuple[s
                 if step < plan.total_steps:  # the last one comes with the end of the run
                     validate(job, step)
                     window.restart_clock()
+            if probe_settings is not None and live_probe_due(cfg, step):
+                live_probe(job, step, probe_settings)
+                window.restart_clock()
             saved, stopping = save_or_stop(job, step, epoch, batch_in_epoch, stop_now=stop_now, stop=stop)
             if saved:
                 last_saved = step

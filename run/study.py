@@ -1,0 +1,159 @@
+"""The paper's two findings on your own data (``make study``): does the val loss track probe accuracy
+over training, and do bigger models probe better? The logic lives in :mod:`aim_ds.study`.
+
+    # on existing runs (same data and steps for the sizes): every checkpoint of RUN_A, the final one of each
+    python run/study.py --out study_out --checkpoints-run RUN_A --size-runs RUN_A RUN_B RUN_C \\
+        --probe-config run/configs/probe_aim-tiny.yaml --train-beton T.beton --val-beton V.beton [key=value ...]
+    # make study: sklearn digits -> betons, pretrain each --sizes for --steps (a checkpoint and a val loss every
+    # --every steps, all kept), then the study on them
+    python run/study.py --out study_out --pretrain
+
+Writes ``<out>/study/checkpoints.csv``, ``loss_vs_probe.png``, ``checkpoints.json`` (with the Spearman
+correlation), ``sizes.csv``, ``loss_vs_size.png`` and ``summary.md``. Trailing ``key=value`` arguments
+are probe-config overrides applied to every probe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+sys.path.insert(0, str(ROOT / "run"))  # the demo's stages and data
+
+import demo  # noqa: E402
+
+from aim_ds import checkpoint as ckpt  # noqa: E402
+from aim_ds.io import atomic_write_text  # noqa: E402
+from aim_ds.study import ProbeSettings, study_checkpoints, study_sizes  # noqa: E402
+
+# The study's fixed probe (set before any result was seen; not tuned to make a finding appear):
+# the aim-tiny probe grid's 5 LRs, one weight decay, 20 epochs, cached features.
+STUDY_PROBE_OVERRIDES = ("train.epochs=20", "train.weight_decays=[0.05]")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="study_out", help="folder of the study (and, with --pretrain, its runs)")
+    parser.add_argument("--pretrain", action="store_true", help="build the digits betons and pretrain --sizes first")
+    parser.add_argument("--sizes", nargs="+", default=["aim-test", "aim-tiny", "aim-mini"], help="registry names")
+    parser.add_argument("--checkpoints-model", default="aim-tiny", help="with --pretrain: the run probed at every step")
+    parser.add_argument("--steps", type=int, default=600, help="with --pretrain: optimizer steps of every size")
+    parser.add_argument("--every", type=int, default=100, help="with --pretrain: checkpoint and val-loss interval")
+    parser.add_argument("--batch-size", type=int, default=32, help="with --pretrain: global batch of every size")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--checkpoints-run", default=None, help="run folder whose every checkpoint is probed")
+    parser.add_argument("--size-runs", nargs="*", default=[], help="run folders of different sizes, same data/steps")
+    parser.add_argument("--probe-config", default=str(ROOT / "run" / "configs" / "probe_aim-tiny.yaml"))
+    parser.add_argument("--train-beton", default=None, help="labelled train .beton for the probes")
+    parser.add_argument("--val-beton", default=None, help="labelled val .beton for the probes")
+    parser.add_argument("overrides", nargs="*", help="probe-config overrides, e.g. train.epochs=5")
+    return parser.parse_args(argv)
+
+
+def pretrain_sizes(stages: demo.Stages, out: Path, args: argparse.Namespace) -> dict[str, Path]:
+    """Digits betons, then one run per size with the same data, steps and seed; a run that already
+    holds its final checkpoint is not launched again. Returns ``{size: run folder}``."""
+    demo.make_betons(stages, out, args.sizes[0], args.seed)
+    runs = {}
+    for size in args.sizes:
+        run_dir = out / "runs" / size
+        runs[size] = run_dir
+        latest = ckpt.latest_complete(run_dir / "checkpoints")
+        if latest is not None and latest[0] == args.steps:
+            print(f"[study] {run_dir} already holds step {args.steps}; not retrained", flush=True)
+            continue
+        launcher, env, ds_config = demo.launcher()
+        overrides = [
+            f"data.sources=[{{path: {out / 'digits_train.beton'}, prob: 1.0}}]",
+            f"data.val_path={out / 'digits_val.beton'}",
+            # The same batch, schedule and data order for every size: only the architecture differs.
+            f"train.batch_size={args.batch_size}",
+            "train.micro_batch_size=0",  # batch / world size
+            "optim.peak_lr=1e-3",
+            "optim.warmup_fraction=0.05",
+            f"train.steps={args.steps}",
+            f"train.seed={args.seed}",
+            f"checkpoint.every_steps={args.every}",
+            "checkpoint.keep_last=0",  # the study probes every checkpoint
+            f"val.every_steps={args.every}",  # a val loss beside every checkpoint
+            f"out_dir={run_dir}",
+        ]
+        config = ROOT / "run" / "configs" / f"{size}.yaml"
+        stages.run(
+            f"pretrain {size}",
+            launcher + ["run/pretrain.py", "--deepspeed", ds_config, "--config", str(config), *overrides],
+            env=env,
+        )
+    return runs
+
+
+def render_summary(checkpoints: dict | None, sizes: list[dict], seconds: dict[str, float]) -> str:
+    pct = lambda v: "-" if v is None or not math.isfinite(v) else f"{100 * v:.1f}%"  # noqa: E731
+    lines = ["# aim-ds study", ""]
+    if checkpoints:
+        rows = checkpoints["rows"]
+        kinds = [k[5:] for k in rows[0] if k.startswith("top1_")]
+        lines += [f"## Val loss vs probe top-1 over training ({checkpoints['run']})", ""]
+        lines += ["| step | val loss | " + " | ".join(f"{k} top-1" for k in kinds) + " |"]
+        lines += ["|---" * (2 + len(kinds)) + "|"]
+        for r in rows:
+            lines.append(
+                f"| {r['step']} | {r['val_loss']:.4f} | " + " | ".join(pct(r[f"top1_{k}"]) for k in kinds) + " |"
+            )
+        rho = checkpoints["spearman_val_loss_vs_top1"]
+        lines += ["", "Spearman(val loss, top-1): " + ", ".join(f"{k} {v:+.2f}" for k, v in rho.items()), ""]
+        lines += ["(-1: lower loss always came with higher top-1, the paper's finding.)", ""]
+    if sizes:
+        kinds = [k[5:] for k in sizes[0] if k.startswith("top1_")]
+        lines += ["## Final val loss and probe top-1 by size", ""]
+        lines += ["| model | parameters | step | val loss | " + " | ".join(f"{k} top-1" for k in kinds) + " |"]
+        lines += ["|---" * (4 + len(kinds)) + "|"]
+        for r in sizes:
+            lines.append(
+                f"| {r['model']} | {r['params'] / 1e6:.2f}M | {r['step']} | {r['val_loss']:.4f} | "
+                + " | ".join(pct(r[f"top1_{k}"]) for k in kinds)
+                + " |"
+            )
+        lines.append("")
+    lines += ["| stage | seconds |", "|---|---|"] + [f"| {k} | {v:.0f} |" for k, v in seconds.items()]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    stages = demo.Stages()
+    start = time.perf_counter()
+    train_beton, val_beton = args.train_beton, args.val_beton
+    checkpoints_run, size_runs = args.checkpoints_run, list(args.size_runs)
+    overrides = list(args.overrides)
+    if args.pretrain:
+        runs = pretrain_sizes(stages, out, args)
+        train_beton = train_beton or str(out / "digits_train.beton")
+        val_beton = val_beton or str(out / "digits_val.beton")
+        checkpoints_run = checkpoints_run or str(runs.get(args.checkpoints_model, next(iter(runs.values()))))
+        size_runs = size_runs or [str(p) for p in runs.values()]
+        overrides = [*STUDY_PROBE_OVERRIDES, *overrides]
+    if not train_beton or not val_beton:
+        raise SystemExit("give --train-beton and --val-beton (labelled betons), or --pretrain")
+    settings = ProbeSettings(args.probe_config, str(train_beton), str(val_beton), tuple(overrides))
+    folder = out / "study"
+    checkpoints = None
+    if checkpoints_run:
+        checkpoints = stages.time("probe checkpoints", study_checkpoints, checkpoints_run, settings, folder)
+    sizes = stages.time("probe sizes", study_sizes, size_runs, settings, folder) if size_runs else []
+    stages.seconds["total"] = time.perf_counter() - start
+    summary = render_summary(checkpoints, sizes, stages.seconds)
+    atomic_write_text(folder / "summary.md", summary)
+    print("\n" + summary + f"\nFigures: {folder / 'loss_vs_probe.png'}, {folder / 'loss_vs_size.png'}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
