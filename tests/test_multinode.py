@@ -111,6 +111,7 @@ def resumed_on_one_rank(run_files: dict[str, Path], one_node: Path) -> tuple[Pat
     out.mkdir()
     shutil.copytree(one_node / "checkpoints" / ckpt.tag_for_step(3), out / "checkpoints" / ckpt.tag_for_step(3))
     shutil.copy(one_node / "config.yaml", out / "config.yaml")
+    shutil.copy(one_node / ckpt.MANIFEST, out / ckpt.MANIFEST)  # the folder is aim-ds's (see aim_ds.checkpoint)
     lines = (one_node / "metrics.jsonl").read_text().splitlines(keepends=True)
     (out / "metrics.jsonl").write_text("".join(line for line in lines if json.loads(line).get("step", 0) <= 3))
     result = _run([DEEPSPEED, "--num_gpus", "1", "--master_port", str(free_port()), *_driver(run_files, out)])

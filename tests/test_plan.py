@@ -50,9 +50,9 @@ def test_parameter_counts_by_hand() -> None:
     d, n_in = 64, 4 * 4 * 3
     block = 2 * 2 * d + 3 * d * d + d * d + 2 * d * 4 * d  # two LayerNorms, qkv, proj, fc1, fc2 (no biases)
     trunk = (n_in * d + d) + 2 * d + 4 * block + 2 * d  # patch conv + its norm, blocks, post-trunk norm
-    head_block = 2 * d + 2 * d * 4 * d
+    head_block = 2 * 2 * d + 2 * d * 4 * d  # the authors' head block (default): LN1 and LN2, fc1, fc2
     head = (d * d + d) + 2 * head_block + 2 * d + (d * n_in + n_in)  # embed, blocks, norm, out
-    assert (params.trunk, params.head) == (trunk, head) == (201_024, 73_200)
+    assert (params.trunk, params.head) == (trunk, head) == (201_024, 73_456)
     assert params.largest_layer == d * 4 * d  # fc1 / fc2
 
 

@@ -312,5 +312,6 @@ def test_non_finite_loss_stops_without_saving(
     meta = json.loads((out / "export" / "model.json").read_text())
     assert meta["step"] == 1 and meta["checkpoint"] == f"checkpoints/{ckpt.tag_for_step(1)}"
     # The first loss comes before any update: same seed, data and prefixes as run A, built under
-    # zero.Init instead of in full, so it must match A's to the last bit.
-    assert _losses(out)[1] == _losses(straight[0])[1]
+    # zero.Init instead of in full, so it must match A's up to float32 rounding (one ulp has been
+    # seen: the partitioned build's gathers can change a reduction's order).
+    assert _losses(out)[1] == pytest.approx(_losses(straight[0])[1], rel=1e-6, abs=0)
