@@ -234,7 +234,7 @@ def resumed(setup: dict[str, Path], orphaned: dict[str, object]) -> dict[str, ob
     """Launch B: resume A with its two newest checkpoints damaged (truncated / crafted)."""
     out = orphaned["out"]
     (oldest_step, _), (crafted_step, crafted), (_, truncated) = ckpt.list_complete(out / "checkpoints")[-3:]
-    shard = truncated / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    shard = next(truncated.glob("*zero_pp_rank_1_mp_rank_00_optim_states.pt"))  # bf16_... with bf16 on
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     marker = out.parent / "PWNED_B"
     _craft(crafted / "zero_pp_rank_1_mp_rank_00_model_states.pt", marker)
