@@ -11,7 +11,8 @@ Sources, told apart by what is on disk (:func:`detect_source`):
   possibly carrying a probe head (``head.cls_token``...), mapped by :mod:`aim_ds.interop` (pure key
   mapping; this module reads the files and calls it, never the other way).
 
-All of them end as *our* backbone state dict: ``preprocessor.*`` and ``trunk.*`` keys in fp32. Each
+All of them end as *our* backbone state dict: ``preprocessor.*`` and ``trunk.*`` keys in fp32 (for a
+probe: only the blocks it runs, matrices in its dtype, the rest shape-only; :mod:`aim_ds.backbone`). Each
 file is read once: the source is told from folder names (or a safetensors header), the wrapper
 prefixes are stripped once at reading, the keys mapped once, the shapes checked once (:func:`build_trunk`).
 """
@@ -19,7 +20,6 @@ prefixes are stripped once at reading, the keys mapped once, the shapes checked 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -34,19 +34,27 @@ import torch
 from torch import Tensor, nn
 
 from . import checkpoint as ckpt
+from .backbone import (
+    BACKBONE_PREFIXES,
+    dtype_rule,
+    fingerprint_state_dict,
+    infer_architecture,
+    loaded_blocks,
+    placeholder,
+    select_backbone,
+    wanted,
+)
 from .export import EXPORT_DIR, META_FILE, WEIGHTS_FILE
 from .interop import map_ml_aim_keys, strip_wrappers
 from .model import AIM, RELEASED_NORM_EPS, AIMConfig
 from .registry import create_model, get_model_spec, list_models
-from .zero_shards import ShardError, refusal
+from .zero_shards import ShardError, consolidate, parameter_shapes, read_zero_checkpoint, refusal
 
 Source = Literal["export", "deepspeed", "ml_aim"]
 
 _TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
-_BACKBONE_PREFIXES = ("preprocessor.", "trunk.")
 # Keys that only our pretraining model has (the pixel head); their presence marks our layout.
 _PIXEL_HEAD = re.compile(r"^head\.(embed|blocks|norm|out)\.")
-_BLOCK = re.compile(r"^trunk\.blocks\.(\d+)\.")
 
 logger = logging.getLogger(__name__)
 
@@ -223,12 +231,10 @@ def detect_source(path: str | os.PathLike) -> Source:
     return _keys_source(read_state_dict_file(path))
 
 
-def _backbone_only(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Our layout (unwrapped): keep every ``preprocessor.*``/``trunk.*`` key (unknown ones too,
-    so that the shape check reports them) as contiguous fp32; drop the pixel head."""
-    out = {
-        k: v.detach().to(torch.float32).contiguous() for k, v in state_dict.items() if k.startswith(_BACKBONE_PREFIXES)
-    }
+def _backbone(state_dict: dict[str, Tensor], keep_blocks: int | None, matrix_dtype: torch.dtype) -> dict[str, Tensor]:
+    """Our layout (unwrapped): the backbone as the probe keeps it (:func:`aim_ds.backbone.select_backbone`);
+    the pixel head dropped."""
+    out = select_backbone(state_dict, keep_blocks, matrix_dtype)
     if not out:
         sample = ", ".join(list(state_dict)[:6])
         raise WeightsError(f"no preprocessor.* or trunk.* keys in the weights (first keys: {sample})")
@@ -243,15 +249,22 @@ def _read_meta(folder: Path) -> dict[str, Any]:
         return json.loads(meta_file.read_text())
 
 
-def _load_deepspeed(path: Path) -> TrunkWeights:
-    from .export import consolidate_fp32
-
+def _load_deepspeed(path: Path, keep_blocks: int | None, matrix_dtype: torch.dtype) -> TrunkWeights:
+    """Merge only the backbone tensors the probe loads, tensor by tensor from the memory-mapped
+    shards, each straight into its dtype (never the pixel head, never the optimizer moments)."""
     ckpt_dir, tag = resolve_deepspeed_checkpoint(path)
     try:
-        full = consolidate_fp32(ckpt_dir, tag)
+        zero = read_zero_checkpoint(ckpt_dir / tag)
+        shapes = parameter_shapes(zero)
+        saved_names = strip_wrappers(dict(zip(shapes, shapes)))  # our name -> saved name
+        ours = {saved: name for name, saved in saved_names.items()}
+        merged = consolidate(zero, lambda saved: wanted(ours[saved], keep_blocks), dtype_rule(matrix_dtype))
     except ShardError as exc:
         raise WeightsError(f"refusing the DeepSpeed checkpoint in {path}: {exc}") from None
-    state = _backbone_only(strip_wrappers(full))
+    to_dtype = dtype_rule(matrix_dtype)
+    skipped = {name: placeholder(shapes[saved], to_dtype(shapes[saved])) for name, saved in saved_names.items()}
+    loaded = {ours[saved]: tensor for saved, tensor in merged.items()}
+    state = _backbone({**skipped, **loaded}, keep_blocks, matrix_dtype)
     meta: dict[str, Any] = {"checkpoint": str(ckpt_dir / tag), "step": ckpt.step_from_tag(tag)}
     # The model name the run was trained with, from a sibling export's model.json, if any.
     run_meta = _read_meta(ckpt_dir.parent / EXPORT_DIR)
@@ -260,26 +273,36 @@ def _load_deepspeed(path: Path) -> TrunkWeights:
     return TrunkWeights(state_dict=state, source="deepspeed", path=path, meta=meta)
 
 
-def _load_file(file: Path, path: Path) -> TrunkWeights:
+def _load_file(file: Path, path: Path, keep_blocks: int | None, matrix_dtype: torch.dtype) -> TrunkWeights:
     """One read of a weights file; its keys say whether it is our export or an ml-aim backbone."""
     raw = read_state_dict_file(file)
     if _keys_source(raw) == "export":
-        return TrunkWeights(state_dict=_backbone_only(raw), source="export", path=path, meta=_read_meta(file.parent))
-    state = {k: v.detach().to(torch.float32).contiguous() for k, v in map_ml_aim_keys(raw).items()}
+        state = _backbone(raw, keep_blocks, matrix_dtype)
+        return TrunkWeights(state_dict=state, source="export", path=path, meta=_read_meta(file.parent))
+    state = select_backbone(map_ml_aim_keys(raw), keep_blocks, matrix_dtype)
     return TrunkWeights(state_dict=state, source="ml_aim", path=path)
 
 
-def load_trunk_weights(path: str | os.PathLike) -> TrunkWeights:
-    """Read a backbone from any source, reading its file(s) once; see :func:`load_trunk_state_dict`."""
+def load_trunk_weights(
+    path: str | os.PathLike, *, keep_blocks: int | None = None, matrix_dtype: torch.dtype = torch.float32
+) -> TrunkWeights:
+    """Read a backbone from any source, reading its file(s) once; see :func:`load_trunk_state_dict`.
+
+    For a probe: ``keep_blocks`` loads only the trunk blocks before it (the later ones become
+    shape-only placeholders on the meta device: a DeepSpeed checkpoint never merges them, a
+    memory-mapped file never reads them), and ``matrix_dtype`` is the dtype of the weight matrices
+    (bf16 for a CUDA probe; vectors stay fp32; see :mod:`aim_ds.backbone`). The defaults load
+    everything in fp32.
+    """
     path = Path(path)
     if not path.exists():
         raise WeightsError(f"weights path {path} does not exist")
     if not path.is_dir():
-        return _load_file(path, path)
+        return _load_file(path, path, keep_blocks, matrix_dtype)
     if _folder_source(path) == "deepspeed":
-        return _load_deepspeed(path)
+        return _load_deepspeed(path, keep_blocks, matrix_dtype)
     folder = path if (path / WEIGHTS_FILE).is_file() else path / EXPORT_DIR
-    return _load_file(folder / WEIGHTS_FILE, path)
+    return _load_file(folder / WEIGHTS_FILE, path, keep_blocks, matrix_dtype)
 
 
 def load_trunk_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
@@ -291,19 +314,6 @@ def load_trunk_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
 
 # ---------------------------------------------------------------------------------------------
 # Checking and fingerprinting
-
-
-def infer_architecture(state_dict: dict[str, Tensor]) -> dict[str, int]:
-    """Width, depth and patch size read off a backbone state dict's shapes (for error hints)."""
-    info: dict[str, int] = {}
-    proj = state_dict.get("preprocessor.patchifier.proj.weight")
-    if proj is not None and proj.ndim == 4:
-        info["width"] = int(proj.shape[0])
-        info["patch_size"] = int(proj.shape[-1])
-    blocks = {int(m.group(1)) for k in state_dict if (m := _BLOCK.match(k))}
-    if blocks:
-        info["depth"] = max(blocks) + 1
-    return info
 
 
 def _matching_models(arch: dict[str, int]) -> list[str]:
@@ -318,7 +328,7 @@ def _matching_models(arch: dict[str, int]) -> list[str]:
 def check_backbone(state_dict: dict[str, Tensor], model: AIM, model_name: str) -> None:
     """Raise :class:`WeightsMismatchError` unless ``state_dict`` holds exactly ``model``'s
     preprocessor and trunk keys with the same shapes."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k.startswith(_BACKBONE_PREFIXES)}
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k.startswith(BACKBONE_PREFIXES)}
     missing = sorted(set(expected) - set(state_dict), key=_natural)
     unexpected = sorted(set(state_dict) - set(expected), key=_natural)
     mismatched = [
@@ -341,21 +351,6 @@ def _natural(key: str) -> list[Any]:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", key)]
 
 
-def fingerprint_state_dict(state_dict: dict[str, Tensor]) -> str:
-    """BLAKE2b over every key, dtype, shape and byte of ``state_dict`` (hex, 32 chars).
-
-    Hashing content rather than a path means the same trunk gives the same key whatever file it
-    came from, and any change of weights (a later step, a different run) gives a new one. It
-    costs about a second per GB on one core, small next to extracting features.
-    """
-    digest = hashlib.blake2b(digest_size=16)
-    for key in sorted(state_dict):
-        tensor = state_dict[key].detach().cpu().contiguous()
-        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    return digest.hexdigest()
-
-
 # ---------------------------------------------------------------------------------------------
 # The frozen trunk
 
@@ -367,11 +362,20 @@ def build_trunk(model_name: str, state_dict: dict[str, Tensor], **overrides: Any
 
     The model is built on the meta device (no random init of billions of parameters), the
     checkpoint tensors are assigned in place, and the non-persistent buffers (position embedding,
-    image statistics) are copied from a depth-0 twin that computes them cheaply.
+    image statistics) are copied from a depth-0 twin that computes them cheaply. When the blocks
+    from some index on are placeholders (:func:`load_trunk_weights` with ``keep_blocks``), their
+    shapes are checked too, then the model is built without them.
     """
     meta_model = create_model(model_name, device="meta", **overrides)
     check_backbone(state_dict, meta_model, model_name)
     del meta_model.head
+    try:
+        keep_blocks = loaded_blocks(state_dict)
+    except ValueError as exc:
+        raise WeightsError(f"cannot build {model_name}: {exc}") from None
+    if keep_blocks is not None:
+        del meta_model.trunk.blocks[keep_blocks:]
+        state_dict = {key: value for key, value in state_dict.items() if not value.is_meta}
     meta_model.load_state_dict(state_dict, strict=False, assign=True)
     donor = create_model(model_name, **{**overrides, "depth": 0, "head_depth": 0})
     donor_buffers = dict(donor.named_buffers())

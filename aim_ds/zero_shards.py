@@ -31,6 +31,7 @@ import os
 import pickle
 import re
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -176,43 +177,104 @@ def _take(groups: list[Tensor], start: int, length: int) -> list[Tensor]:
     return pieces
 
 
-def _merge_zero3(ckpt: ZeroCheckpoint, out: dict[str, Tensor]) -> None:
+def _gather(pieces: list[Tensor], numel: int, shape: torch.Size, dtype: torch.dtype, what: str) -> Tensor:
+    """The first ``numel`` elements of the concatenation of ``pieces`` (views into the mapped shards)
+    as a new tensor of ``shape`` and ``dtype``, copied piece by piece: no fp32 copy of the whole
+    tensor on the way to bf16, and only this tensor's shard pages read."""
+    out = torch.empty(numel, dtype=dtype)
+    filled = 0
+    for piece in pieces:
+        count = min(piece.numel(), numel - filled)
+        if count <= 0:
+            break
+        out[filled : filled + count].copy_(piece[:count])
+        filled += count
+    if filled < numel:
+        raise ShardError(f"{what}: the shards hold too few elements for a tensor of shape {list(shape)}")
+    return out.view(shape)
+
+
+DtypeFor = Callable[[torch.Size], torch.dtype]
+
+
+def _merge_zero3(ckpt: ZeroCheckpoint, keep: Callable[[str], bool], dtype_for: DtypeFor, out: dict) -> None:
     world = ckpt.world_size
     available = sum(g.numel() for g in ckpt.flat_groups[0])
     offset = 0
     for shapes in ckpt.param_shapes:
         for name, shape in shapes.items():
             numel = math.prod(shape)
-            part = math.ceil(numel / world)
-            pieces = [p for rank_groups in ckpt.flat_groups for p in _take(rank_groups, offset, part)]
-            full = torch.cat(pieces) if pieces else torch.empty(0)
-            if full.numel() < numel:
-                raise ShardError(f"{ckpt.folder}: the shards hold too few elements for {name} {list(shape)}")
-            out[name] = full[:numel].view(shape).to(torch.float32).clone()
+            part = math.ceil(numel / world)  # every rank holds `part` elements of it, zero-padded
+            if keep(name):
+                pieces = [p for rank_groups in ckpt.flat_groups for p in _take(rank_groups, offset, part)]
+                out[name] = _gather(pieces, numel, shape, dtype_for(shape), f"{ckpt.folder}: {name}")
             offset += part
     if offset != available:
         raise ShardError(f"{ckpt.folder}: the parameters use {offset} of {available} elements per rank's shard")
     for name, shape in ckpt.frozen_shapes.items():
-        numel = math.prod(shape)
-        frags = [fragments[name] for fragments in ckpt.frozen_fragments]
-        out[name] = torch.cat(frags).narrow(0, 0, numel).view(shape).to(torch.float32).clone()
+        if keep(name):
+            frags = [fragments[name] for fragments in ckpt.frozen_fragments]
+            out[name] = _gather(frags, math.prod(shape), shape, dtype_for(shape), f"{ckpt.folder}: {name}")
 
 
-def _merge_zero12(ckpt: ZeroCheckpoint, out: dict[str, Tensor]) -> None:
+def _merge_zero12(ckpt: ZeroCheckpoint, keep: Callable[[str], bool], dtype_for: DtypeFor, out: dict) -> None:
     align = 2 * ckpt.world_size  # ZeRO-1/2 pad each flat group to a multiple of 2 x world
     for index, shapes in enumerate(ckpt.param_shapes):
-        full = torch.cat([rank_groups[index] for rank_groups in ckpt.flat_groups])
+        partitions = [rank_groups[index] for rank_groups in ckpt.flat_groups]  # the group, end to end
+        total = sum(p.numel() for p in partitions)
         offset = 0
         for name, shape in shapes.items():
             numel = math.prod(shape)
-            if offset + numel > full.numel():
+            if offset + numel > total:
                 raise ShardError(f"{ckpt.folder}: group {index} holds too few elements for {name} {list(shape)}")
-            out[name] = full.narrow(0, offset, numel).view(shape).to(torch.float32).clone()
+            if keep(name):
+                pieces = _take(partitions, offset, numel)
+                out[name] = _gather(pieces, numel, shape, dtype_for(shape), f"{ckpt.folder}: {name}")
             offset += numel
-        if align * math.ceil(offset / align) != align * math.ceil(full.numel() / align):
-            raise ShardError(f"{ckpt.folder}: group {index} uses {offset} of {full.numel()} elements")
-    for name in ckpt.frozen_shapes:
-        out[name] = ckpt.frozen_fragments[0][name].to(torch.float32).clone()
+        if align * math.ceil(offset / align) != align * math.ceil(total / align):
+            raise ShardError(f"{ckpt.folder}: group {index} uses {offset} of {total} elements")
+    for name, shape in ckpt.frozen_shapes.items():
+        if keep(name):
+            out[name] = ckpt.frozen_fragments[0][name].to(dtype_for(shape)).clone()
+
+
+def parameter_shapes(ckpt: ZeroCheckpoint) -> dict[str, torch.Size]:
+    """Every parameter's (and buffer's) name and full shape, read off the shards' metadata without
+    merging anything; shared aliases included."""
+    shapes: dict[str, torch.Size] = {name: value.shape for name, value in ckpt.buffers.items()}
+    for group in ckpt.param_shapes:
+        shapes.update({name: torch.Size(shape) for name, shape in group.items()})
+    shapes.update({name: torch.Size(shape) for name, shape in ckpt.frozen_shapes.items()})
+    shapes.update({alias: shapes[name] for alias, name in ckpt.shared_params.items() if name in shapes})
+    return shapes
+
+
+def consolidate(
+    ckpt: ZeroCheckpoint, keep: Callable[[str], bool] | None = None, dtype_for: DtypeFor | None = None
+) -> dict[str, Tensor]:
+    """The tensors of a read checkpoint (:func:`read_zero_checkpoint`) whose saved names pass
+    ``keep`` (all when None), merged from every rank's optimizer shards (the fp32 master weights)
+    tensor by tensor, each cast to ``dtype_for(shape)`` (fp32 when None) as it is copied out of the
+    memory-mapped shards; the persistent buffers that pass ``keep`` as they were saved (fp32).
+
+    Host memory: the kept tensors in their dtypes, plus the shard pages they were read from (file
+    pages of the mapped shards, which the kernel may drop); the optimizer moments are mapped, never
+    read. One process, no process group. Raises :class:`ShardError` naming the folder when the
+    shards do not add up.
+    """
+    keep = keep or (lambda name: True)
+    dtype_for = dtype_for or (lambda shape: torch.float32)
+    out: dict[str, Tensor] = {name: value for name, value in ckpt.buffers.items() if keep(name)}
+    if ckpt.stage == 3:
+        _merge_zero3(ckpt, keep, dtype_for, out)
+    elif ckpt.stage in (1, 2):
+        _merge_zero12(ckpt, keep, dtype_for, out)
+    else:
+        raise ShardError(f"{ckpt.folder}: ZeRO stage {ckpt.stage} checkpoints are not supported")
+    for alias, name in ckpt.shared_params.items():
+        if name in out and keep(alias):
+            out[alias] = out[name]
+    return out
 
 
 def consolidate_fp32(ckpt_dir: str | os.PathLike, tag: str) -> dict[str, Tensor]:
@@ -220,26 +282,17 @@ def consolidate_fp32(ckpt_dir: str | os.PathLike, tag: str) -> dict[str, Tensor]
     shards (the fp32 master weights), plus the model's persistent buffers. One process, no process
     group; host memory for the whole model (4 bytes per parameter) plus the memory-mapped shards.
     Raises :class:`ShardError` naming the file for an unsafe, damaged or incomplete checkpoint."""
-    ckpt = read_zero_checkpoint(Path(ckpt_dir) / tag)
-    out: dict[str, Tensor] = dict(ckpt.buffers)
-    if ckpt.stage == 3:
-        _merge_zero3(ckpt, out)
-    elif ckpt.stage in (1, 2):
-        _merge_zero12(ckpt, out)
-    else:
-        raise ShardError(f"{ckpt.folder}: ZeRO stage {ckpt.stage} checkpoints are not supported")
-    for alias, name in ckpt.shared_params.items():
-        if name in out:
-            out[alias] = out[name]
-    return out
+    return consolidate(read_zero_checkpoint(Path(ckpt_dir) / tag))
 
 
 __all__ = [
     "ShardError",
     "ZeroCheckpoint",
     "allowed_globals",
+    "consolidate",
     "consolidate_fp32",
     "refusal",
     "load_shard",
+    "parameter_shapes",
     "read_zero_checkpoint",
 ]

@@ -164,6 +164,48 @@ def test_three_sources_give_identical_features(sources: dict[str, Path]) -> None
 
 
 @pytest.mark.deepspeed
+def test_streamed_backbone_equals_full_consolidation(sources: dict[str, Path], tmp_path: Path) -> None:
+    """A probe of blocks [0, 1] merges only the preprocessor, blocks 0-1 and the final norm out of
+    the ZeRO shards, each tensor equal to the full fp32 consolidation's; the pixel head is never
+    merged; blocks 2-3 are shape-only placeholders; the features equal the full trunk's."""
+    from aim_ds.backbone import read_handover, write_handover
+    from aim_ds.zero_shards import consolidate_fp32
+
+    run = sources["run"]
+    full = consolidate_fp32(run / "checkpoints", "step_0000002")
+    backbone = {k: v for k, v in full.items() if k.startswith(("preprocessor.", "trunk."))}
+    streamed = W.load_trunk_weights(run, keep_blocks=2)
+    state = streamed.state_dict
+    assert not any(k.startswith("head.") for k in state) and set(state) == set(backbone)
+    for key, value in state.items():
+        assert value.shape == backbone[key].shape, key
+        if key.startswith(("trunk.blocks.2.", "trunk.blocks.3.")):
+            assert value.is_meta, f"{key} was merged though no probed block needs it"
+        else:
+            assert value.dtype == torch.float32 and torch.equal(value, backbone[key]), key
+    # bf16 matrices (a CUDA probe), fp32 vectors, each cast from the same fp32 master weights.
+    half = W.load_trunk_weights(run, keep_blocks=2, matrix_dtype=torch.bfloat16).state_dict
+    for key, value in half.items():
+        if not value.is_meta:
+            want = backbone[key].to(torch.bfloat16 if value.ndim >= 2 else torch.float32)
+            assert value.dtype == want.dtype and torch.equal(value, want), key
+    # The trunk built from the streamed blocks gives the full trunk's features for blocks [0, 1].
+    images = _images()
+    streamed_trunk = W.frozen_trunk("aim-test", streamed, layers=[0, 1])
+    full_trunk = W.frozen_trunk("aim-test", W.load_trunk_weights(run), layers=[0, 1])
+    assert len(streamed_trunk.model.trunk.blocks) == 2
+    assert torch.equal(streamed_trunk(images), full_trunk(images))
+    # The hand-over file to the other ranks carries the same tensors and placeholders (same fingerprint).
+    write_handover(tmp_path / "handover.safetensors", state)
+    handed = read_handover(tmp_path / "handover.safetensors")
+    assert W.fingerprint_state_dict(handed) == streamed.fingerprint()
+    assert all(handed[k].is_meta == v.is_meta for k, v in state.items())
+    # A checkpoint whose skipped blocks do not fit the model still fails, naming them.
+    with pytest.raises(W.WeightsMismatchError, match="trunk.blocks.3"):
+        W.frozen_trunk("aim-test", streamed, layers=[0, 1], depth=3)
+
+
+@pytest.mark.deepspeed
 def test_frozen_trunk_is_frozen_and_bidirectional(sources: dict[str, Path]) -> None:
     trunk, _ = W.build_frozen_trunk("aim-test", sources["export"], layers=[3])
     trunk.train()  # asking for train mode must not unfreeze it

@@ -12,8 +12,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..backbone import read_handover, write_handover
 from ..distributed import barrier, init_distributed, is_main
-from ..io import atomic_path, remove_if_exists
+from ..io import remove_if_exists
 from ..registry import get_model_spec
 from ..weights import FrozenTrunk, TrunkWeights, WeightsError, detect_source, frozen_trunk, load_trunk_weights
 from .config import ProbeConfig, resolve_layers
@@ -70,28 +71,65 @@ def _is_deepspeed_folder(weights: str | os.PathLike) -> bool:
         return False
 
 
-def _load_weights(cfg: ProbeConfig, weights: str | os.PathLike, rank: int, world_size: int) -> TrunkWeights:
-    """The backbone, read once per rank. Consolidating ZeRO shards reads every optimizer state
-    (~12 bytes per parameter): with several ranks, rank 0 does it once and hands the backbone to
-    the others as a file, removed once every rank has read it."""
+def trunk_matrix_dtype(device: torch.device) -> torch.dtype:
+    """The dtype of the trunk's weight matrices for a probe on ``device``: bf16 on CUDA (what bf16
+    autocast casts them to for every matmul, so the features do not change; vectors stay fp32),
+    fp32 on the CPU, where the probe runs without autocast."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def _load_weights(
+    cfg: ProbeConfig,
+    weights: str | os.PathLike,
+    rank: int,
+    world_size: int,
+    *,
+    keep_blocks: int | None = None,
+    matrix_dtype: torch.dtype = torch.float32,
+) -> TrunkWeights:
+    """The backbone the probe runs (blocks before ``keep_blocks``, matrices in ``matrix_dtype``),
+    read once per rank. Merging ZeRO shards reads the fp32 master weights of every rank's optimizer
+    state: with several ranks, rank 0 merges the needed tensors once, tensor by tensor, and hands
+    them to the others as a safetensors file that they map (one copy in the page cache for the whole
+    node), removed once every rank has read it."""
+    load = {"keep_blocks": keep_blocks, "matrix_dtype": matrix_dtype}
     if world_size == 1 or not _is_deepspeed_folder(weights):
-        return load_trunk_weights(weights)
+        return load_trunk_weights(weights, **load)
     handover = Path(cfg.out_dir) / HANDOVER_FILE
     loaded = None
     if rank == 0:
-        from safetensors.torch import save_file
-
-        loaded = load_trunk_weights(weights)
-        with atomic_path(handover) as tmp:
-            save_file(loaded.state_dict, str(tmp))
+        loaded = load_trunk_weights(weights, **load)
+        write_handover(handover, loaded.state_dict)
     barrier()
     if loaded is None:
-        loaded = load_trunk_weights(handover)
-    barrier()  # every rank has read the hand-over file
+        loaded = TrunkWeights(state_dict=read_handover(handover), source="deepspeed", path=Path(weights))
+    barrier()  # every rank has read (mapped) the hand-over file
     if rank == 0:
         remove_if_exists(handover)
     loaded.source, loaded.path = "deepspeed", Path(weights)
     return loaded
+
+
+def load_frozen_trunk(
+    cfg: ProbeConfig,
+    weights: str | os.PathLike,
+    layers: list[int],
+    rank: int,
+    world_size: int,
+    device: torch.device | None = None,
+) -> tuple[FrozenTrunk, TrunkWeights]:
+    """The frozen trunk of ``cfg.model`` on ``device`` (CPU when None) holding ``weights``' backbone
+    up to the last of ``layers`` (resolved block indices), and the loaded :class:`TrunkWeights`
+    (for its fingerprint). Host memory per rank: about one copy of those blocks in their probe
+    dtype (:func:`trunk_matrix_dtype`), see BENCHMARKS.md "Probe start-up memory"."""
+    device = device or torch.device("cpu")
+    depth = get_model_spec(cfg.model.name).config.replace(**cfg.model.overrides).depth
+    keep_blocks = max(int(i) % depth for i in layers) + 1 if layers else None
+    loaded = _load_weights(
+        cfg, weights, rank, world_size, keep_blocks=keep_blocks, matrix_dtype=trunk_matrix_dtype(device)
+    )
+    trunk = frozen_trunk(cfg.model.name, loaded, layers=layers, device=device, **cfg.model.overrides)
+    return trunk, loaded
 
 
 def _class_names(cfg: ProbeConfig, train: bool) -> list[str]:
@@ -124,8 +162,7 @@ def prepare(cfg: ProbeConfig, weights: str | os.PathLike, *, train: bool = True)
             f"set train.batch_size to a multiple of {world_size}"
         )
     layers = resolve_layers(cfg.features.layers, cfg.model.name, model_cfg.depth)
-    loaded = _load_weights(cfg, weights, rank, world_size)
-    trunk = frozen_trunk(cfg.model.name, loaded, layers=layers, device=device, **cfg.model.overrides)
+    trunk, loaded = load_frozen_trunk(cfg, weights, layers, rank, world_size, device)
     per_rank = cfg.train.batch_size // world_size
     return ProbeContext(
         cfg=cfg,
