@@ -105,7 +105,10 @@ def save_export(
     remove_if_exists(export_dir / META_FILE)
     _write_safetensors(export_dir / WEIGHTS_FILE, state, {"format": "pt", "model": model_name, "step": str(step)})
     if ml_aim:
-        _write_safetensors(export_dir / ML_AIM_FILE, to_ml_aim(state), {"format": "pt", "layout": "ml-aim"})
+        # The LayerNorm eps the weights were trained with: the ml-aim layout alone cannot say it, and
+        # released files use 1e-6 while our pretraining uses 1e-5 (docs/recipe.md, "Trunk").
+        ml_aim_meta = {"format": "pt", "layout": "ml-aim", "norm_eps": repr(reference.config.norm_eps)}
+        _write_safetensors(export_dir / ML_AIM_FILE, to_ml_aim(state), ml_aim_meta)
     else:
         remove_if_exists(export_dir / ML_AIM_FILE)  # an earlier export's trunk, not these weights
     if reference_forward is not None:

@@ -280,7 +280,22 @@ def _load_file(file: Path, path: Path, keep_blocks: int | None, matrix_dtype: to
         state = _backbone(raw, keep_blocks, matrix_dtype)
         return TrunkWeights(state_dict=state, source="export", path=path, meta=_read_meta(file.parent))
     state = select_backbone(map_ml_aim_keys(raw), keep_blocks, matrix_dtype)
-    return TrunkWeights(state_dict=state, source="ml_aim", path=path)
+    return TrunkWeights(state_dict=state, source="ml_aim", path=path, meta=_ml_aim_meta(file))
+
+
+def _ml_aim_meta(file: Path) -> dict[str, Any]:
+    """``{"norm_eps": ...}`` when an ml-aim-layout safetensors file says what eps it was trained with
+    (our ``trunk_ml_aim.safetensors`` export does; released files do not). Reads the header only."""
+    if file.suffix != ".safetensors":
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as f:
+        header = f.metadata() or {}
+    try:
+        return {"norm_eps": float(header["norm_eps"])} if "norm_eps" in header else {}
+    except ValueError:
+        return {}
 
 
 def load_trunk_weights(
@@ -463,7 +478,7 @@ def frozen_trunk(
     if weights.source == "ml_aim":
         # Released weights were trained and are served with eps 1e-6; our pretraining default is the
         # training config's 1e-5 (docs/recipe.md, "Trunk"). An explicit override still wins.
-        overrides = {"norm_eps": RELEASED_NORM_EPS, **overrides}
+        overrides = {"norm_eps": weights.meta.get("norm_eps", RELEASED_NORM_EPS), **overrides}
     model = build_trunk(model_name, weights.state_dict, **overrides)
     return FrozenTrunk(model, layers).to(device)
 

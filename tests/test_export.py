@@ -72,3 +72,34 @@ def test_failed_weights_write_leaves_no_stale_metadata(tmp_path: Path) -> None:
     assert not list(out.glob("*.partial"))
     with pytest.raises(FileNotFoundError):
         load_exported(out)
+
+
+def test_ml_aim_export_says_its_eps_and_loads_back_exactly(tmp_path: Path) -> None:
+    """The ml-aim layout cannot say which LayerNorm eps the weights were trained with: released files
+    are served with 1e-6, our pretraining uses 1e-5. Our ml-aim export records its eps, so loading it
+    back gives the native export's features exactly; a file without the record is read as released."""
+    from aim_ds import weights as W
+    from aim_ds.export import ML_AIM_FILE
+    from aim_ds.interop import to_ml_aim
+    from aim_ds.model import RELEASED_NORM_EPS
+
+    model = aim_ds.create_model("aim-test")
+    assert model.config.norm_eps != RELEASED_NORM_EPS
+    export = save_export(
+        model.state_dict(), tmp_path / "export", model_name="aim-test", overrides={}, step=1, ml_aim=True
+    )
+    with safe_open(str(export / ML_AIM_FILE), framework="pt") as f:
+        assert float(f.metadata()["norm_eps"]) == model.config.norm_eps
+    images = torch.randn(2, 3, 32, 32)
+    native, _ = W.build_frozen_trunk("aim-test", export, layers=[2, 3])
+    ours, loaded = W.build_frozen_trunk("aim-test", export / ML_AIM_FILE, layers=[2, 3])
+    assert loaded.source == "ml_aim"
+    assert torch.equal(ours(images), native(images))
+    # The same tensors without the record: a released file, eps 1e-6, so the features differ.
+    from safetensors.torch import save_file
+
+    bare = tmp_path / "released_layout.safetensors"
+    save_file(to_ml_aim(load_file(str(export / "model.safetensors"))), str(bare))
+    released, _ = W.build_frozen_trunk("aim-test", bare, layers=[2, 3])
+    assert released.model.config.norm_eps == RELEASED_NORM_EPS
+    assert not torch.equal(released(images), native(images))
