@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import subprocess
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from data_fixtures import jpeg_bytes, make_imagefolder, make_tar, photo_variant
+from data_fixtures import jpeg_bytes, make_imagefolder, make_tar, photo_variant, read_beton_images
 from PIL import Image
 
 from aim_ds.data import read_class_names, read_sidecar
@@ -30,25 +29,7 @@ def _run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "data_prep", *args], capture_output=True, text=True, env=env, cwd=ROOT)
 
 
-def _read_all(beton: Path) -> tuple[list[np.ndarray], np.ndarray]:
-    """Decode every stored image with FFCV's reader metadata + Pillow (independent of our loader)."""
-    from ffcv.reader import Reader
-
-    reader = Reader(str(beton))
-    image_col = f"f{reader.field_names.index('image')}"
-    label_col = f"f{reader.field_names.index('label')}"
-    data = np.memmap(beton, dtype=np.uint8, mode="r")
-    table = reader.alloc_table
-    sizes = dict(zip(table["ptr"].tolist(), table["size"].tolist(), strict=True))
-    images = []
-    for meta in reader.metadata[image_col]:
-        pointer = int(meta["data_ptr"])
-        raw = bytes(data[pointer : pointer + sizes[pointer]])
-        if meta["mode"] == 0:
-            images.append(np.asarray(Image.open(io.BytesIO(raw)).convert("RGB")))
-        else:
-            images.append(np.frombuffer(raw, np.uint8).reshape(meta["height"], meta["width"], 3))
-    return images, reader.metadata[label_col].astype(np.int64)
+_read_all = read_beton_images  # decoded with FFCV's reader metadata + Pillow, independent of our loader
 
 
 @pytest.fixture(scope="module")
