@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 
 from .distributed import barrier, min_across_ranks, rank, world_size
-from .io import PARTIAL_SUFFIX, atomic_dir, atomic_write_json, partial_path, remove_if_exists
+from .io import PARTIAL_SUFFIX, atomic_dir, atomic_write_json, partial_path, remove_if_exists, replace_dir
 from .zero_shards import ShardError, load_shard
 
 COMPLETE_MARKER = "COMPLETE"
@@ -52,6 +52,8 @@ log = logging.getLogger(__name__)
 
 class CheckpointError(RuntimeError):
     """A run folder or checkpoint that cannot be resumed from; the message names the file."""
+
+
 _TAG_RE = re.compile(r"^step_(\d{7,})$")
 
 
@@ -186,20 +188,10 @@ def save(engine: Any, ckpt_dir: str | os.PathLike, step: int, client_state: dict
     barrier()  # every rank has written its shards and RNG state
     if rank() == 0:
         mark_complete(tmp, {"step": step, "world_size": world_size()})
-        _swap_in(tmp, path)
+        replace_dir(tmp, path)  # an old complete folder goes only after the new one is in place
         prune(ckpt_dir, keep_last)
     barrier()  # nobody races ahead into a new save while rank 0 prunes
     return path
-
-
-def _swap_in(tmp: Path, path: Path) -> None:
-    """Rename the complete folder ``tmp`` onto ``path``; an old ``path`` goes only after the swap."""
-    old = path.with_name(path.name + ".old")
-    remove_if_exists(old)
-    if path.exists():
-        os.replace(path, old)
-    os.replace(tmp, path)
-    remove_if_exists(old)
 
 
 def write_manifest(run_dir: str | os.PathLike) -> None:

@@ -131,13 +131,22 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         for child in tmp.rglob("*"):
             if child.is_file():
                 _fsync_file(child)
-        old = path.with_name(path.name + ".old")
-        remove_if_exists(old)
-        if path.exists():
-            os.replace(path, old)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-        remove_if_exists(old)
+        replace_dir(tmp, path)
     except BaseException:
         remove_if_exists(tmp)
         raise
+
+
+def replace_dir(tmp: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """Rename the finished folder ``tmp`` onto ``path``. An existing ``path`` is moved aside first
+    and removed only once the new one is in place, so there is always a complete folder to find.
+    Returns ``path``."""
+    tmp, path = Path(tmp), Path(path)
+    old = path.with_name(path.name + ".old")
+    remove_if_exists(old)
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    remove_if_exists(old)
+    return path
