@@ -14,7 +14,8 @@ Resume goes through DeepSpeed's own loader, which unpickles the shards with
 a folder to it, :func:`load_latest` reads every ``*.pt`` file with the weights-only reader of
 :mod:`aim_ds.zero_shards` (tensors, plain data and two DeepSpeed types only), so a file that asks
 for anything else, or a damaged one, is skipped with its name, and the next older complete
-checkpoint is tried. The run folder itself must carry the manifest the project writes
+checkpoint is tried; once one loads, the skipped ones are renamed ``<tag>.damaged`` (kept, no longer
+counted by ``keep_last``). The run folder itself must carry the manifest the project writes
 (:data:`MANIFEST`, :func:`check_manifest`): a folder the project did not write is refused.
 
 The folder-level helpers (:func:`list_complete`, :func:`prune`, ...) need no DeepSpeed and no
@@ -265,6 +266,7 @@ def load_latest(engine: Any, ckpt_dir: str | os.PathLike) -> tuple[int, dict[str
             if min_across_ranks(0 if problem else 1) == 1:
                 if skipped and rank() == 0:
                     log.warning("resuming from %s, the newest checkpoint that loads", folder)
+                    set_aside([Path(ckpt_dir) / name for name in tags[: tags.index(tag)]])
                 rng_file = folder / f"rng_state_rank{rank()}.pt"
                 if rng_file.is_file():
                     restore_rng_state(torch.load(rng_file, weights_only=True))
@@ -278,6 +280,27 @@ def load_latest(engine: Any, ckpt_dir: str | os.PathLike) -> tuple[int, dict[str
     if skipped:
         raise CheckpointError("no complete checkpoint loads:\n  " + "\n  ".join(skipped))
     return None
+
+
+DAMAGED_SUFFIX = ".damaged"
+
+
+def set_aside(folders: list[Path]) -> list[Path]:
+    """Rename checkpoints that were skipped as unloadable to ``<tag>.damaged`` (``.damaged.2``, ...
+    when that exists): kept for a look, never loaded, and no longer counted by ``keep_last``, so the
+    pruning that follows the next save keeps that many *good* checkpoints. Returns the new paths."""
+    moved = []
+    for folder in folders:
+        if not folder.is_dir():
+            continue
+        target, n = folder.with_name(folder.name + DAMAGED_SUFFIX), 1
+        while target.exists():
+            n += 1
+            target = folder.with_name(f"{folder.name}{DAMAGED_SUFFIX}.{n}")
+        folder.rename(target)
+        log.warning("set the damaged checkpoint %s aside as %s", folder, target.name)
+        moved.append(target)
+    return moved
 
 
 def _load_tag(engine: Any, folder: Path) -> tuple[str | None, dict[str, Any]]:

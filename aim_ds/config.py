@@ -183,6 +183,12 @@ def _set_dotted(tree: dict[str, Any], cls: type, dotted: str, raw: str) -> None:
                 raise ConfigError(f"override '{dotted}={raw}': '{dotted}' is a section, set one of its keys")
             # Validated now (so the error names the override), stored as plain data like YAML values.
             node[part] = to_dict(_coerce(raw, tp, dotted))
+        elif (tp is dict or typing.get_origin(tp) is dict) and i == len(parts) - 2:
+            # One key inside a mapping field (model.overrides.depth=16), its value read as YAML reads it;
+            # the field's own consumer (e.g. AIMConfig) validates the key.
+            mapping = node.get(part)
+            node[part] = {**(mapping if isinstance(mapping, dict) else {}), parts[-1]: yaml.safe_load(raw)}
+            return
         else:
             if not dataclasses.is_dataclass(tp):
                 raise ConfigError(f"override '{dotted}={raw}': '{'.'.join(path)}' is not a section")

@@ -192,17 +192,20 @@ def _finite(value: Any) -> bool:
 
 
 @torch.no_grad()
-def reconstruct_from_pred(images: Tensor, pred: Tensor, patch_size: int, eps: float = 1e-6) -> Tensor:
+def reconstruct_from_pred(
+    images: Tensor, pred: Tensor, patch_size: int, eps: float = 1e-6, unbiased: bool = True
+) -> Tensor:
     """Turn predictions back into pixels, ImageNet-normalised like ``images``.
 
     ``images`` ``[B, 3, H, W]``; ``pred`` ``[B, N, p*p*3]`` with row ``k`` predicting patch ``k+1``
     in per-patch-normalised units. Each predicted patch is de-normalised with the *true* patch's
-    mean and variance (the model never sees them; this only makes the picture comparable). Patch 0
-    has no prediction and is copied from the image. Returns ``[B, 3, H, W]``.
+    mean and variance (the model never sees them; this only makes the picture comparable), the
+    variance and ``eps`` as the model's targets were normalised (``AIMConfig.target_unbiased``,
+    ``target_eps``). Patch 0 has no prediction and is copied from the image. Returns ``[B, 3, H, W]``.
     """
     true = patchify(images.float(), patch_size)  # [B, N, P]
     mean = true.mean(dim=-1, keepdim=True)
-    std = torch.sqrt(true.var(dim=-1, unbiased=False, keepdim=True) + eps)
+    std = torch.sqrt(true.var(dim=-1, unbiased=unbiased, keepdim=True) + eps)
     recon = true.clone()
     recon[:, 1:] = pred[:, :-1].float() * std[:, 1:] + mean[:, 1:]
     grid = images.shape[-1] // patch_size
@@ -229,6 +232,8 @@ def save_patch_grid(
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
     captions: Sequence[str] | None = None,
+    target_eps: float = 1e-6,
+    target_unbiased: bool = True,
 ) -> Path:
     """Save a PNG with, for each of the first ``num_images`` images, the true image (left) and the
     model's next-patch predictions (right), side by side, one image per row. With ``captions`` (one
@@ -238,13 +243,14 @@ def save_patch_grid(
     ``images`` ``[B, 3, H, W]`` ImageNet-normalised; ``pred`` ``[B, N, p*p*3]`` from the model's
     forward. With ``prefix_len`` ``[B]``, prefix patches (whose predictions the loss ignores) are
     washed out towards white in the prediction panel. Small images are upscaled (nearest) to at least ``min_cell_px``.
+    ``target_eps`` / ``target_unbiased``: how the model's targets were normalised (its AIMConfig).
     """
     from PIL import Image
 
     count = min(num_images, images.shape[0])
     images = images[:count].detach().float().cpu()
     pred = pred[:count].detach().float().cpu()
-    recon = reconstruct_from_pred(images, pred, patch_size)
+    recon = reconstruct_from_pred(images, pred, patch_size, target_eps, target_unbiased)
     true_u8 = _to_uint8(images, mean, std)  # [b, H, W, 3]
     recon_u8 = _to_uint8(recon, mean, std)
     if prefix_len is not None:

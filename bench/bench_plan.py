@@ -2,14 +2,18 @@
 per rank measured, side by side with the planner's prediction for the same settings.
 
     python bench/bench_plan.py --model aim-0.6B --micro-batch 1 4 --checkpointing off on \
-        [--override depth=4 head_depth=2] [--steps 3] [--out bench_out/plan.md]
+        [--override depth=16] [--steps 2] [--trace] [--out bench_out/plan.md]
     python bench/bench_plan.py --table --out bench_out/plan_table.md   # the planner's table, no run
 
-Each configuration is one launch of the real ``deepspeed`` launcher with two CPU ranks (gloo, fp32,
-as run/pretrain.py trains on the CPU) running this file with ``--worker``: the model is built under
+Each configuration is one launch of the real ``deepspeed`` launcher with two CPU ranks (gloo; the
+DeepSpeed config as given, ``ds_configs/zero3.json`` by default: bf16 weights, fp32 gradient sums, as
+run/pretrain.py runs it on every device) running this file with ``--worker``: the model is built under
 ``deepspeed.zero.Init`` and wrapped by aim_ds.train.engine exactly as the driver does; images are
 synthetic (memory does not depend on pixel values). A rank's peak is its peak resident set size
-(``ru_maxrss``), which on the CPU accelerator holds everything the planner counts.
+(``ru_maxrss``), which on the CPU accelerator holds everything the planner counts; ``--trace`` also
+prints each rank's resident/peak memory after each phase (build, engine, forward, backward, step).
+Before each launch the worker runs the driver's own start-up check, so a configuration the planner
+says does not fit is refused, not run (``--no-check`` runs it anyway).
 """
 
 from __future__ import annotations
@@ -42,6 +46,13 @@ def _run_config(model: str, overrides: dict[str, Any], micro: int, world: int, c
     return cfg
 
 
+def _phase(name: str) -> tuple[str, int, int]:
+    """``(name, resident bytes now, peak resident bytes so far)`` of this process."""
+    with open("/proc/self/statm") as statm:
+        resident = int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    return name, resident, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def worker(args: argparse.Namespace) -> None:
     """One rank: build, train ``--steps`` steps, report peak RSS and the plan (rank 0 writes JSON)."""
     import torch
@@ -71,16 +82,25 @@ def worker(args: argparse.Namespace) -> None:
         if not args.no_check
         else None
     )
+    phases = [_phase("imported")]
     model = build_model(model_cfg, cfg, ds)
+    phases.append(_phase("model built"))
     engine, _ = build_engine(model, cfg, ds, run_plan)
+    phases.append(_phase("engine built"))
     generator = torch.Generator().manual_seed(rank)
     size = model_cfg.image_size
-    for _step in range(args.steps):
+    for step in range(1, args.steps + 1):
         images = torch.randn(run_plan.micro_batch_size, 3, size, size, generator=generator)
         prefix = torch.randint(1, model_cfg.num_patches, (run_plan.micro_batch_size,), generator=generator)
         loss = engine(images, prefix_len=prefix)["loss"]
+        phases.append(_phase(f"step {step} forward"))
         engine.backward(loss)
+        phases.append(_phase(f"step {step} backward"))
         engine.step()
+        phases.append(_phase(f"step {step} optimizer"))
+    if args.trace:
+        print(f"rank {rank}: " + "; ".join(f"{name} {now / GIB:.2f}/{peak / GIB:.2f}" for name, now, peak in phases),
+              flush=True)  # fmt: skip
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     peak_max = max_across_ranks(peak_kib) * 1024
     if is_main():
@@ -103,6 +123,7 @@ def worker(args: argparse.Namespace) -> None:
             "predicted": {
                 "model_states": chosen.model_states,
                 "activations": chosen.activations,
+                "optimizer_step": chosen.optimizer_step,
                 "buffers": chosen.buffers,
                 "runtime": chosen.runtime,
             },
@@ -125,9 +146,12 @@ def launch(args: argparse.Namespace, micro: int, checkpointing: str) -> dict[str
             "--worker", "--model", args.model, "--micro-batch", str(micro), "--checkpointing", checkpointing,
             "--steps", str(args.steps), "--deepspeed", args.deepspeed, "--result", str(result),
             "--overrides-json", json.dumps(overrides), *(["--no-check"] if args.no_check else []),
+            *(["--trace"] if args.trace else []),
         ]  # fmt: skip
         env = dict(os.environ, DS_ACCELERATOR="cpu")
         done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+        if args.trace:
+            print("\n".join(line for line in done.stdout.splitlines() if line.startswith("rank ")), flush=True)
         if done.returncode != 0 or not result.exists():
             raise SystemExit(f"launch failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
         return json.loads(result.read_text())
@@ -173,6 +197,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--deepspeed", default=str(ROOT / "ds_configs/zero3.json"))
     parser.add_argument("--no-check", action="store_true", help="run even when the planner says it does not fit")
+    parser.add_argument("--trace", action="store_true", help="print each rank's memory (now/peak GiB) per phase")
     parser.add_argument("--table", action="store_true", help="print the planner's table only")
     parser.add_argument("--out", default=None, help="markdown file for the results")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -191,11 +216,12 @@ def main(argv: list[str] | None = None) -> int:
         text = table(args)
     else:
         rows = [
-            f"{args.model} {' '.join(args.override)} on {args.ranks} CPU ranks (ZeRO-3, fp32, gloo), "
+            f"{args.model} {' '.join(args.override)} on {args.ranks} CPU ranks ({Path(args.deepspeed).name}, gloo), "
             f"{args.steps} steps, {datetime.date.today()}",
             "",
-            "| micro-batch | ckpt | measured peak / rank | predicted | ratio | states | activations | buffers | runtime |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| micro-batch | ckpt | measured peak / rank | predicted | ratio | states | activations | optim. step "
+            "| buffers | runtime |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for micro in args.micro_batch:
             for checkpointing in args.checkpointing:
@@ -205,7 +231,10 @@ def main(argv: list[str] | None = None) -> int:
                     f"| {micro} | {checkpointing} | {r['measured_peak_bytes'] / GIB:.2f} GiB | "
                     f"{r['predicted_peak_bytes'] / GIB:.2f} GiB | "
                     f"{r['predicted_peak_bytes'] / r['measured_peak_bytes']:.2f} | "
-                    + " | ".join(f"{p[k] / GIB:.2f}" for k in ("model_states", "activations", "buffers", "runtime"))
+                    + " | ".join(
+                        f"{p[k] / GIB:.2f}"
+                        for k in ("model_states", "activations", "optimizer_step", "buffers", "runtime")
+                    )
                     + " |"
                 )
                 print(rows[-1], flush=True)

@@ -31,6 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from aim_ds import distributed  # noqa: E402
 from aim_ds.distributed import barrier, init_distributed  # noqa: E402
 from aim_ds.io import atomic_write_json  # noqa: E402
 from aim_ds.model import AIM  # noqa: E402
@@ -289,6 +290,7 @@ def main() -> int:
     args = parser.parse_args()
     out = Path(args.out)
     rank, world, _ = init_distributed()
+    atomic_write_json(out / f"shm_rank{rank}.json", {"released": distributed.released_shared_buffers})
     checks = {
         "runs": lambda: check_runs(args.beton, out, rank),
         "accumulation": lambda: check_accumulation(rank, world),

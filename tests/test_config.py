@@ -26,8 +26,15 @@ class Data:
 
 
 @dataclass
+class Model:
+    name: str = "aim-test"
+    overrides: dict = field(default_factory=dict)
+
+
+@dataclass
 class Run:
     out_dir: str = "runs/x"
+    model: Model = field(default_factory=Model)
     train: Train = field(default_factory=Train)
     data: Data = field(default_factory=Data)
 
@@ -49,6 +56,17 @@ def test_yaml_then_overrides_with_types(tmp_path: Path) -> None:
     assert cfg.train.steps == 5 and cfg.train.lr == 3e-4 and cfg.train.grad_checkpointing is True
     assert cfg.train.scale == (0.08, 1.0) and cfg.out_dir == "runs/try" and cfg.data.val_path is None
     assert cfg.data.sources == [{"path": "a.beton", "prob": 1.0}]
+
+
+def test_one_key_of_a_mapping_from_the_command_line(tmp_path: Path) -> None:
+    """``model.overrides.depth=16`` sets one key of a mapping field and keeps the file's other keys."""
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  overrides: {head_depth: 2, width: 64}\n")
+    cfg = load_config(Run, path, ["model.overrides.depth=16", "model.overrides.width=128", "model.overrides.x=[1,2]"])
+    assert cfg.model.overrides == {"head_depth": 2, "width": 128, "depth": 16, "x": [1, 2]}
+    assert load_config(Run, None, ["model.overrides.depth=3"]).model.overrides == {"depth": 3}
+    with pytest.raises(ConfigError, match="'model.overrides' is not a section"):
+        load_config(Run, None, ["model.overrides.depth.deeper=3"])
 
 
 def test_unknown_keys_name_the_key_and_nearest(tmp_path: Path) -> None:

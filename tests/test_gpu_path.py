@@ -31,16 +31,30 @@ OFFLOAD_VS_ZERO3_REL = 5e-4  # measured: 5e-5 at step 12
 def results(betons: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict]]:
     out = tmp_path_factory.mktemp("gpu_path")
     assert DEEPSPEED, "the deepspeed launcher is not installed next to this Python"
+    port = free_port()
     command = [
-        DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), str(ROOT / "tests/gpu_path_worker.py"),
+        DEEPSPEED, "--num_gpus", "2", "--master_port", str(port), str(ROOT / "tests/gpu_path_worker.py"),
         "--out", str(out), "--beton", str(betons["train"]), "--zero-init-model", ZERO_INIT_MODEL,
     ]  # fmt: skip
     env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
     proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    checks = ("runs", "accumulation", "checkpointing", "zero_init")
-    return {c: [json.loads((out / f"{c}_rank{r}.json").read_text()) for r in (0, 1)] for c in checks}
+    checks = ("runs", "accumulation", "checkpointing", "zero_init", "shm")
+    found = {c: [json.loads((out / f"{c}_rank{r}.json").read_text()) for r in (0, 1)] for c in checks}
+    found["shm_left"] = [{"port": port, "files": sorted(p.name for p in Path("/dev/shm").glob(f"*_{port}_*"))}]
+    return found
+
+
+def test_no_shared_memory_left_behind(results: dict[str, list[dict]]) -> None:
+    """DeepSpeed's CPU all-reduce creates a 67 MB /dev/shm file per rank and never unlinks it; each
+    rank unlinks its own once all have mapped them, so a launch leaves none behind."""
+    port = results["shm_left"][0]["port"]
+    for rank, got in enumerate(results["shm"]):
+        assert [Path(p).name for p in got["released"]] == [
+            f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_{rank}"
+        ]
+    assert results["shm_left"][0]["files"] == []
 
 
 def test_zero3_json_accumulates_and_reduces_in_fp32(results: dict[str, list[dict]]) -> None:

@@ -90,11 +90,14 @@ def test_mfu_arithmetic() -> None:
 def test_reconstruction_of_perfect_predictions_is_the_image() -> None:
     torch.manual_seed(0)
     images = torch.randn(3, 3, 16, 16)
-    targets = normalize_patches(patchify(images, 4))  # [B, N, P]
-    pred = torch.zeros_like(targets)
-    pred[:, :-1] = targets[:, 1:]  # row k predicts patch k+1
-    recon = reconstruct_from_pred(images, pred, patch_size=4)
-    torch.testing.assert_close(recon, images, atol=1e-4, rtol=1e-4)
+    for unbiased in (True, False):  # the authors' unbiased target variance, and the population one
+        targets = normalize_patches(patchify(images, 4), unbiased=unbiased)  # [B, N, P]
+        pred = torch.zeros_like(targets)
+        pred[:, :-1] = targets[:, 1:]  # row k predicts patch k+1
+        recon = reconstruct_from_pred(images, pred, patch_size=4, unbiased=unbiased)
+        torch.testing.assert_close(recon, images, atol=1e-4, rtol=1e-4)
+        wrong = reconstruct_from_pred(images, pred, patch_size=4, unbiased=not unbiased)
+        assert (wrong - images).abs().max() > 1e-2  # the variance convention must match the targets
 
 
 def _normalised(pixels: np.ndarray) -> torch.Tensor:
@@ -110,7 +113,7 @@ def test_save_patch_grid(tmp_path: Path) -> None:
     pixels = rng.integers(0, 256, size=(6, 32, 32, 3), dtype=np.uint8)  # 8 x 8 patches of 4 px
     images = _normalised(pixels)
     pred = torch.zeros(6, 64, 48)
-    pred[:, :-1] = normalize_patches(patchify(images, 4))[:, 1:]  # perfect: row k predicts patch k+1
+    pred[:, :-1] = normalize_patches(patchify(images, 4), unbiased=True)[:, 1:]  # perfect: row k predicts k+1
     wrong = 2 * 8 + 5  # patch (row 2, col 5) of image 1: predicted flat (its normalised mean, 0)
     pred[1, wrong - 1] = 0.0
     prefix_len = torch.tensor([8, 20, 1, 5, 5, 5])

@@ -110,3 +110,23 @@ def test_build_optimizer_and_set_lr() -> None:
     assert optimizer.param_groups[0]["eps"] == 1e-8
     set_lr(optimizer, 3e-4)
     assert all(g["lr"] == 3e-4 for g in optimizer.param_groups)
+
+
+def test_optimizer_is_the_fused_kernel_on_the_cpu_too() -> None:
+    """The fused AdamW runs on the CPU as on CUDA (the unfused CPU path holds two parameter-sized
+    temporaries during the step; BENCHMARKS.md, "Memory planner"), and steps as the reference does."""
+    torch.manual_seed(0)
+    model = _WithPos()
+    reference = _WithPos()
+    reference.load_state_dict(model.state_dict())
+    fused = build_optimizer(param_groups(model, 0.05), lr=1e-3, betas=(0.9, 0.95), eps=1e-8)
+    plain = torch.optim.AdamW(param_groups(reference, 0.05), lr=1e-3, betas=(0.9, 0.95), eps=1e-8, fused=False)
+    assert fused.defaults["fused"] is True
+    for _ in range(20):
+        for a, b in zip(model.parameters(), reference.parameters(), strict=True):
+            a.grad = torch.randn_like(a)
+            b.grad = a.grad.clone()
+        fused.step()
+        plain.step()
+    for a, b in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

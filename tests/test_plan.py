@@ -23,6 +23,7 @@ from aim_ds.plan import (
     main,
     measure_activations,
     model_state_bytes,
+    optimizer_step_bytes,
     plan_memory,
     saved_bytes,
     step_seconds,
@@ -114,6 +115,39 @@ def test_model_states_from_deepspeeds_estimator() -> None:
     assert plan.model_states == device_off + -(-host_off // 2)
 
 
+def test_optimizer_step_working_set() -> None:
+    """ZeRO-3 flattens one sub group's gradients into fp32 before stepping it: 4 bytes per element of
+    min(sub_group_size, partition); offloaded optimizers step in place. The peak takes the larger of
+    that and the activations, which are freed before the step."""
+    params = count_parameters(TEST_CFG)
+    hw = _hardware(gpus=2)
+    partition = -(-params.total // 2)
+    shipped = engine_settings(ZERO3, device="cuda")
+    assert shipped.sub_group_size == ZERO3["zero_optimization"]["sub_group_size"]
+    assert optimizer_step_bytes(params, shipped, hw) == 4 * partition
+    small = engine_settings(
+        {**ZERO3, "zero_optimization": {**ZERO3["zero_optimization"], "sub_group_size": 1000}}, device="cuda"
+    )
+    assert optimizer_step_bytes(params, small, hw) == 4 * 1000
+    offload = engine_settings(json.loads((ROOT / "ds_configs/zero3_offload.json").read_text()), device="cuda")
+    assert optimizer_step_bytes(params, offload, hw) == 0
+    for activations in (10, 10**9):
+        acts = Activations(per_block=0, block_input=0, rest=activations, depth=1, num_patches=1)
+        plan = plan_memory(params, acts, shipped, hw, batch_size=2, micro_batch=1, checkpointing=False)
+        assert plan.optimizer_step == 4 * partition
+        assert plan.peak == plan.model_states + max(activations, 4 * partition) + plan.buffers + plan.runtime
+
+
+def test_cpu_ranks_share_the_memory_that_is_available() -> None:
+    """On the CPU a rank's share is what the machine has free now (plus what the ranks themselves
+    already hold), not its physical memory: other processes' memory is not the run's."""
+    from aim_ds.plan import local_hardware
+    from aim_ds.plan.memory import host_memory_bytes, resident_bytes
+
+    share = local_hardware(1, torch.device("cpu")).device_memory
+    assert resident_bytes() < share < host_memory_bytes()  # the kernel, page tables and this process's peers hold some
+
+
 def test_step_time_from_flops() -> None:
     flops = train_flops_per_image(TEST_CFG)
     seconds = step_seconds(TEST_CFG, batch_size=16, world_size=2, checkpointing=False, peak_flops=1e12, mfu=0.5)
@@ -138,6 +172,15 @@ def test_does_not_fit_names_the_knob() -> None:
     tiny = _hardware(gpus=8, memory_gb=1.0)
     with pytest.raises(PlanError, match="offload"):
         check_run(cfg, "aim-0.6B", ZERO3, tiny, batch_size=4096, micro_batch=1, checkpointing=True)
+    # Two CPU ranks of a 24 GiB machine: model states alone exceed a rank's share; the step's fp32
+    # gradient copy outweighs micro-batch 1's activations, so the message names sub_group_size, and
+    # offloading (which moves nothing on the CPU) is not offered.
+    cpu = _hardware(device="cpu", gpus=2, memory_gb=11.0, runtime=GIB // 4)
+    with pytest.raises(PlanError) as caught:
+        check_run(cfg, "aim-0.6B", ZERO3, cpu, batch_size=2, micro_batch=1, checkpointing=True)
+    message = str(caught.value)
+    assert "zero_optimization.sub_group_size" in message and "more nodes" in message
+    assert "offload" not in message.split("(the plan")[0]
 
 
 def test_cli_prints_the_plan(capsys: pytest.CaptureFixture[str]) -> None:

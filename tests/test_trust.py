@@ -101,6 +101,33 @@ def test_plain_process_bad_resume_keeps_config_yaml(beton: Path, tmp_path: Path)
     assert (out / "config.yaml").read_bytes() == before
 
 
+def test_stale_extension_build_lock_is_named_not_waited_on(beton: Path, tmp_path: Path) -> None:
+    """A killed JIT build leaves ``<op>/lock`` behind, on which torch.utils.cpp_extension waits
+    forever. The real driver (plain process) exits 2 naming the file; a young lock (a build running
+    now) is only reported."""
+    from aim_ds.config import ConfigError
+    from aim_ds.distributed import check_build_locks
+
+    root = tmp_path / "torch_extensions"
+    (root / "cpu_adam").mkdir(parents=True)
+    lock = root / "cpu_adam" / "lock"
+    lock.write_text("")
+    assert check_build_locks(str(root)) == [str(lock)]  # young: another build may be running
+    an_hour_ago = time.time() - 3600
+    os.utime(lock, (an_hour_ago, an_hour_ago))
+    with pytest.raises(ConfigError, match="stale extension build lock .*cpu_adam/lock"):
+        check_build_locks(str(root))
+    out = tmp_path / "run"
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT), TORCH_EXTENSIONS_DIR=str(root))
+    command = [sys.executable, str(ROOT / "run" / "pretrain.py"), *_args(beton, out)]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"stale extension build lock {lock}" in proc.stderr and "Traceback" not in proc.stderr
+    assert lock.exists()  # named, never removed behind the user's back
+    lock.unlink()
+    assert check_build_locks(str(root)) == []
+
+
 def test_foreign_run_folder_is_refused(beton: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     out = tmp_path / "foreign"
     (out / "checkpoints" / "step_0000010").mkdir(parents=True)

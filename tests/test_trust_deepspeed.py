@@ -268,6 +268,13 @@ def test_resume_skips_damaged_checkpoints_naming_the_files(resumed: dict[str, ob
     assert not resumed["marker"].exists()  # DeepSpeed's loader never saw the crafted file
     steps = _steps(out)
     assert steps == sorted(steps) and steps[-1] == resumed["crafted_step"]  # metrics trimmed, then continued
-    # The crafted step was saved again through <tag>.partial and swapped in: a clean, complete folder.
+    # Both damaged tags were set aside (kept for a look, out of keep_last's count); the crafted step
+    # was then saved again: a clean, complete folder.
+    truncated_tag = resumed["truncated"].parent
+    for damaged in (resumed["crafted"], truncated_tag):
+        aside = damaged.with_name(damaged.name + ckpt.DAMAGED_SUFFIX)
+        assert aside.is_dir() and ckpt.verify_tag(aside) is not None, aside
+    assert not truncated_tag.exists() and truncated_tag.name + ckpt.DAMAGED_SUFFIX in text
     assert ckpt.is_complete(resumed["crafted"]) and ckpt.verify_tag(resumed["crafted"]) is None
+    assert all(ckpt.verify_tag(path) is None for _, path in ckpt.list_complete(out / "checkpoints"))
     assert not list((out / "checkpoints").glob("*.partial")) and not list((out / "checkpoints").glob("*.old"))

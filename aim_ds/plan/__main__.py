@@ -8,7 +8,7 @@ import sys
 from ..config import ConfigError
 from ..flops import H100_BF16_DENSE_FLOPS
 from . import __doc__ as PLAN_DOC
-from .memory import GIB, Hardware, host_memory_bytes, runtime_bytes
+from .memory import GIB, Hardware, available_host_bytes, host_memory_bytes, runtime_bytes
 from .report import make_plan
 
 
@@ -20,10 +20,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--nodes", type=int, default=1)
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: DeepSpeed's CPU accelerator")
     parser.add_argument("--gpu-memory-gb", type=float, default=80.0, help="per GPU, GiB")
-    parser.add_argument("--host-memory-gb", type=float, default=None, help="per node, GiB (default: this machine's)")
+    parser.add_argument(
+        "--host-memory-gb",
+        type=float,
+        default=None,
+        help="per node, GiB (default: this machine's; on --device cpu the ranks share what is available now)",
+    )
     parser.add_argument("--runtime-gb", type=float, default=None, help="per-rank footprint outside the model, GiB")
     parser.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation for the step time")
-    parser.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_FLOPS / 1e12, help="per device")
+    parser.add_argument(
+        "--peak-tflops", type=float, default=H100_BF16_DENSE_FLOPS / 1e12, help="per device (default: H100 bf16 dense)"
+    )
     parser.add_argument("overrides", nargs="*", help="run-config overrides, e.g. train.micro_batch_size=32")
     return parser.parse_args(argv)
 
@@ -39,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         ds = load_ds_config(args.deepspeed)
         model_cfg = model_config(cfg)
         host = int(args.host_memory_gb * GIB) if args.host_memory_gb else host_memory_bytes()
-        per_rank_host = host // args.gpus
+        # On the CPU the ranks get what is free now (MemAvailable), unless told the node's memory.
+        per_rank_host = (int(args.host_memory_gb * GIB) if args.host_memory_gb else available_host_bytes()) // args.gpus
         hw = Hardware(
             gpus_per_node=args.gpus,
             nodes=args.nodes,

@@ -19,6 +19,9 @@ Per GPU (per rank on the CPU accelerator, where everything lives in host memory)
   and ``stage3_max_reuse_distance``: a parameter used again within that many parameters of the trace
   stays gathered; a block's forward and backward uses are about twice its distance to the end of the
   forward apart) and the gradient reduce bucket (doubled with ``overlap_comm``).
+- optimizer step: each sub group's gradients flattened into fp32 before the step (up to
+  ``sub_group_size`` elements); the activations are freed by then, so the peak takes the larger of
+  the two.
 - runtime: the process's own footprint (torch + DeepSpeed imported; measured in this process on
   the CPU, ``--runtime-gb`` on a GPU, where the CUDA context and allocator slack live).
 
@@ -63,6 +66,7 @@ class EngineSettings:
     overlap_comm: bool
     prefetch_bucket_size: int = 50_000_000  # elements gathered ahead of use (DeepSpeed's default)
     grad_bytes: int = 2  # per gradient element: 4 when gradients accumulate in fp32 (data_types.grad_accum_dtype)
+    sub_group_size: int = 1_000_000_000  # elements the optimizer steps at a time (DeepSpeed's default)
 
 
 @dataclass(frozen=True)
@@ -125,10 +129,11 @@ class MemoryPlan:
     buffers: int
     runtime: int
     host_per_node: int
+    optimizer_step: int = 0  # the optimizer step's working set (activations are freed by then)
 
     @property
     def peak(self) -> int:
-        return self.model_states + self.activations + self.buffers + self.runtime
+        return self.model_states + max(self.activations, self.optimizer_step) + self.buffers + self.runtime
 
 
 def engine_settings(ds: dict[str, Any], *, device: str) -> EngineSettings:
@@ -157,6 +162,7 @@ def engine_settings(ds: dict[str, Any], *, device: str) -> EngineSettings:
         reduce_bucket_size=number("reduce_bucket_size", 5e8),
         prefetch_bucket_size=number("stage3_prefetch_bucket_size", 5e7),
         overlap_comm=bool(zero.get("overlap_comm", False)),
+        sub_group_size=number("sub_group_size", 1e9),
     )
 
 
@@ -268,6 +274,18 @@ def buffer_bytes(params: Parameters, engine: EngineSettings) -> int:
     return max(gathered - params.largest_layer, 0) * engine.bytes_per_param + reduce * engine.grad_bytes
 
 
+def optimizer_step_bytes(params: Parameters, engine: EngineSettings, hw: Hardware) -> int:
+    """The optimizer step's working set per rank. Without optimizer offload, ZeRO-3 flattens each
+    sub group's gradients into a new fp32 tensor before stepping it (``_prepare_fp32_grad_for_sub_group``
+    in DeepSpeed's stage3.py), beside the gradient partition it came from: 4 bytes per element of the
+    largest sub group, ``min(sub_group_size, parameters / world)``. Measured on aim-0.6B widths on CPU
+    ranks: a 1.6 GiB transient at depth 16 (BENCHMARKS.md, "Memory planner"). With the optimizer
+    offloaded the gradients are already fp32 in host memory, stepped in place."""
+    if engine.offload_optimizer:
+        return 0
+    return min(engine.sub_group_size, math.ceil(params.total / hw.world_size)) * 4
+
+
 def plan_memory(
     params: Parameters,
     acts: Activations,
@@ -291,6 +309,7 @@ def plan_memory(
         buffers=buffer_bytes(params, engine),
         runtime=hw.runtime,
         host_per_node=host_states,
+        optimizer_step=optimizer_step_bytes(params, engine, hw),
     )
 
 
@@ -354,3 +373,26 @@ def runtime_bytes(device: str, runtime_gb: float | None) -> int:
 def host_memory_bytes() -> int:
     """Physical memory of this machine."""
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def available_host_bytes() -> int:
+    """Memory the kernel can hand out now without swapping (``MemAvailable``): what a run on the
+    CPU accelerator really has, beside the OS, the launcher and whatever else the machine runs.
+    Physical memory where ``/proc/meminfo`` does not exist."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    return host_memory_bytes()
+
+
+def resident_bytes() -> int:
+    """This process's resident set size now."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from ..config import ConfigError
+from ..distributed import min_across_ranks
 from ..flops import H100_BF16_DENSE_FLOPS
 from ..model import AIMConfig
 from .memory import (
@@ -19,6 +20,7 @@ from .memory import (
     MemoryPlan,
     Parameters,
     PlanError,
+    available_host_bytes,
     choices_that_fit,
     count_parameters,
     engine_settings,
@@ -26,6 +28,7 @@ from .memory import (
     host_memory_bytes,
     measure_activations,
     plan_memory,
+    resident_bytes,
     runtime_bytes,
     step_seconds,
 )
@@ -44,6 +47,7 @@ def format_plan(
     best: list[MemoryPlan],
     seconds: float,
     mfu: float,
+    peak_flops: float = H100_BF16_DENSE_FLOPS,
 ) -> str:
     """The plan as the CLI and the driver print it."""
     unit = "GPU" if hw.device == "cuda" else "rank (CPU: host memory)"
@@ -59,6 +63,8 @@ def format_plan(
         f"checkpointing {'on' if chosen.checkpointing else 'off'}:",
         f"    model states {_gib(chosen.model_states)} (DeepSpeed estimator)",
         f"    activations  {_gib(chosen.activations)}",
+        f"    optim. step  {_gib(chosen.optimizer_step)} (fp32 gradients of one sub group; the peak takes the "
+        "larger of this and the activations)",
         f"    buffers      {_gib(chosen.buffers)}",
         f"    runtime      {_gib(chosen.runtime)}",
         f"    peak         {_gib(chosen.peak)} of {_gib(hw.device_memory)}: {verdict}",
@@ -72,7 +78,7 @@ def format_plan(
         )
     if not best:
         lines.append("  no micro-batch fits, even at 1 with checkpointing")
-    lines.append(f"  step time at MFU {mfu:.0%}: {seconds:.2f} s")
+    lines.append(f"  step time at MFU {mfu:.0%} of {peak_flops / 1e12:.4g} TFLOP/s per device: {seconds:.3g} s")
     return "\n".join(lines)
 
 
@@ -89,10 +95,17 @@ def does_not_fit_message(chosen: MemoryPlan, best: list[MemoryPlan], hw: Hardwar
             for p in best
         )
         return f"{head}; set {fixes}"
-    return (
-        f"{head}; even micro-batch 1 with checkpointing does not fit: use more GPUs (--num_gpus / nodes) "
-        "or a DeepSpeed config with offload (ds_configs/zero3_offload.json)"
-    )
+    ways = []
+    if chosen.optimizer_step > chosen.activations:  # the step, not the micro-batch, sets the peak
+        ways.append(
+            f"a smaller zero_optimization.sub_group_size (the optimizer step flattens one sub group's "
+            f"gradients into fp32: {_gib(chosen.optimizer_step)} here)"
+        )
+    if hw.device == "cuda":
+        ways += ["more GPUs (--num_gpus / nodes)", "a DeepSpeed config with offload (ds_configs/zero3_offload.json)"]
+    else:  # offloading moves nothing on the CPU accelerator: host memory is the device memory
+        ways.append("more nodes (the ranks of one machine share its memory)")
+    return f"{head}; even micro-batch 1 with checkpointing does not fit: use " + " or ".join(ways)
 
 
 @dataclass(frozen=True)
@@ -134,19 +147,24 @@ def make_plan(
     best = choices_that_fit(params, acts, engine, hw, batch_size)
     seconds = step_seconds(model_cfg, batch_size, hw.world_size, checkpointing, peak_flops, mfu)
     ok = fits(chosen, hw)
-    text = format_plan(name, params, acts, hw, chosen, best, seconds, mfu)
+    text = format_plan(name, params, acts, hw, chosen, best, seconds, mfu, peak_flops)
     return RunSizing(text, chosen, best, ok, "" if ok else does_not_fit_message(chosen, best, hw))
 
 
 def local_hardware(world_size: int, device: torch.device) -> Hardware:
     """The hardware of a launched run: ranks per node from the launcher's environment, the GPU's
-    memory on CUDA, or this machine's memory shared by its ranks on the CPU."""
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world_size)))
+    memory on CUDA, or on the CPU this machine's available memory shared by its ranks.
+
+    On the CPU a rank's share is (``MemAvailable`` now + the resident memory the node's ranks already
+    hold) / ranks per node: the ranks' own footprint is the plan's runtime term, other processes'
+    memory is not the run's. Ranks read it at slightly different moments, so they agree on the
+    smallest share (a collective: every rank calls this)."""
+    local = max(int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world_size))), 1)
     host = host_memory_bytes()
     if device.type == "cuda":
         memory = torch.cuda.get_device_properties(device).total_memory
     else:
-        memory = host // max(local, 1)
+        memory = min_across_ranks((available_host_bytes() + local * resident_bytes()) // local)
     return Hardware(
         gpus_per_node=local,
         nodes=max(world_size // max(local, 1), 1),

@@ -82,6 +82,8 @@ def _patch_grid(job: Job) -> None:
             num_images=job.cfg.val.patch_grid_images,
             prefix_len=prefix_len,
             captions=captions,
+            target_eps=job.model_cfg.target_eps,
+            target_unbiased=job.model_cfg.target_unbiased,
         )
 
 
