@@ -164,8 +164,8 @@ def table(args: argparse.Namespace) -> str:
     from aim_ds.train.config import PretrainConfig
     from aim_ds.train.engine import load_ds_config, model_config
 
-    rows = ["| run | GPUs | micro-batch x accum | ckpt | states | activations | buffers | peak / GPU | host / node | "
-            "fits at | step s (40% MFU) |", "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    rows = ["| run | GPUs | micro-batch x accum | ckpt | states | activations | optim. step | buffers | peak / GPU | "
+            "host / node | fits at | step s (40% MFU) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     cases = [(size, "zero3.json", 8) for size in ("0.6B", "1B", "3B", "7B")] + [("7B", "zero3_offload.json", 1)]
     for size, ds_name, gpus in cases:
         cfg = load_config(PretrainConfig, ROOT / f"run/configs/aim-{size}.yaml")
@@ -181,7 +181,8 @@ def table(args: argparse.Namespace) -> str:
         rows.append(
             f"| aim-{size} {ds_name} | {gpus} | {plan.micro_batch} x {plan.accumulation} | "
             f"{'on' if plan.checkpointing else 'off'} | {plan.model_states / GIB:.1f} | "
-            f"{plan.activations / GIB:.1f} | {plan.buffers / GIB:.1f} | {plan.peak / GIB:.1f} | "
+            f"{plan.activations / GIB:.1f} | {plan.optimizer_step / GIB:.1f} | {plan.buffers / GIB:.1f} | "
+            f"{plan.peak / GIB:.1f} | "
             f"{plan.host_per_node / GIB:.0f} | {best} | {seconds:.1f} |"
         )
     return "\n".join(rows)

@@ -17,6 +17,7 @@ from aim_ds.plan import (
     Activations,
     Hardware,
     PlanError,
+    buffer_bytes,
     check_run,
     count_parameters,
     engine_settings,
@@ -91,21 +92,25 @@ def test_model_states_from_deepspeeds_estimator() -> None:
     params = count_parameters(TEST_CFG)
     total, largest = params.total, params.largest_layer
     hw = _hardware(gpus=2)
-    # DeepSpeed's estimator alone: 16-bit parameter and gradient partitions, fp32 master + Adam, largest layer.
+    # DeepSpeed's estimator alone: 16-bit parameter partition; fp32 master, Adam moments and gradient
+    # partition (18 bytes a parameter, what a real engine holds; BENCHMARKS.md); the largest layer.
     estimator = 4 * largest + int(18 * total / 2)
     bf16 = engine_settings(ZERO3, device="cuda")  # as shipped: bf16 weights, gradients accumulated in fp32
     assert (bf16.bytes_per_param, bf16.grad_bytes, bf16.offload_optimizer) == (2, 4, False)
     device, _ = model_state_bytes(params, bf16, hw)
-    assert device == estimator + -(-2 * total // 2)  # the fp32 gradient partition: 2 more bytes a parameter
+    assert device == estimator  # the estimator already holds the fp32 gradient partition
+    bf16_sums = {**ZERO3, "data_types": {"grad_accum_dtype": "bf16"}}
+    device_bf16_sums, _ = model_state_bytes(params, engine_settings(bf16_sums, device="cuda"), hw)
+    assert device_bf16_sums == estimator - total  # bf16 gradient partitions: 2 bytes fewer a parameter
     fp32 = engine_settings(json.loads((ROOT / "ds_configs/zero3_fp32.json").read_text()), device="cpu")
     assert (fp32.bytes_per_param, fp32.grad_bytes) == (4, 4)
     device_fp32, _ = model_state_bytes(params, fp32, hw)
-    assert device_fp32 == estimator + -(-4 * total // 2)
+    assert device_fp32 == estimator + total  # fp32 parameter partitions: 2 bytes more a parameter
     offload = json.loads((ROOT / "ds_configs/zero3_offload.json").read_text())
     off = engine_settings(offload, device="cuda")
     assert off.offload_optimizer and off.offload_param
     device_off, host_off = model_state_bytes(params, off, hw)
-    assert device_off == 4 * largest and host_off == int(total * 18 * 1.5) + 2 * -(-2 * total // 2)
+    assert device_off == 4 * largest and host_off == int(total * 18 * 1.5)
     # The CPU accelerator runs the offload config as written; "host" and "device" are one memory there.
     on_cpu = engine_settings(offload, device="cpu")
     assert on_cpu.offload_optimizer and on_cpu.offload_param
@@ -115,10 +120,29 @@ def test_model_states_from_deepspeeds_estimator() -> None:
     assert plan.model_states == device_off + -(-host_off // 2)
 
 
+def test_gathered_parameters_and_reduce_buckets() -> None:
+    """Forward/backward buffers: the reuse window (counted once, as measured), the largest layer and
+    the prefetch bucket gathered, capped by the model and max_live; plus two reduce buckets in the
+    gradients' dtype with overlap_comm."""
+    params = count_parameters(TEST_CFG)
+
+    def zero3(**knobs: int) -> dict:
+        return {**ZERO3, "zero_optimization": {**ZERO3["zero_optimization"], **knobs}}
+
+    small = engine_settings(zero3(stage3_max_reuse_distance=10_000, stage3_prefetch_bucket_size=5_000,
+                                  reduce_bucket_size=1_000), device="cuda")  # fmt: skip
+    gathered = 10_000 + params.largest_layer + 5_000
+    assert buffer_bytes(params, small) == (gathered - params.largest_layer) * 2 + 2 * 1_000 * 4
+    whole = engine_settings(zero3(stage3_prefetch_bucket_size=5_000, reduce_bucket_size=1_000), device="cuda")
+    assert buffer_bytes(params, whole) == (params.total - params.largest_layer) * 2 + 2 * 1_000 * 4  # 1e9 window
+    capped = engine_settings(zero3(stage3_max_live_parameters=50_000, reduce_bucket_size=1_000), device="cuda")
+    assert buffer_bytes(params, capped) == (50_000 - params.largest_layer) * 2 + 2 * 1_000 * 4
+
+
 def test_optimizer_step_working_set() -> None:
     """ZeRO-3 flattens one sub group's gradients into fp32 before stepping it: 4 bytes per element of
     min(sub_group_size, partition); offloaded optimizers step in place. The peak takes the larger of
-    that and the activations, which are freed before the step."""
+    that and forward/backward's activations + gathered parameters, which are freed before the step."""
     params = count_parameters(TEST_CFG)
     hw = _hardware(gpus=2)
     partition = -(-params.total // 2)
@@ -135,7 +159,8 @@ def test_optimizer_step_working_set() -> None:
         acts = Activations(per_block=0, block_input=0, rest=activations, depth=1, num_patches=1)
         plan = plan_memory(params, acts, shipped, hw, batch_size=2, micro_batch=1, checkpointing=False)
         assert plan.optimizer_step == 4 * partition
-        assert plan.peak == plan.model_states + max(activations, 4 * partition) + plan.buffers + plan.runtime
+        fwd_bwd = activations + plan.buffers
+        assert plan.peak == plan.model_states + plan.runtime + max(fwd_bwd, 4 * partition)
 
 
 def test_cpu_ranks_share_the_memory_that_is_available() -> None:

@@ -6,22 +6,25 @@
 Per GPU (per rank on the CPU accelerator, where everything lives in host memory) the peak is the sum of
 
 - model states: DeepSpeed's own ZeRO-3 estimator (``estimate_zero3_model_states_mem_needs``: 16-bit
-  parameter and gradient partitions, fp32 master weights and Adam moments, the largest layer
-  gathered). An fp32 config (``ds_configs/zero3_fp32.json``) keeps the parameter and gradient
-  partitions in 4 bytes instead of 2: :func:`model_state_bytes` adds them.
+  parameter partitions, fp32 master weights, Adam moments and gradient partitions, the largest
+  layer gathered). An fp32 config (``ds_configs/zero3_fp32.json``) keeps the parameter partition in
+  4 bytes instead of 2, bf16 gradient accumulation its gradients in 2 instead of 4:
+  :func:`model_state_bytes` adjusts for them.
 - activations: what autograd saves, *measured* by running one real trunk block, and the
   preprocessor + head + loss, under ``FakeTensorMode`` (shapes and dtypes, no memory) with
   ``saved_tensors_hooks`` counting each saved storage once, parameters excluded. Without activation
   checkpointing every block keeps its saved tensors; with it each block keeps only its input and
   one block at a time is recomputed in backward. The backward's working set (the gradients of one
   block's activations) is counted as one more block's saved bytes.
-- buffers: parameters ZeRO-3 keeps gathered beyond the largest layer (``stage3_max_live_parameters``,
-  and ``stage3_max_reuse_distance``: a parameter used again within that many parameters of the trace
-  stays gathered; a block's forward and backward uses are about twice its distance to the end of the
-  forward apart) and the gradient reduce bucket (doubled with ``overlap_comm``).
+- buffers: parameters ZeRO-3 keeps gathered beyond the largest layer during forward and backward
+  (``stage3_max_live_parameters``, and ``stage3_max_reuse_distance`` parameters of the trace kept
+  for their reuse, plus the prefetch bucket) and the gradient reduce bucket (doubled with
+  ``overlap_comm``). Measured on CPU ranks at aim-0.6B widths with the shipped 1e9 knobs: from the
+  second step on, every one of the 861M parameters stays gathered through the forward, so the reuse
+  window is counted once, not halved (BENCHMARKS.md, "Memory planner").
 - optimizer step: each sub group's gradients flattened into fp32 before the step (up to
-  ``sub_group_size`` elements); the activations are freed by then, so the peak takes the larger of
-  the two.
+  ``sub_group_size`` elements). Activations and gathered parameters are released by then, so the
+  peak is model states + runtime + the larger of (activations + buffers) and the step.
 - runtime: the process's own footprint (torch + DeepSpeed imported; measured in this process on
   the CPU, ``--runtime-gb`` on a GPU, where the CUDA context and allocator slack live).
 
@@ -129,11 +132,12 @@ class MemoryPlan:
     buffers: int
     runtime: int
     host_per_node: int
-    optimizer_step: int = 0  # the optimizer step's working set (activations are freed by then)
+    optimizer_step: int = 0  # the optimizer step's working set (activations and buffers are freed by then)
 
     @property
     def peak(self) -> int:
-        return self.model_states + max(self.activations, self.optimizer_step) + self.buffers + self.runtime
+        # forward/backward (activations, gathered parameters) and the optimizer step do not overlap
+        return self.model_states + self.runtime + max(self.activations + self.buffers, self.optimizer_step)
 
 
 def engine_settings(ds: dict[str, Any], *, device: str) -> EngineSettings:
@@ -239,8 +243,12 @@ def _measure_fake(cfg: AIMConfig, depth: int, dtype: torch.dtype, batch: int, bu
 
 def model_state_bytes(params: Parameters, engine: EngineSettings, hw: Hardware) -> tuple[int, int]:
     """``(per GPU, host per node)`` bytes of parameters, gradients and optimizer states under ZeRO-3,
-    from DeepSpeed's estimator (16-bit parameter and gradient partitions); fp32 parameters add 2 bytes
-    per parameter partition, fp32 gradients (fp32 training, or bf16 with fp32 accumulation) 2 more."""
+    from DeepSpeed's estimator: 2 bytes a parameter for the 16-bit parameter partition and 16 for the
+    optimizer's fp32 master weights, Adam moments and fp32 gradient partition (18 per parameter
+    without offload). Read back from a real engine (BENCHMARKS.md, "Memory planner"): bf16 weights
+    with fp32 gradient accumulation hold exactly that. Adjusted where a config differs: fp32
+    parameters add 2 bytes; gradients kept in bf16 (``grad_accum_dtype`` bf16, no optimizer offload)
+    take 2 fewer (the step's fp32 copy is :func:`optimizer_step_bytes`)."""
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 
     host, device, _largest = estimate_zero3_model_states_mem_needs(
@@ -252,13 +260,17 @@ def model_state_bytes(params: Parameters, engine: EngineSettings, hw: Hardware) 
         cpu_offload_params=engine.offload_param,
         zero_init=True,
     )
-    widened = (engine.bytes_per_param - 2) + (engine.grad_bytes - 2)
-    if widened:
-        extra = math.ceil(widened * params.total / hw.world_size)
-        if engine.offload_optimizer:
-            host += extra * hw.gpus_per_node
-        else:
-            device += extra
+
+    def per_rank(bytes_per_param: int) -> int:
+        return math.ceil(bytes_per_param * params.total / hw.world_size)
+
+    param_extra = per_rank(engine.bytes_per_param - 2)
+    if engine.offload_param:
+        host += param_extra * hw.gpus_per_node
+    else:
+        device += param_extra
+    if not engine.offload_optimizer:  # offloaded gradients are fp32 in host memory whatever the config
+        device += per_rank(engine.grad_bytes - 4)
     return device, host
 
 
@@ -268,7 +280,7 @@ def buffer_bytes(params: Parameters, engine: EngineSettings) -> int:
     reduce bucket(s) in the gradients' dtype, per rank."""
     if engine.offload_param:
         return 0  # gathered one layer at a time from host memory (in the estimator's largest layer)
-    kept = engine.max_reuse_distance // 2 + params.largest_layer + engine.prefetch_bucket_size
+    kept = engine.max_reuse_distance + params.largest_layer + engine.prefetch_bucket_size
     gathered = min(params.total, engine.max_live_parameters, kept)
     reduce = engine.reduce_bucket_size * (2 if engine.overlap_comm else 1)
     return max(gathered - params.largest_layer, 0) * engine.bytes_per_param + reduce * engine.grad_bytes

@@ -64,7 +64,7 @@ def format_plan(
         f"    model states {_gib(chosen.model_states)} (DeepSpeed estimator)",
         f"    activations  {_gib(chosen.activations)}",
         f"    optim. step  {_gib(chosen.optimizer_step)} (fp32 gradients of one sub group; the peak takes the "
-        "larger of this and the activations)",
+        "larger of this and activations + buffers)",
         f"    buffers      {_gib(chosen.buffers)}",
         f"    runtime      {_gib(chosen.runtime)}",
         f"    peak         {_gib(chosen.peak)} of {_gib(hw.device_memory)}: {verdict}",
