@@ -10,20 +10,23 @@ A probe needs the preprocessor and the trunk blocks up to the last probed one, n
 - :func:`select_backbone`: the backbone of a state dict, cast tensor by tensor, with the blocks
   after ``keep_blocks`` as *placeholders* (tensors on the meta device: shape and dtype, no data), so
   that the shapes are still checked against the model and the unused blocks cost no memory;
-- :func:`write_safetensors` / :func:`read_handover`: the hand-over file rank 0 writes for the other
-  ranks of a probe, written tensor by tensor (``safetensors.save_file`` copies every tensor to bytes
-  first: a second copy of the trunk) and read memory-mapped (the page cache holds one copy shared
-  by every rank on the node, instead of one private copy per rank);
+- :func:`write_handover` / :func:`handover_writer` / :func:`read_handover`: the hand-over file rank 0
+  writes for the other ranks of a probe, written tensor by tensor or piece by piece as the ZeRO
+  shards are merged (:func:`safetensors_writer`; ``safetensors.save_file`` copies every tensor to
+  bytes first: a second copy of the trunk) and read memory-mapped (the page cache holds one copy
+  shared by every rank on the node, instead of one private copy per rank);
 - :func:`fingerprint_state_dict`: the content hash of what was loaded (placeholders by shape only).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import math
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 
 import torch
@@ -162,40 +165,95 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def write_safetensors(path: str | os.PathLike, tensors: dict[str, Tensor], metadata: dict[str, str]) -> Path:
-    """Publish ``tensors`` (CPU, not meta) as a ``.safetensors`` file at ``path`` (atomically),
-    writing each tensor's bytes straight from its memory: the extra host memory is one tensor's
-    worth at most, not the whole dict's as with ``safetensors.torch.save_file``."""
+TensorSpec = tuple[torch.dtype, tuple[int, ...]]  # what a tensor of a file will be: dtype, shape
+WritePiece = Callable[[str, int, Tensor], None]
+
+
+def _safetensors_layout(specs: dict[str, TensorSpec], metadata: dict[str, str]) -> tuple[bytes, dict[str, int], int]:
+    """``(the file's first bytes: header length + header, each tensor's byte offset in the file,
+    the file's size)`` for tensors ``specs``, stored end to end in this order."""
     header: dict[str, object] = {"__metadata__": metadata}
     offset = 0
-    for key, tensor in tensors.items():
-        if tensor.dtype not in _SAFETENSORS_DTYPES:
-            raise TypeError(f"{key}: dtype {tensor.dtype} cannot be written to safetensors here")
-        size = tensor.numel() * tensor.element_size()
+    for key, (dtype, shape) in specs.items():
+        if dtype not in _SAFETENSORS_DTYPES:
+            raise TypeError(f"{key}: dtype {dtype} cannot be written to safetensors here")
+        size = math.prod(shape) * dtype.itemsize
         header[key] = {
-            "dtype": _SAFETENSORS_DTYPES[tensor.dtype],
-            "shape": list(tensor.shape),
+            "dtype": _SAFETENSORS_DTYPES[dtype],
+            "shape": list(shape),
             "data_offsets": [offset, offset + size],
         }
         offset += size
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # the format aligns the data to 8 bytes
+    head = len(encoded).to_bytes(8, "little") + encoded
+    starts = {key: len(head) + entry["data_offsets"][0] for key, entry in header.items() if key != "__metadata__"}
+    return head, starts, len(head) + offset
+
+
+@contextlib.contextmanager
+def safetensors_writer(
+    path: str | os.PathLike, specs: dict[str, TensorSpec], metadata: dict[str, str]
+) -> Iterator[WritePiece]:
+    """Publish a ``.safetensors`` file at ``path`` (atomically, when the block ends without an error)
+    holding tensors of ``specs`` (``{name: (dtype, shape)}``), filled piece by piece: the block gets
+    ``write(name, start, values)``, which stores ``values`` (any shape and dtype, cast to the
+    tensor's dtype) from element ``start`` of the flattened tensor ``name``. The caller writes every
+    element (the file is created at its full size; an element never written reads as zero).
+
+    The bytes go from ``values``' memory to the file: no copy of the whole tensors is held (the
+    extra host memory is one cast piece at most), and the written pages are the kernel's page
+    cache, not this process's memory."""
+    head, starts, size = _safetensors_layout(specs, metadata)
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        f.write(len(encoded).to_bytes(8, "little"))
-        f.write(encoded)
-        for tensor in tensors.values():
-            if tensor.numel():
+        f.write(head)
+        f.truncate(size)
+
+        def write(name: str, start: int, values: Tensor) -> None:
+            dtype = specs[name][0]
+            data = values.detach().reshape(-1).to(dtype).contiguous()
+            if data.numel():
+                f.seek(starts[name] + start * dtype.itemsize)
                 # A byte view of the tensor's own memory: no copy (bf16 has no numpy dtype, uint8 does).
-                f.write(memoryview(tensor.detach().contiguous().view(torch.uint8).reshape(-1).numpy()))
+                f.write(memoryview(data.view(torch.uint8).numpy()))
+
+        yield write
+
+
+def write_safetensors(path: str | os.PathLike, tensors: dict[str, Tensor], metadata: dict[str, str]) -> Path:
+    """Publish ``tensors`` (CPU, not meta) as a ``.safetensors`` file at ``path`` (atomically),
+    writing each tensor's bytes straight from its memory: the extra host memory is one tensor's
+    worth at most, not the whole dict's as with ``safetensors.torch.save_file``."""
+    specs = {key: (tensor.dtype, tuple(tensor.shape)) for key, tensor in tensors.items()}
+    with safetensors_writer(path, specs, metadata) as write:
+        for key, tensor in tensors.items():
+            write(key, 0, tensor)
     return Path(path)
+
+
+def _handover_metadata(layout: dict[str, Tensor], stored: Collection[str]) -> dict[str, str]:
+    skipped = {k: [_dtype_name(v.dtype), list(v.shape)] for k, v in layout.items() if k not in stored}
+    return {"format": "pt", _SKIPPED_KEY: json.dumps(skipped)}
 
 
 def write_handover(path: str | os.PathLike, state_dict: dict[str, Tensor]) -> Path:
     """Write a selected backbone (:func:`select_backbone`) for the other ranks: the loaded tensors,
     and the placeholders' dtypes and shapes in the metadata."""
-    skipped = {k: [_dtype_name(v.dtype), list(v.shape)] for k, v in state_dict.items() if v.is_meta}
     loaded = {k: v for k, v in state_dict.items() if not v.is_meta}
-    return write_safetensors(path, loaded, {"format": "pt", _SKIPPED_KEY: json.dumps(skipped)})
+    return write_safetensors(path, loaded, _handover_metadata(state_dict, loaded))
+
+
+@contextlib.contextmanager
+def handover_writer(
+    path: str | os.PathLike, layout: dict[str, Tensor], loaded: Collection[str]
+) -> Iterator[WritePiece]:
+    """The file :func:`write_handover` writes, filled piece by piece (see :func:`safetensors_writer`)
+    as the tensors are merged: ``layout`` is the selected backbone as placeholders (every tensor's
+    shape and probe dtype, :func:`select_backbone` of placeholders), ``loaded`` the names whose
+    data the block writes; the others stay placeholders for the readers."""
+    specs = {k: (v.dtype, tuple(v.shape)) for k, v in layout.items() if k in loaded}
+    with safetensors_writer(path, specs, _handover_metadata(layout, specs)) as write:
+        yield write
 
 
 def read_handover(path: str | os.PathLike) -> dict[str, Tensor]:
@@ -217,12 +275,14 @@ __all__ = [
     "block_index",
     "dtype_rule",
     "fingerprint_state_dict",
+    "handover_writer",
     "infer_architecture",
     "is_backbone",
     "loaded_blocks",
     "placeholder",
     "probe_dtype",
     "read_handover",
+    "safetensors_writer",
     "select_backbone",
     "wanted",
     "write_handover",

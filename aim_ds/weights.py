@@ -38,6 +38,7 @@ from .backbone import (
     BACKBONE_PREFIXES,
     dtype_rule,
     fingerprint_state_dict,
+    handover_writer,
     infer_architecture,
     loaded_blocks,
     placeholder,
@@ -48,7 +49,15 @@ from .export import EXPORT_DIR, META_FILE, WEIGHTS_FILE
 from .interop import map_ml_aim_keys, strip_wrappers
 from .model import AIM, RELEASED_NORM_EPS, AIMConfig
 from .registry import create_model, get_model_spec, list_models
-from .zero_shards import ShardError, consolidate, parameter_shapes, read_zero_checkpoint, refusal
+from .zero_shards import (
+    ShardError,
+    ZeroCheckpoint,
+    consolidate,
+    parameter_shapes,
+    read_zero_checkpoint,
+    refusal,
+    stream_shards,
+)
 
 Source = Literal["export", "deepspeed", "ml_aim"]
 
@@ -249,28 +258,81 @@ def _read_meta(folder: Path) -> dict[str, Any]:
         return json.loads(meta_file.read_text())
 
 
-def _load_deepspeed(path: Path, keep_blocks: int | None, matrix_dtype: torch.dtype) -> TrunkWeights:
-    """Merge only the backbone tensors the probe loads, tensor by tensor from the memory-mapped
-    shards, each straight into its dtype (never the pixel head, never the optimizer moments)."""
-    ckpt_dir, tag = resolve_deepspeed_checkpoint(path)
+@contextlib.contextmanager
+def _refusing(path: Path) -> Iterator[None]:
     try:
-        zero = read_zero_checkpoint(ckpt_dir / tag)
-        shapes = parameter_shapes(zero)
-        saved_names = strip_wrappers(dict(zip(shapes, shapes)))  # our name -> saved name
-        ours = {saved: name for name, saved in saved_names.items()}
-        merged = consolidate(zero, lambda saved: wanted(ours[saved], keep_blocks), dtype_rule(matrix_dtype))
+        yield
     except ShardError as exc:
         raise WeightsError(f"refusing the DeepSpeed checkpoint in {path}: {exc}") from None
-    to_dtype = dtype_rule(matrix_dtype)
-    skipped = {name: placeholder(shapes[saved], to_dtype(shapes[saved])) for name, saved in saved_names.items()}
-    loaded = {ours[saved]: tensor for saved, tensor in merged.items()}
-    state = _backbone({**skipped, **loaded}, keep_blocks, matrix_dtype)
+
+
+def _read_deepspeed(path: Path) -> tuple[ZeroCheckpoint, dict[str, str], dict[str, Any]]:
+    """The layout of the checkpoint ``path`` resolves to (every shard checked, nothing merged), our
+    name for each saved tensor (wrappers stripped), and the :class:`TrunkWeights` meta."""
+    ckpt_dir, tag = resolve_deepspeed_checkpoint(path)
+    with _refusing(path):
+        zero = read_zero_checkpoint(ckpt_dir / tag)
+    shapes = parameter_shapes(zero)
+    ours = {saved: name for name, saved in strip_wrappers(dict(zip(shapes, shapes))).items()}
     meta: dict[str, Any] = {"checkpoint": str(ckpt_dir / tag), "step": ckpt.step_from_tag(tag)}
     # The model name the run was trained with, from a sibling export's model.json, if any.
     run_meta = _read_meta(ckpt_dir.parent / EXPORT_DIR)
     if run_meta:
         meta.update(model=run_meta.get("model"), overrides=run_meta.get("overrides", {}))
+    return zero, ours, meta
+
+
+def _load_deepspeed(path: Path, keep_blocks: int | None, matrix_dtype: torch.dtype) -> TrunkWeights:
+    """Merge only the backbone tensors the probe loads, from the memory-mapped shards one rank's
+    file at a time, each straight into its dtype (never the pixel head, never the optimizer moments)."""
+    zero, ours, meta = _read_deepspeed(path)
+    shapes = parameter_shapes(zero)
+    to_dtype = dtype_rule(matrix_dtype)
+    with _refusing(path):
+        merged = consolidate(zero, lambda saved: wanted(ours[saved], keep_blocks), to_dtype)
+    skipped = {name: placeholder(shapes[saved], to_dtype(shapes[saved])) for saved, name in ours.items()}
+    loaded = {ours[saved]: tensor for saved, tensor in merged.items()}
+    state = _backbone({**skipped, **loaded}, keep_blocks, matrix_dtype)
     return TrunkWeights(state_dict=state, source="deepspeed", path=path, meta=meta)
+
+
+def write_deepspeed_handover(
+    path: str | os.PathLike,
+    handover: str | os.PathLike,
+    *,
+    keep_blocks: int | None = None,
+    matrix_dtype: torch.dtype = torch.float32,
+) -> dict[str, Any]:
+    """Rank 0's part of a probe on several ranks: the backbone ``load_trunk_weights(path,
+    keep_blocks=..., matrix_dtype=...)`` loads from a DeepSpeed checkpoint (the same tensors, dtypes
+    and placeholders), merged from the shards one rank's file at a time straight into the hand-over
+    file ``handover`` (:func:`aim_ds.backbone.handover_writer`, read back by
+    :func:`aim_ds.backbone.read_handover`). No private copy of the backbone is held: the host memory
+    is one rank's fp32 shard pages at a time. Returns the :class:`TrunkWeights` meta."""
+    path = Path(path)
+    zero, ours, meta = _read_deepspeed(path)
+    shapes = parameter_shapes(zero)
+    as_saved = {
+        name: placeholder(shapes[saved], zero.buffers[saved].dtype if saved in zero.buffers else torch.float32)
+        for saved, name in ours.items()
+    }
+    layout = _backbone(as_saved, keep_blocks, matrix_dtype)  # every backbone tensor's shape and probe dtype
+    loaded = {name for name in layout if wanted(name, keep_blocks)}
+    targets: dict[str, list[str]] = {}  # saved tensor -> the names it fills (a shared one, its aliases too)
+    for saved, name in ours.items():
+        if name in loaded:
+            targets.setdefault(zero.shared_params.get(saved, saved), []).append(name)
+    with _refusing(path), handover_writer(handover, layout, loaded) as write:
+
+        def write_saved(saved: str, start: int, values: Tensor) -> None:
+            for name in targets[saved]:
+                write(name, start, values)
+
+        for saved, buffer in zero.buffers.items():
+            if saved in targets:
+                write_saved(saved, 0, buffer)
+        stream_shards(zero, targets.__contains__, write_saved)
+    return meta
 
 
 def _load_file(file: Path, path: Path, keep_blocks: int | None, matrix_dtype: torch.dtype) -> TrunkWeights:
@@ -515,4 +577,5 @@ __all__ = [
     "read_errors",
     "read_state_dict_file",
     "resolve_deepspeed_checkpoint",
+    "write_deepspeed_handover",
 ]

@@ -22,16 +22,23 @@ ZeRO-3 partitions every parameter separately: parameter ``p`` of ``n`` elements 
 ``ceil(n / world)`` elements (zero-padded at the end) in each rank's flat buffer, in order, so the
 full tensor is the concatenation of the ranks' slices, cut to ``n``. ZeRO-1/2 partition the
 concatenation of a group's parameters: the full flat group is the ranks' partitions end to end.
+
+Merging goes one rank's shard file at a time (:func:`stream_shards`): the output tensors are laid out
+first (allocated in their final dtype by :func:`consolidate`, or as a file by
+:func:`aim_ds.backbone.handover_writer`), each rank's file is opened, its slices are copied into
+place and the file is dropped before the next one is opened, so that the shard pages resident at
+once are one rank's, not every rank's.
 """
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import pickle
 import re
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -97,7 +104,9 @@ def load_shard(path: str | os.PathLike) -> dict[str, Any]:
 
 @dataclass
 class ZeroCheckpoint:
-    """What consolidation needs from one tag folder (every rank's shards)."""
+    """What consolidation needs from one tag folder: the layout read off every rank's shards, and
+    the files to merge from. No shard tensor is held here: :func:`stream_shards` opens the files
+    one rank at a time."""
 
     folder: Path
     stage: int
@@ -106,8 +115,9 @@ class ZeroCheckpoint:
     buffers: dict[str, Tensor]
     shared_params: dict[str, str]  # alias -> name
     frozen_shapes: dict[str, torch.Size]
-    frozen_fragments: list[dict[str, Tensor]]  # per rank
-    flat_groups: list[list[Tensor]]  # [rank][group] flat fp32 partitions
+    model_files: list[Path]  # per rank (ZeRO-3), or the one ``mp_rank_00_model_states.pt`` (ZeRO-1/2)
+    optim_files: list[Path]  # per rank, in rank order
+    group_numels: list[list[int]]  # [rank][group] elements of each flat fp32 partition
 
 
 def _files(folder: Path, pattern: str) -> list[Path]:
@@ -126,26 +136,39 @@ def _get(state: dict[str, Any], key: str, file: Path) -> Any:
     return state[key]
 
 
+def _flat_groups(file: Path) -> tuple[int, int, list[Tensor]]:
+    """``(stage, world size, flat fp32 partitions)`` of one rank's optimizer shard (memory-mapped:
+    the partitions' bytes are not read here)."""
+    optim = _get(load_shard(file), "optimizer_state_dict", file)
+    stage = int(_get(optim, "zero_stage", file))
+    counts = _get(optim, "partition_count", file)
+    world = max(counts) if isinstance(counts, (list, tuple)) else int(counts)
+    key = "fp32_flat_groups" if stage == 3 else "single_partition_of_fp32_groups"
+    groups = _get(optim, key, file)
+    if not isinstance(groups, (list, tuple)) or not all(isinstance(g, Tensor) for g in groups):
+        raise ShardError(f"{file}: {key!r} is not a list of tensors")
+    return stage, int(world), list(groups)
+
+
 def read_zero_checkpoint(folder: str | os.PathLike) -> ZeroCheckpoint:
-    """Read every rank's model and optimizer shards of the tag folder ``folder`` (see the module
-    docstring). Raises :class:`ShardError` naming the first file that is unsafe or damaged."""
+    """Read the layout of the tag folder ``folder`` (see the module docstring) off every rank's
+    model and optimizer shards, each loaded memory-mapped and dropped again (only their pickles are
+    read). Every file is checked here, before anything is merged: raises :class:`ShardError` naming
+    the first file that is unsafe or damaged."""
     folder = Path(folder)
     model_files, optim_files = _files(folder, _MODEL_STATES), _files(folder, _OPTIM_STATES)
-    models = [load_shard(f) for f in model_files]
-    first, first_file = models[0], model_files[0]
+    first_file = model_files[0]
+    first = load_shard(first_file)
+    for file in model_files[1:]:
+        load_shard(file)
     buffer_names = set(_get(first, "buffer_names", first_file))
     module = _get(first, "module", first_file)
-    flat_groups, stage, world = [], None, None
+    # Cloned: the (small) buffers must not keep the first model file mapped.
+    buffers = {k: (v.float() if v.is_floating_point() else v).clone() for k, v in module.items() if k in buffer_names}
+    group_numels, stage, world = [], 0, 0
     for file in optim_files:
-        optim = _get(load_shard(file), "optimizer_state_dict", file)
-        stage = int(_get(optim, "zero_stage", file))
-        counts = _get(optim, "partition_count", file)
-        world = max(counts) if isinstance(counts, (list, tuple)) else int(counts)
-        key = "fp32_flat_groups" if stage == 3 else "single_partition_of_fp32_groups"
-        groups = _get(optim, key, file)
-        if not isinstance(groups, (list, tuple)) or not all(isinstance(g, Tensor) for g in groups):
-            raise ShardError(f"{file}: {key!r} is not a list of tensors")
-        flat_groups.append(list(groups))
+        stage, world, groups = _flat_groups(file)
+        group_numels.append([g.numel() for g in groups])
     if world != len(optim_files):
         raise ShardError(
             f"{folder}: the shards say {world} ranks but {len(optim_files)} {_OPTIM_STATES} files are here "
@@ -153,20 +176,22 @@ def read_zero_checkpoint(folder: str | os.PathLike) -> ZeroCheckpoint:
         )
     return ZeroCheckpoint(
         folder=folder,
-        stage=int(stage),
-        world_size=int(world),
+        stage=stage,
+        world_size=world,
         param_shapes=list(_get(first, "param_shapes", first_file)),
-        buffers={k: v.float() if v.is_floating_point() else v for k, v in module.items() if k in buffer_names},
+        buffers=buffers,
         shared_params=dict(first.get("shared_params") or {}),
         frozen_shapes=dict(first.get("frozen_param_shapes") or {}),
-        frozen_fragments=[dict(m.get("frozen_param_fragments") or {}) for m in models],
-        flat_groups=flat_groups,
+        model_files=model_files,
+        optim_files=optim_files,
+        group_numels=group_numels,
     )
 
 
 def _take(groups: list[Tensor], start: int, length: int) -> list[Tensor]:
     """``length`` elements from ``start`` of the concatenation of ``groups``, as views (no copy of the
-    whole buffer: a ZeRO-3 parameter's slice may straddle two groups)."""
+    whole buffer: a ZeRO-3 parameter's slice may straddle two groups). A negative ``start`` counts
+    before the first group: only the part from element 0 on is returned."""
     pieces, base = [], 0
     for flat in groups:
         end = base + flat.numel()
@@ -177,65 +202,126 @@ def _take(groups: list[Tensor], start: int, length: int) -> list[Tensor]:
     return pieces
 
 
-def _gather(pieces: list[Tensor], numel: int, shape: torch.Size, dtype: torch.dtype, what: str) -> Tensor:
-    """The first ``numel`` elements of the concatenation of ``pieces`` (views into the mapped shards)
-    as a new tensor of ``shape`` and ``dtype``, copied piece by piece: no fp32 copy of the whole
-    tensor on the way to bf16, and only this tensor's shard pages read."""
-    out = torch.empty(numel, dtype=dtype)
-    filled = 0
-    for piece in pieces:
-        count = min(piece.numel(), numel - filled)
-        if count <= 0:
-            break
-        out[filled : filled + count].copy_(piece[:count])
-        filled += count
-    if filled < numel:
-        raise ShardError(f"{what}: the shards hold too few elements for a tensor of shape {list(shape)}")
-    return out.view(shape)
+def _numel(numels: list[int], index: int) -> int:
+    return numels[index] if index < len(numels) else 0
 
 
-DtypeFor = Callable[[torch.Size], torch.dtype]
-
-
-def _merge_zero3(ckpt: ZeroCheckpoint, keep: Callable[[str], bool], dtype_for: DtypeFor, out: dict) -> None:
-    world = ckpt.world_size
-    available = sum(g.numel() for g in ckpt.flat_groups[0])
-    offset = 0
-    for shapes in ckpt.param_shapes:
-        for name, shape in shapes.items():
-            numel = math.prod(shape)
-            part = math.ceil(numel / world)  # every rank holds `part` elements of it, zero-padded
-            if keep(name):
-                pieces = [p for rank_groups in ckpt.flat_groups for p in _take(rank_groups, offset, part)]
-                out[name] = _gather(pieces, numel, shape, dtype_for(shape), f"{ckpt.folder}: {name}")
-            offset += part
-    if offset != available:
-        raise ShardError(f"{ckpt.folder}: the parameters use {offset} of {available} elements per rank's shard")
-    for name, shape in ckpt.frozen_shapes.items():
-        if keep(name):
-            frags = [fragments[name] for fragments in ckpt.frozen_fragments]
-            out[name] = _gather(frags, math.prod(shape), shape, dtype_for(shape), f"{ckpt.folder}: {name}")
-
-
-def _merge_zero12(ckpt: ZeroCheckpoint, keep: Callable[[str], bool], dtype_for: DtypeFor, out: dict) -> None:
+def _check_layout(ckpt: ZeroCheckpoint) -> None:
+    """The parameters' sizes against the partitions' (metadata only, before anything is merged)."""
+    if ckpt.stage == 3:
+        offset = sum(math.ceil(math.prod(shape) / ckpt.world_size) for g in ckpt.param_shapes for shape in g.values())
+        available = sum(ckpt.group_numels[0])
+        if offset != available:
+            raise ShardError(f"{ckpt.folder}: the parameters use {offset} of {available} elements per rank's shard")
+        return
+    if ckpt.stage not in (1, 2):
+        raise ShardError(f"{ckpt.folder}: ZeRO stage {ckpt.stage} checkpoints are not supported")
     align = 2 * ckpt.world_size  # ZeRO-1/2 pad each flat group to a multiple of 2 x world
     for index, shapes in enumerate(ckpt.param_shapes):
-        partitions = [rank_groups[index] for rank_groups in ckpt.flat_groups]  # the group, end to end
-        total = sum(p.numel() for p in partitions)
+        total = sum(_numel(numels, index) for numels in ckpt.group_numels)
         offset = 0
         for name, shape in shapes.items():
             numel = math.prod(shape)
             if offset + numel > total:
                 raise ShardError(f"{ckpt.folder}: group {index} holds too few elements for {name} {list(shape)}")
-            if keep(name):
-                pieces = _take(partitions, offset, numel)
-                out[name] = _gather(pieces, numel, shape, dtype_for(shape), f"{ckpt.folder}: {name}")
             offset += numel
         if align * math.ceil(offset / align) != align * math.ceil(total / align):
             raise ShardError(f"{ckpt.folder}: group {index} uses {offset} of {total} elements")
-    for name, shape in ckpt.frozen_shapes.items():
-        if keep(name):
-            out[name] = ckpt.frozen_fragments[0][name].to(dtype_for(shape)).clone()
+
+
+def _rank_pieces(
+    ckpt: ZeroCheckpoint, rank: int, groups: list[Tensor], fragments: dict[str, Tensor], keep: Callable[[str], bool]
+) -> Iterator[tuple[str, Tensor]]:
+    """``(name, piece)`` for every kept tensor: rank ``rank``'s part of it, as views into its mapped
+    shard, in order. A tensor is the concatenation of its pieces over the ranks in rank order, cut
+    to its size (ZeRO-3 pads each parameter's last slice)."""
+    if ckpt.stage == 3:
+        offset, world = 0, ckpt.world_size
+        for shapes in ckpt.param_shapes:
+            for name, shape in shapes.items():
+                part = math.ceil(math.prod(shape) / world)  # every rank holds `part` elements of it
+                if keep(name):
+                    yield from ((name, piece) for piece in _take(groups, offset, part))
+                offset += part
+        yield from ((name, fragments[name].reshape(-1)) for name in ckpt.frozen_shapes if name in fragments)
+        return
+    for index, shapes in enumerate(ckpt.param_shapes):
+        # The full flat group is the ranks' partitions end to end: this rank's starts at `base`.
+        base = sum(_numel(numels, index) for numels in ckpt.group_numels[:rank])
+        offset = 0
+        for name, shape in shapes.items():
+            numel = math.prod(shape)
+            if keep(name):
+                yield from ((name, piece) for piece in _take(groups[index : index + 1], offset - base, numel))
+            offset += numel
+    # ZeRO-1/2 save the frozen parameters whole, in the one model file (rank 0's fragments only).
+    yield from ((name, fragments[name].reshape(-1)) for name in ckpt.frozen_shapes if name in fragments)
+
+
+Write = Callable[[str, int, Tensor], None]
+
+
+def _frozen_fragments(ckpt: ZeroCheckpoint, rank: int, keep: Callable[[str], bool]) -> dict[str, Tensor]:
+    """Rank ``rank``'s fragments of the kept frozen parameters (ZeRO-3: one model file per rank;
+    ZeRO-1/2: whole, in rank 0's one model file); empty when there are none to merge."""
+    kept = [name for name in ckpt.frozen_shapes if keep(name)]
+    index = rank if ckpt.stage == 3 else 0
+    if not kept or (ckpt.stage != 3 and rank > 0) or index >= len(ckpt.model_files):
+        return {}  # a missing rank's fragments leave the tensor short: stream_shards says so
+    file = ckpt.model_files[index]
+    fragments = dict(load_shard(file).get("frozen_param_fragments") or {})
+    missing = [name for name in kept if name not in fragments]
+    if missing:
+        raise ShardError(f"{file}: no frozen fragment for {missing[:4]}")
+    return {name: fragments[name] for name in kept}
+
+
+def _merge_rank(ckpt: ZeroCheckpoint, rank: int, keep: Callable[[str], bool], write: Write, filled: dict) -> None:
+    """Open rank ``rank``'s shards and hand its pieces of the kept tensors to ``write``.
+    ``filled``: ``{name: [elements written so far, numel]}``, updated. Every reference to the
+    shards' tensors is gone when this returns (they live in this frame only)."""
+    file = ckpt.optim_files[rank]
+    stage, world, groups = _flat_groups(file)
+    if (stage, world, [g.numel() for g in groups]) != (ckpt.stage, ckpt.world_size, ckpt.group_numels[rank]):
+        raise ShardError(f"{file}: changed since the checkpoint was read")
+    fragments = _frozen_fragments(ckpt, rank, keep)
+    for name, piece in _rank_pieces(ckpt, rank, groups, fragments, keep):
+        done, numel = filled[name]
+        count = min(piece.numel(), numel - done)
+        if count > 0:  # the rest is ZeRO-3's padding
+            write(name, done, piece[:count])
+            filled[name][0] = done + count
+
+
+def _merged_shapes(ckpt: ZeroCheckpoint) -> dict[str, torch.Size]:
+    """The shapes of the tensors merged from the shards: trained and frozen parameters."""
+    shapes = {name: torch.Size(shape) for group in ckpt.param_shapes for name, shape in group.items()}
+    shapes.update({name: torch.Size(shape) for name, shape in ckpt.frozen_shapes.items()})
+    return shapes
+
+
+def stream_shards(ckpt: ZeroCheckpoint, keep: Callable[[str], bool], write: Write) -> None:
+    """Merge the parameters whose saved names pass ``keep`` from the fp32 master weights, one rank's
+    shard file at a time: ``write(name, start, values)`` receives consecutive runs of the flattened
+    tensor ``name`` (``values``: a 1-D fp32 view into the mapped shard, valid during the call only;
+    ``start``: the index of its first element), each element exactly once. A rank's shard is
+    dropped (and unmapped) before the next one is opened, so the shard pages resident at once are
+    one rank's. Buffers and shared aliases are not written (see :func:`consolidate`). Raises
+    :class:`ShardError` naming the folder or file when the shards do not add up."""
+    _check_layout(ckpt)
+    shapes = _merged_shapes(ckpt)
+    filled = {name: [0, math.prod(shape)] for name, shape in shapes.items() if keep(name)}
+    for rank in range(ckpt.world_size):
+        _merge_rank(ckpt, rank, keep, write, filled)
+        gc.collect()  # the mapping goes with the shard's last tensor: a reference cycle must not keep it
+    for name, (count, numel) in filled.items():
+        if count < numel:
+            raise ShardError(
+                f"{ckpt.folder}: {name}: the shards hold too few elements for a tensor of shape {list(shapes[name])}"
+            )
+
+
+DtypeFor = Callable[[torch.Size], torch.dtype]
 
 
 def parameter_shapes(ckpt: ZeroCheckpoint) -> dict[str, torch.Size]:
@@ -254,23 +340,26 @@ def consolidate(
 ) -> dict[str, Tensor]:
     """The tensors of a read checkpoint (:func:`read_zero_checkpoint`) whose saved names pass
     ``keep`` (all when None), merged from every rank's optimizer shards (the fp32 master weights)
-    tensor by tensor, each cast to ``dtype_for(shape)`` (fp32 when None) as it is copied out of the
-    memory-mapped shards; the persistent buffers that pass ``keep`` as they were saved (fp32).
+    into tensors allocated up front in ``dtype_for(shape)`` (fp32 when None), each piece cast as it
+    is copied out of the memory-mapped shards (:func:`stream_shards`); the persistent buffers that
+    pass ``keep`` as they were saved (fp32).
 
-    Host memory: the kept tensors in their dtypes, plus the shard pages they were read from (file
-    pages of the mapped shards, which the kernel may drop); the optimizer moments are mapped, never
-    read. One process, no process group. Raises :class:`ShardError` naming the folder when the
-    shards do not add up.
+    Host memory: the kept tensors in their dtypes, plus the pages of one rank's shard at a time
+    (file pages, dropped before the next rank's file is opened); the optimizer moments are mapped,
+    never read. One process, no process group. Raises :class:`ShardError` naming the folder when
+    the shards do not add up.
     """
     keep = keep or (lambda name: True)
     dtype_for = dtype_for or (lambda shape: torch.float32)
     out: dict[str, Tensor] = {name: value for name, value in ckpt.buffers.items() if keep(name)}
-    if ckpt.stage == 3:
-        _merge_zero3(ckpt, keep, dtype_for, out)
-    elif ckpt.stage in (1, 2):
-        _merge_zero12(ckpt, keep, dtype_for, out)
-    else:
-        raise ShardError(f"{ckpt.folder}: ZeRO stage {ckpt.stage} checkpoints are not supported")
+    shapes = _merged_shapes(ckpt)
+    merged = {name: torch.empty(shape, dtype=dtype_for(shape)) for name, shape in shapes.items() if keep(name)}
+
+    def write(name: str, start: int, values: Tensor) -> None:
+        merged[name].view(-1)[start : start + values.numel()].copy_(values)
+
+    stream_shards(ckpt, lambda name: name in merged, write)
+    out.update(merged)
     for alias, name in ckpt.shared_params.items():
         if name in out and keep(alias):
             out[alias] = out[name]
@@ -295,4 +384,5 @@ __all__ = [
     "load_shard",
     "parameter_shapes",
     "read_zero_checkpoint",
+    "stream_shards",
 ]

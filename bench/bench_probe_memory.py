@@ -6,16 +6,19 @@ exactly as the probe does, from (a) an export folder and (b) a DeepSpeed ZeRO-3 
 report their peak resident set (``VmHWM`` of ``/proc/self/status``: a fresh process each time, since
 ``ru_maxrss`` is inherited across fork), and their anonymous (private) and file-backed resident
 memory at the end. ``--tree`` runs another checkout's code (``PYTHONPATH=<tree>``), e.g. the code
-before streamed loading::
+before rank 0 merged the shards straight into the hand-over file (a92d94a)::
 
-    git -C /work/main worktree add /tmp/before 71e0d0a
+    git -C /work/main worktree add /tmp/before a92d94a
     # once: a real ZeRO-3 checkpoint (0 optimizer steps, Adam states) on 2 CPU ranks, then its export
-    DS_ACCELERATOR=cpu deepspeed --num_gpus 2 --master_port 29611 bench/bench_probe_memory.py \\
+    DS_ACCELERATOR=cpu deepspeed --num_gpus 2 --master_port <free port> bench/bench_probe_memory.py \\
         --make-checkpoint /tmp/probe_mem/run
     python bench/bench_probe_memory.py --make-export /tmp/probe_mem/run
     # measurements
     python bench/bench_probe_memory.py --run /tmp/probe_mem/run --tree /tmp/before --label before
     python bench/bench_probe_memory.py --run /tmp/probe_mem/run --tree . --label after
+
+A tree from before ``aim_ds.probe.context`` existed (71e0d0a and older) needs ``--legacy``, which
+replays that commit's probe start-up.
 
 The export is written to ``<run>/export_folder`` rather than ``<run>/export``, so that the DeepSpeed
 measurement reads the checkpoint and nothing else.
@@ -115,8 +118,10 @@ def _load_after(model_name: str, layers: str, weights: Path, out_dir: Path, rank
     return {"fingerprint": loaded.fingerprint(), "blocks": len(trunk.model.trunk.blocks)}
 
 
-def _load_before(model_name: str, layers: str, weights: Path, out_dir: Path, rank: int, world: int) -> dict[str, Any]:
-    """The probe start-up of commit 71e0d0a (``aim_ds/probe.py`` ``prepare``, its trunk lines)."""
+def _load_legacy(model_name: str, layers: str, weights: Path, out_dir: Path, rank: int, world: int) -> dict[str, Any]:
+    """The probe start-up of commit 71e0d0a (``aim_ds/probe.py`` ``prepare``, its trunk lines), as that
+    commit wrote it: its tree has neither ``aim_ds.io`` nor ``aim_ds.distributed``, hence the bare
+    ``os.replace`` and ``dist.barrier``."""
     import torch.distributed as dist
     from safetensors.torch import save_file
 
@@ -145,9 +150,11 @@ def child(args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    # A bare gloo group, not aim_ds.distributed.init_distributed: that imports DeepSpeed on every rank
+    # (about 0.2 GiB more resident) and does not exist in a legacy tree, so the figures would move.
     dist.init_process_group("gloo", rank=rank, world_size=world)
     start = time.perf_counter()
-    load = _load_before if args.label == "before" else _load_after
+    load = _load_legacy if args.legacy else _load_after
     info = load(args.model, args.layers, Path(args.weights), Path(args.out_dir), rank, world)
     seconds = time.perf_counter() - start
     dist.barrier()
@@ -157,8 +164,10 @@ def child(args: argparse.Namespace) -> None:
     dist.destroy_process_group()
 
 
-def measure(run: Path, tree: Path, label: str, model_name: str, layers: str, world: int) -> list[dict[str, Any]]:
-    """Both sources, ``world`` fresh processes each, with ``tree``'s code."""
+def measure(
+    run: Path, tree: Path, label: str, model_name: str, layers: str, world: int, legacy: bool = False
+) -> list[dict[str, Any]]:
+    """Both sources, ``world`` fresh processes each, with ``tree``'s code (``legacy``: 71e0d0a's)."""
     sys.path.insert(0, str(ROOT))
     from aim_ds.distributed import free_port
 
@@ -180,7 +189,7 @@ def measure(run: Path, tree: Path, label: str, model_name: str, layers: str, wor
                 OMP_NUM_THREADS="1",
             )
             command = [sys.executable, __file__, "--child", "--label", label, "--model", model_name, "--layers", layers]
-            command += ["--weights", str(weights), "--out-dir", str(out_dir)]
+            command += ["--weights", str(weights), "--out-dir", str(out_dir)] + (["--legacy"] if legacy else [])
             procs.append(
                 subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             )
@@ -202,7 +211,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--make-export", type=Path, help="export the run's checkpoint to <run>/export_folder")
     parser.add_argument("--run", type=Path, help="run folder to measure")
     parser.add_argument("--tree", type=Path, default=ROOT, help="checkout whose aim_ds is measured")
-    parser.add_argument("--label", default="after", help="'before' runs commit 71e0d0a's probe start-up")
+    parser.add_argument("--label", default="after", help="name of the measurement in the rows")
+    parser.add_argument("--legacy", action="store_true", help="replay commit 71e0d0a's probe start-up (older trees)")
     parser.add_argument("--layers", default="last", help="probed blocks: last | best (the probe config's names)")
     parser.add_argument("--world", type=int, default=2)
     parser.add_argument("--out", type=Path, help="append the rows (JSON lines) to this file")
@@ -219,7 +229,7 @@ def main(argv: list[str] | None = None) -> None:
         return make_export(args.make_export, args.model)
     if args.run is None:
         parser.error("give --run (or --make-checkpoint / --make-export)")
-    rows = measure(args.run, args.tree, args.label, args.model, args.layers, args.world)
+    rows = measure(args.run, args.tree, args.label, args.model, args.layers, args.world, args.legacy)
     if args.out:
         with args.out.open("a") as f:
             for row in rows:

@@ -200,6 +200,11 @@ def test_streamed_backbone_equals_full_consolidation(sources: dict[str, Path], t
     handed = read_handover(tmp_path / "handover.safetensors")
     assert W.fingerprint_state_dict(handed) == streamed.fingerprint()
     assert all(handed[k].is_meta == v.is_meta for k, v in state.items())
+    # Rank 0 of a probe on several ranks merges the shards straight into that file: the same content.
+    meta = W.write_deepspeed_handover(run, tmp_path / "merged.safetensors", keep_blocks=2)
+    merged = read_handover(tmp_path / "merged.safetensors")
+    assert W.fingerprint_state_dict(merged) == streamed.fingerprint() and meta == streamed.meta
+    assert all(merged[k].is_meta == v.is_meta for k, v in state.items())
     # A checkpoint whose skipped blocks do not fit the model still fails, naming them.
     with pytest.raises(W.WeightsMismatchError, match="trunk.blocks.3"):
         W.frozen_trunk("aim-test", streamed, layers=[0, 1], depth=3)

@@ -12,11 +12,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..backbone import read_handover, write_handover
+from ..backbone import read_handover
 from ..distributed import barrier, init_distributed, is_main
 from ..io import remove_if_exists
 from ..registry import get_model_spec
-from ..weights import FrozenTrunk, TrunkWeights, WeightsError, detect_source, frozen_trunk, load_trunk_weights
+from ..weights import (
+    FrozenTrunk,
+    TrunkWeights,
+    WeightsError,
+    detect_source,
+    frozen_trunk,
+    load_trunk_weights,
+    write_deepspeed_handover,
+)
 from .config import ProbeConfig, resolve_layers
 
 # Rank 0 hands a consolidated ZeRO checkpoint's backbone to the other ranks through this file.
@@ -89,24 +97,22 @@ def _load_weights(
 ) -> TrunkWeights:
     """The backbone the probe runs (blocks before ``keep_blocks``, matrices in ``matrix_dtype``),
     read once per rank. Merging ZeRO shards reads the fp32 master weights of every rank's optimizer
-    state: with several ranks, rank 0 merges the needed tensors once, tensor by tensor, and hands
-    them to the others as a safetensors file that they map (one copy in the page cache for the whole
-    node), removed once every rank has read it."""
+    state: with several ranks, rank 0 merges the needed tensors once, one rank's shard file at a
+    time, straight into a safetensors file that every rank then maps, rank 0 included (one copy in
+    the page cache for the whole node, no private copy on rank 0); the file is removed once every
+    rank has read it."""
     load = {"keep_blocks": keep_blocks, "matrix_dtype": matrix_dtype}
     if world_size == 1 or not _is_deepspeed_folder(weights):
         return load_trunk_weights(weights, **load)
     handover = Path(cfg.out_dir) / HANDOVER_FILE
-    loaded = None
+    meta: dict[str, Any] = {}
     if rank == 0:
-        loaded = load_trunk_weights(weights, **load)
-        write_handover(handover, loaded.state_dict)
+        meta = write_deepspeed_handover(weights, handover, **load)
     barrier()
-    if loaded is None:
-        loaded = TrunkWeights(state_dict=read_handover(handover), source="deepspeed", path=Path(weights))
+    loaded = TrunkWeights(state_dict=read_handover(handover), source="deepspeed", path=Path(weights), meta=meta)
     barrier()  # every rank has read (mapped) the hand-over file
     if rank == 0:
         remove_if_exists(handover)
-    loaded.source, loaded.path = "deepspeed", Path(weights)
     return loaded
 
 
