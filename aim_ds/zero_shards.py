@@ -56,19 +56,21 @@ class ShardError(ValueError):
 
 
 def allowed_globals() -> list[Any]:
-    """The non-tensor classes a ZeRO save pickles: the stage enum, the loss scalers, and the numpy
+    """The non-tensor classes a ZeRO save pickles: the stage enum, the loss scalers, ZeRO-1/2's
+    ``fragment_address`` (a dataclass of two ints in ``param_slice_mappings``), and the numpy
     scalar/dtype types some versions store. Rebuilding them calls no user code (an enum lookup, a
     ``__dict__`` update)."""
     import numpy as np
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
 
     try:
         from numpy._core.multiarray import scalar
     except ImportError:  # numpy < 2
         from numpy.core.multiarray import scalar  # type: ignore[no-redef]
     numpy_types = [scalar, np.dtype] + [type(np.dtype(t)) for t in (np.float32, np.float64, np.int64, np.int32)]
-    return [ZeroStageEnum, LossScaler, DynamicLossScaler, *numpy_types]
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address, *numpy_types]
 
 
 def refusal(exc: BaseException) -> str:

@@ -2,7 +2,7 @@
 per rank measured, side by side with the planner's prediction for the same settings.
 
     python bench/bench_plan.py --model aim-0.6B --micro-batch 1 4 --checkpointing off on \
-        [--override depth=16] [--steps 2] [--trace] [--out bench_out/plan.md]
+        [--override depth=16] [--zero sub_group_size=1e8 ...] [--steps 2] [--trace] [--out bench_out/plan.md]
     python bench/bench_plan.py --table --out bench_out/plan_table.md   # the planner's table, no run
 
 Each configuration is one launch of the real ``deepspeed`` launcher with two CPU ranks (gloo; the
@@ -132,6 +132,20 @@ def worker(args: argparse.Namespace) -> None:
         Path(args.result).write_text(json.dumps(result))
 
 
+def _deepspeed_config(args: argparse.Namespace, tmp: Path) -> str:
+    """``--deepspeed`` as given, or a copy in ``tmp`` with the ``--zero`` knobs of its
+    ``zero_optimization`` section replaced (e.g. ``sub_group_size=100000000``)."""
+    if not args.zero:
+        return args.deepspeed
+    ds = json.loads(Path(args.deepspeed).read_text())
+    for item in args.zero:
+        key, value = item.split("=", 1)
+        ds["zero_optimization"][key] = int(float(value)) if value.replace(".", "").replace("e", "").isdigit() else value
+    path = tmp / f"{Path(args.deepspeed).stem}_{'_'.join(args.zero)}.json"
+    path.write_text(json.dumps(ds, indent=1))
+    return str(path)
+
+
 def launch(args: argparse.Namespace, micro: int, checkpointing: str) -> dict[str, Any]:
     """One configuration under the real launcher, two CPU ranks; returns rank 0's JSON."""
     from aim_ds.distributed import free_port
@@ -144,7 +158,7 @@ def launch(args: argparse.Namespace, micro: int, checkpointing: str) -> dict[str
         command = [
             deepspeed, "--num_gpus", str(args.ranks), "--master_port", str(free_port()), str(Path(__file__).resolve()),
             "--worker", "--model", args.model, "--micro-batch", str(micro), "--checkpointing", checkpointing,
-            "--steps", str(args.steps), "--deepspeed", args.deepspeed, "--result", str(result),
+            "--steps", str(args.steps), "--deepspeed", _deepspeed_config(args, Path(tmp)), "--result", str(result),
             "--overrides-json", json.dumps(overrides), *(["--no-check"] if args.no_check else []),
             *(["--trace"] if args.trace else []),
         ]  # fmt: skip
@@ -196,6 +210,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--checkpointing", nargs="+", choices=("off", "on"), default=["off", "on"])
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps (the ZeRO-3 trace completes at 1)")
     parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument(
+        "--zero", nargs="*", default=[], help="zero_optimization knobs to replace, e.g. sub_group_size=1e8"
+    )
     parser.add_argument("--deepspeed", default=str(ROOT / "ds_configs/zero3.json"))
     parser.add_argument("--no-check", action="store_true", help="run even when the planner says it does not fit")
     parser.add_argument("--trace", action="store_true", help="print each rank's memory (now/peak GiB) per phase")
@@ -217,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
         text = table(args)
     else:
         rows = [
-            f"{args.model} {' '.join(args.override)} on {args.ranks} CPU ranks ({Path(args.deepspeed).name}, gloo), "
+            f"{args.model} {' '.join(args.override)} on {args.ranks} CPU ranks ({Path(args.deepspeed).name}"
+            f"{' with ' + ', '.join(args.zero) if args.zero else ''}, gloo), "
             f"{args.steps} steps, {datetime.date.today()}",
             "",
             "| micro-batch | ckpt | measured peak / rank | predicted | ratio | states | activations | optim. step "

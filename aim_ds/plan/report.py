@@ -96,7 +96,12 @@ def does_not_fit_message(chosen: MemoryPlan, best: list[MemoryPlan], hw: Hardwar
         )
         return f"{head}; set {fixes}"
     ways = []
-    if chosen.optimizer_step > chosen.activations:  # the step, not the micro-batch, sets the peak
+    if chosen.buffers > chosen.activations:  # parameters kept gathered outweigh the micro-batch's activations
+        ways.append(
+            f"smaller zero_optimization.stage3_max_live_parameters and stage3_max_reuse_distance (parameters "
+            f"kept gathered: {_gib(chosen.buffers)} here)"
+        )
+    if chosen.optimizer_step > chosen.activations:  # the step, not the micro-batch, can set the peak
         ways.append(
             f"a smaller zero_optimization.sub_group_size (the optimizer step flattens one sub group's "
             f"gradients into fp32: {_gib(chosen.optimizer_step)} here)"
