@@ -166,6 +166,9 @@ def launch(args: argparse.Namespace, micro: int, checkpointing: str) -> dict[str
         done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
         if args.trace:
             print("\n".join(line for line in done.stdout.splitlines() if line.startswith("rank ")), flush=True)
+        refused = [line for line in done.stderr.splitlines() if "PlanError: " in line]
+        if done.returncode != 0 and refused:  # the driver's start-up check said no: a result too
+            return {"refused": refused[0].split("PlanError: ", 1)[1].split(" (the plan:")[0]}
         if done.returncode != 0 or not result.exists():
             raise SystemExit(f"launch failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
         return json.loads(result.read_text())
@@ -245,6 +248,10 @@ def main(argv: list[str] | None = None) -> int:
         for micro in args.micro_batch:
             for checkpointing in args.checkpointing:
                 r = launch(args, micro, checkpointing)
+                if "refused" in r:
+                    rows.append(f"| {micro} | {checkpointing} | not run: the planner refused it: {r['refused']} |")
+                    print(rows[-1], flush=True)
+                    continue
                 p = r["predicted"]
                 rows.append(
                     f"| {micro} | {checkpointing} | {r['measured_peak_bytes'] / GIB:.2f} GiB | "
