@@ -125,9 +125,10 @@ def _load_legacy(model_name: str, layers: str, weights: Path, out_dir: Path, ran
     import torch.distributed as dist
     from safetensors.torch import save_file
 
+    from aim_ds.frozen import build_frozen_trunk
     from aim_ds.probe import resolve_layers
     from aim_ds.registry import get_model_spec
-    from aim_ds.weights import build_frozen_trunk, detect_source, load_trunk_state_dict
+    from aim_ds.weights import detect_source, load_trunk_state_dict
 
     blocks = resolve_layers(layers, model_name, get_model_spec(model_name).config.depth)
     load_from = weights

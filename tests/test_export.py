@@ -78,7 +78,7 @@ def test_ml_aim_export_says_its_eps_and_loads_back_exactly(tmp_path: Path) -> No
     """The ml-aim layout cannot say which LayerNorm eps the weights were trained with: released files
     are served with 1e-6, our pretraining uses 1e-5. Our ml-aim export records its eps, so loading it
     back gives the native export's features exactly; a file without the record is read as released."""
-    from aim_ds import weights as W
+    from aim_ds import frozen as F
     from aim_ds.export import ML_AIM_FILE
     from aim_ds.interop import to_ml_aim
     from aim_ds.model import RELEASED_NORM_EPS
@@ -91,8 +91,8 @@ def test_ml_aim_export_says_its_eps_and_loads_back_exactly(tmp_path: Path) -> No
     with safe_open(str(export / ML_AIM_FILE), framework="pt") as f:
         assert float(f.metadata()["norm_eps"]) == model.config.norm_eps
     images = torch.randn(2, 3, 32, 32)
-    native, _ = W.build_frozen_trunk("aim-test", export, layers=[2, 3])
-    ours, loaded = W.build_frozen_trunk("aim-test", export / ML_AIM_FILE, layers=[2, 3])
+    native, _ = F.build_frozen_trunk("aim-test", export, layers=[2, 3])
+    ours, loaded = F.build_frozen_trunk("aim-test", export / ML_AIM_FILE, layers=[2, 3])
     assert loaded.source == "ml_aim"
     assert torch.equal(ours(images), native(images))
     # The same tensors without the record: a released file, eps 1e-6, so the features differ.
@@ -100,6 +100,6 @@ def test_ml_aim_export_says_its_eps_and_loads_back_exactly(tmp_path: Path) -> No
 
     bare = tmp_path / "released_layout.safetensors"
     save_file(to_ml_aim(load_file(str(export / "model.safetensors"))), str(bare))
-    released, _ = W.build_frozen_trunk("aim-test", bare, layers=[2, 3])
+    released, _ = F.build_frozen_trunk("aim-test", bare, layers=[2, 3])
     assert released.model.config.norm_eps == RELEASED_NORM_EPS
     assert not torch.equal(released(images), native(images))

@@ -11,10 +11,10 @@ import torch.nn.functional as F
 
 import aim_ds
 from aim_ds.config import ConfigError
+from aim_ds.frozen import build_frozen_trunk
 from aim_ds.interop import to_ml_aim
 from aim_ds.model import RELEASED_NORM_EPS, AIMConfig, normalize_patches, patchify
 from aim_ds.probe import HeadBank, TrainConfig, build_head, load_probe_config
-from aim_ds.weights import build_frozen_trunk
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import aim_ds
+from aim_ds import frozen as F
 from aim_ds import weights as W
 from aim_ds.distributed import free_port
 from aim_ds.interop import to_ml_aim
@@ -169,7 +170,7 @@ def test_three_sources_give_identical_features(sources: dict[str, Path]) -> None
     with torch.no_grad():
         expected_released = released.eval().extract_features(images, LAYERS)
     for path in paths:
-        trunk, loaded = W.build_frozen_trunk("aim-test", path, layers=LAYERS)
+        trunk, loaded = F.build_frozen_trunk("aim-test", path, layers=LAYERS)
         assert set(loaded.state_dict) == {k for k in reference if k.startswith(("preprocessor.", "trunk."))}
         feats = trunk(images)
         assert feats.shape == (3, 64, 64)
@@ -207,8 +208,8 @@ def test_streamed_backbone_equals_full_consolidation(sources: dict[str, Path], t
             assert value.dtype == want.dtype and torch.equal(value, want), key
     # The trunk built from the streamed blocks gives the full trunk's features for blocks [0, 1].
     images = _images()
-    streamed_trunk = W.frozen_trunk("aim-test", streamed, layers=[0, 1])
-    full_trunk = W.frozen_trunk("aim-test", W.load_trunk_weights(run), layers=[0, 1])
+    streamed_trunk = F.frozen_trunk("aim-test", streamed, layers=[0, 1])
+    full_trunk = F.frozen_trunk("aim-test", W.load_trunk_weights(run), layers=[0, 1])
     assert len(streamed_trunk.model.trunk.blocks) == 2
     assert torch.equal(streamed_trunk(images), full_trunk(images))
     # The hand-over file to the other ranks carries the same tensors and placeholders (same fingerprint).
@@ -223,12 +224,12 @@ def test_streamed_backbone_equals_full_consolidation(sources: dict[str, Path], t
     assert all(merged[k].is_meta == v.is_meta for k, v in state.items())
     # A checkpoint whose skipped blocks do not fit the model still fails, naming them.
     with pytest.raises(W.WeightsMismatchError, match="trunk.blocks.3"):
-        W.frozen_trunk("aim-test", streamed, layers=[0, 1], depth=3)
+        F.frozen_trunk("aim-test", streamed, layers=[0, 1], depth=3)
 
 
 @pytest.mark.deepspeed
 def test_frozen_trunk_is_frozen_and_bidirectional(sources: dict[str, Path]) -> None:
-    trunk, _ = W.build_frozen_trunk("aim-test", sources["export"], layers=[3])
+    trunk, _ = F.build_frozen_trunk("aim-test", sources["export"], layers=[3])
     trunk.train()  # asking for train mode must not unfreeze it
     assert not trunk.model.training
     assert all(not p.requires_grad for p in trunk.parameters())
@@ -245,16 +246,16 @@ def test_frozen_trunk_is_frozen_and_bidirectional(sources: dict[str, Path]) -> N
 
 @pytest.mark.deepspeed
 def test_export_name_from_model_json(sources: dict[str, Path]) -> None:
-    trunk, loaded = W.build_frozen_trunk(None, sources["export"])
+    trunk, loaded = F.build_frozen_trunk(None, sources["export"])
     assert trunk.config.width == 64 and loaded.meta["model"] == "aim-test"
     with pytest.raises(W.WeightsError, match="no model.json"):
-        W.build_frozen_trunk(None, sources["ml_aim"])
+        F.build_frozen_trunk(None, sources["ml_aim"])
 
 
 @pytest.mark.deepspeed
 def test_mismatched_checkpoint_names_keys_and_shapes(sources: dict[str, Path], tmp_path: Path) -> None:
     with pytest.raises(W.WeightsMismatchError) as info:
-        W.build_frozen_trunk("aim-tiny", sources["export"])
+        F.build_frozen_trunk("aim-tiny", sources["export"])
     err = info.value
     assert "trunk.blocks.5.mlp.fc1.weight" in err.missing  # aim-tiny has 6 blocks, aim-test 4
     assert ("trunk.blocks.0.attn.qkv.weight", (192, 64), (576, 192)) in err.mismatched
@@ -268,7 +269,7 @@ def test_mismatched_checkpoint_names_keys_and_shapes(sources: dict[str, Path], t
     odd = tmp_path / "odd.safetensors"
     save_file(state, str(odd))
     with pytest.raises(W.WeightsMismatchError) as info:
-        W.build_frozen_trunk("aim-test", odd)
+        F.build_frozen_trunk("aim-test", odd)
     assert info.value.unexpected == ["trunk.blocks.7.norm_1.weight"]
     assert info.value.missing == ["trunk.post_trunk_norm.bias"]
     assert not info.value.mismatched
@@ -328,7 +329,7 @@ def test_features_stop_after_the_last_block_asked_for() -> None:
     assert torch.equal(got, expected)
     assert calls == {"0": 1, "1": 1, "2": 1, "3": 0, "norm": 0}
 
-    trunk = W.FrozenTrunk(copy.deepcopy(model), [2, 1])  # the copy keeps the counting hooks
+    trunk = F.FrozenTrunk(copy.deepcopy(model), [2, 1])  # the copy keeps the counting hooks
     assert len(trunk.model.trunk.blocks) == 3
     assert torch.equal(trunk(images), expected)
     assert calls == {"0": 2, "1": 2, "2": 2, "3": 0, "norm": 0}
@@ -354,5 +355,5 @@ def test_torch_weights_file_is_read_once(tmp_path: Path, monkeypatch: pytest.Mon
     loaded = W.load_trunk_weights(path)
     assert seen == [True]
     assert loaded.source == "ml_aim" and set(loaded.state_dict) == set(backbone)
-    trunk = W.frozen_trunk("aim-test", loaded, layers=[0])
+    trunk = F.frozen_trunk("aim-test", loaded, layers=[0])
     assert len(trunk.model.trunk.blocks) == 1

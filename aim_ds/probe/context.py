@@ -14,14 +14,13 @@ from torch import Tensor
 
 from ..backbone import read_handover
 from ..distributed import barrier, init_distributed, is_main
+from ..frozen import FrozenTrunk, frozen_trunk
 from ..io import remove_if_exists
 from ..registry import get_model_spec
 from ..weights import (
-    FrozenTrunk,
     TrunkWeights,
     WeightsError,
     detect_source,
-    frozen_trunk,
     load_trunk_weights,
     write_deepspeed_handover,
 )
