@@ -127,19 +127,20 @@ def return_freed_memory(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
         return False
 
 
-def extensions_root() -> str:
-    """Where PyTorch builds JIT extensions (DeepSpeed's ops): ``TORCH_EXTENSIONS_DIR`` or
-    ``~/.cache/torch_extensions/py<ver>_<cpu|cuXYZ>``, as ``torch.utils.cpp_extension`` chooses it."""
-    if os.environ.get("TORCH_EXTENSIONS_DIR"):
-        return os.environ["TORCH_EXTENSIONS_DIR"]
-    cuda = torch.version.cuda
-    flavour = f"cu{cuda.replace('.', '')}" if cuda else "cpu"
-    cache = os.environ.get("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache"))
-    return os.path.join(cache, "torch_extensions", f"py{sys.version_info.major}{sys.version_info.minor}_{flavour}")
+def build_lock_pattern(root: str | None = None) -> str:
+    """Glob of the JIT-build locks (DeepSpeed's ops are built by ``torch.utils.cpp_extension``):
+    ``<root>/<op>/lock`` under ``root`` or ``TORCH_EXTENSIONS_DIR``, else under PyTorch's default
+    build root, one folder per Python and accelerator (``py311_cpu``, ``py311_cu128``, ...)."""
+    root = root or os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root:
+        return os.path.join(root, "*", "lock")
+    from torch.utils.cpp_extension import get_default_build_root
+
+    return os.path.join(get_default_build_root(), "*", "*", "lock")
 
 
 def check_build_locks(root: str | None = None, *, stale_after: float = STALE_BUILD_LOCK_SECONDS) -> list[str]:
-    """Name the JIT-build locks under :func:`extensions_root` before DeepSpeed builds its ops.
+    """Name the JIT-build locks (:func:`build_lock_pattern`) before DeepSpeed builds its ops.
 
     ``torch.utils.cpp_extension`` guards each build with a ``lock`` file and waits, forever and
     silently, while it exists; a build that was killed leaves it behind and every later rank hangs
@@ -148,7 +149,7 @@ def check_build_locks(root: str | None = None, *, stale_after: float = STALE_BUI
     the locks found."""
     from .config import ConfigError
 
-    locks = sorted(glob.glob(os.path.join(root or extensions_root(), "*", "lock")))
+    locks = sorted(glob.glob(build_lock_pattern(root)))
     for lock in locks:
         try:
             age = time.time() - os.path.getmtime(lock)

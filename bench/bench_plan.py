@@ -48,9 +48,9 @@ def _run_config(model: str, overrides: dict[str, Any], micro: int, world: int, c
 
 def _phase(name: str) -> tuple[str, int, int]:
     """``(name, resident bytes now, peak resident bytes so far)`` of this process."""
-    with open("/proc/self/statm") as statm:
-        resident = int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    return name, resident, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    from aim_ds.plan.memory import resident_bytes
+
+    return name, resident_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -140,7 +140,10 @@ def _deepspeed_config(args: argparse.Namespace, tmp: Path) -> str:
     ds = json.loads(Path(args.deepspeed).read_text())
     for item in args.zero:
         key, value = item.split("=", 1)
-        ds["zero_optimization"][key] = int(float(value)) if value.replace(".", "").replace("e", "").isdigit() else value
+        try:
+            ds["zero_optimization"][key] = int(float(value))  # 1e8, 100000000
+        except ValueError:
+            ds["zero_optimization"][key] = value
     path = tmp / f"{Path(args.deepspeed).stem}_{'_'.join(args.zero)}.json"
     path.write_text(json.dumps(ds, indent=1))
     return str(path)
