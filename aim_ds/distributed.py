@@ -178,9 +178,9 @@ def release_shared_buffers() -> list[str]:
     ``deepspeed.init_distributed`` returns; after a barrier the names are no longer needed, and the
     mappings live on until the process exits, however it exits. Returns the paths removed.
     """
-    if world_size() < 2 or not os.path.isdir(SHM_DIR):
+    if not os.path.isdir(SHM_DIR):
         return []
-    barrier()  # every rank has opened every peer's file
+    barrier()  # every rank has opened every peer's file (a world of one, launched, makes one too)
     name = "deepspeed_allreduce_buffer_{}_{}_{}_{}".format(
         os.getuid(), os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""), rank()
     )

@@ -114,7 +114,10 @@ def resumed_on_one_rank(run_files: dict[str, Path], one_node: Path) -> tuple[Pat
     shutil.copy(one_node / ckpt.MANIFEST, out / ckpt.MANIFEST)  # the folder is aim-ds's (see aim_ds.checkpoint)
     lines = (one_node / "metrics.jsonl").read_text().splitlines(keepends=True)
     (out / "metrics.jsonl").write_text("".join(line for line in lines if json.loads(line).get("step", 0) <= 3))
-    result = _run([DEEPSPEED, "--num_gpus", "1", "--master_port", str(free_port()), *_driver(run_files, out)])
+    port = free_port()
+    result = _run([DEEPSPEED, "--num_gpus", "1", "--master_port", str(port), *_driver(run_files, out)])
+    # A launched world of one gets a DeepSpeed /dev/shm buffer too; it is released like any other.
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     return out, result
 
 
