@@ -117,3 +117,50 @@ def test_probe_configs_state_the_grid_and_reject_the_old_key(tmp_path: Path) -> 
     old.write_text("train:\n  weight_decay: 0.05\n")
     with pytest.raises(ConfigError, match="weight_decays"):
         load_probe_config(old)
+
+
+# --- Second pass (issue 22): run length, warmup fraction ---------------------------------------------------
+
+
+def test_aim_600m_saw_2b_images_and_warms_up_over_2_5_percent() -> None:
+    """AIM-0.6B: 2,000,000,000 images / 4096 = 488,281 steps (not Table 10's 1.25M), warmup 2.5% of them."""
+    from aim_ds.optim import steps_from_images
+    from aim_ds.registry import AIM_600M_IMAGES, get_model_spec
+
+    assert steps_from_images(AIM_600M_IMAGES, 4096) == 488_281
+    recipe = get_model_spec("aim-0.6B").recipe
+    assert recipe.total_steps(256) == 488_281
+    assert recipe.total_warmup_steps(256) == round(488_281 * 0.025) == 12_207
+    # Schedule points, read from the registry: the warmup's first and last steps, the cosine's middle, the end.
+    assert recipe.lr_at_step(0, 256) == pytest.approx(1e-3 / 12_207)
+    assert recipe.lr_at_step(12_206, 256) == pytest.approx(1e-3)
+    assert recipe.lr_at_step(12_207, 256) == pytest.approx(1e-3)
+    middle = 12_207 + (488_281 - 12_207) // 2
+    assert recipe.lr_at_step(middle, 256) == pytest.approx(0.5e-3, rel=1e-5)
+    assert recipe.lr_at_step(488_281, 256) == 0.0
+    for name in ("aim-1B", "aim-3B", "aim-7B"):
+        other = get_model_spec(name).recipe
+        assert (other.total_steps(256), other.total_warmup_steps(256)) == (1_250_000, 31_250)
+        assert other.lr_at_step(31_249, 256) == pytest.approx(1e-3) and other.lr_at_step(15_624, 256) == 0.5e-3
+
+
+def test_warmup_is_a_fraction_of_any_run_length() -> None:
+    """The registry's recipes carry a fraction, never a count: a 100k-step ablation warms up 2,500
+    steps, a run shorter than 31,250 steps works; a fixed count overrides and is checked."""
+    import dataclasses
+
+    from aim_ds.optim import resolve_warmup_steps
+    from aim_ds.registry import get_model_spec, table1_models
+
+    for name in table1_models():
+        recipe = get_model_spec(name).recipe
+        assert recipe.warmup_steps == -1 and recipe.warmup_fraction == 0.025
+        ablation = dataclasses.replace(recipe, steps=100_000)
+        assert ablation.total_warmup_steps(256) == 2_500
+        assert ablation.lr_at_step(2_499, 256) == pytest.approx(1e-3)
+        short = dataclasses.replace(recipe, steps=1_000)
+        assert short.total_warmup_steps(256) == 25 and short.lr_at_step(999, 256) > 0.0
+    assert resolve_warmup_steps(1_000, 0.025, 100) == 100
+    assert resolve_warmup_steps(1_000, 0.025, 0) == 0  # 0 is a count: no warmup
+    with pytest.raises(ValueError, match="warmup_steps=31250 exceeds the run's 1000 steps"):
+        resolve_warmup_steps(1_000, 0.025, 31_250)
