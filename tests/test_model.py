@@ -408,9 +408,10 @@ def test_flop_counter() -> None:
 def test_initialisation_follows_the_authors() -> None:
     torch.manual_seed(0)
     model = aim_ds.create_model("aim-tiny")
-    qkv = model.trunk.blocks[0].attn.qkv.weight  # [3D, D]: xavier bound sqrt(6 / (D + 3D))
-    bound = math.sqrt(6 / (qkv.shape[0] + qkv.shape[1]))
-    assert qkv.abs().max() <= bound and qkv.abs().max() > 0.9 * bound
+    qkv = model.trunk.blocks[0].attn.qkv.weight  # [3D, D]: q, k, v each xavier as D x D, bound sqrt(6 / 2D)
+    bound = math.sqrt(6 / (2 * qkv.shape[1]))
+    for part in qkv.chunk(3):
+        assert part.abs().max() <= bound and part.abs().max() > 0.9 * bound
     conv = model.preprocessor.patchifier.proj.weight  # flattened [D, 3*p*p]
     bound = math.sqrt(6 / (conv.shape[0] + conv[0].numel()))
     assert conv.abs().max() <= bound and conv.abs().max() > 0.9 * bound

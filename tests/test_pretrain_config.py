@@ -239,7 +239,7 @@ def test_half_precision_config_without_accumulation_dtype_gets_fp32() -> None:
 
 @pytest.mark.parametrize("name", ["aim-test", "aim-0.6B", "aim-1B", "aim-3B", "aim-7B"])
 def test_auto_knobs_resolve_from_the_width(name: str) -> None:
-    """"auto" -> hidden^2 and 10 hidden (Transformers' DeepSpeed integration), hidden being the wider
+    """ "auto" -> hidden^2 and 10 hidden (Transformers' DeepSpeed integration), hidden being the wider
     of trunk and head; the prefetch bucket holds one whole trunk block."""
     cfg = load_config(PretrainConfig, CONFIGS / f"{name}.yaml")
     model_cfg = _model_cfg(cfg)
@@ -262,7 +262,9 @@ def test_auto_knobs_resolve_from_the_width(name: str) -> None:
         assert trunk_block_parameters(model_cfg) == 201_342_976
     # A number in the JSON is kept as it is.
     fixed = {"zero_optimization": {"stage": 3, "reduce_bucket_size": 12345}}
-    assert build_ds_config(fixed, cfg, _plan(cfg, world), model_cfg)[0]["zero_optimization"]["reduce_bucket_size"] == 12345
+    assert (
+        build_ds_config(fixed, cfg, _plan(cfg, world), model_cfg)[0]["zero_optimization"]["reduce_bucket_size"] == 12345
+    )
 
 
 def test_zero3_buckets_keep_norms_whole_and_shard_matrices() -> None:

@@ -3,6 +3,7 @@ eps and target variance in pretraining vs released weights, the probe's bias and
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -164,3 +165,78 @@ def test_warmup_is_a_fraction_of_any_run_length() -> None:
     assert resolve_warmup_steps(1_000, 0.025, 0) == 0  # 0 is a count: no warmup
     with pytest.raises(ValueError, match="warmup_steps=31250 exceeds the run's 1000 steps"):
         resolve_warmup_steps(1_000, 0.025, 31_250)
+
+
+# --- Second pass: q/k/v initialisation, the position table ---------------------------------------------------
+
+
+def test_qkv_thirds_have_the_authors_xavier_std_at_d1536() -> None:
+    """The authors' q_proj, k_proj, v_proj are separate D x D xavier-uniform matrices: std sqrt(2 / 2D) =
+    0.02552 at D = 1536, not the fused [3D, D] draw's sqrt(2 / 4D) = 0.01804."""
+    from aim_ds.attention import Attention
+
+    torch.manual_seed(0)
+    width = 1536
+    attn = Attention(width, 12)
+    expected, fused = math.sqrt(2.0 / (2 * width)), math.sqrt(2.0 / (4 * width))
+    assert round(expected, 5) == 0.02552 and round(fused, 5) == 0.01804
+    bound = math.sqrt(6.0 / (2 * width))
+    for part in attn.qkv.weight.detach().chunk(3):  # q, k, v: each [D, D]
+        assert part.std().item() == pytest.approx(expected, rel=0.005)
+        assert part.abs().max().item() <= bound
+    assert attn.proj.weight.std().item() == pytest.approx(expected, rel=0.005)
+    assert tuple(attn.qkv.weight.shape) == (3 * width, width)  # the fused layout stays (ml-aim's qkv key)
+
+
+def test_position_table_is_float64_exact_whatever_the_default_dtype() -> None:
+    """The table comes from NumPy float64, rounded once to fp32, even where torch's constructors are
+    set to build bf16 tensors (what zero.Init does to them; the DeepSpeed run is in test_recipe_deepspeed)."""
+    from aim_ds.model import sincos_pos_embed_2d, sincos_pos_embed_2d_float64
+
+    exact = torch.from_numpy(sincos_pos_embed_2d_float64(1536, 16))  # [256, 1536]
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        table = sincos_pos_embed_2d(1536, 16)
+        model = aim_ds.create_model("aim-test")
+    finally:
+        torch.set_default_dtype(previous)
+    assert table.dtype == torch.float32 and model.preprocessor.pos_embed.dtype == torch.float32
+    torch.testing.assert_close(table.double(), exact, rtol=0, atol=6e-8)
+    # What zero.Init's wrapped torch.arange gave in bf16: integers above 256 lost, the table off by > 0.01.
+    assert (torch.arange(384, dtype=torch.bfloat16).double() != torch.arange(384).double()).any()
+    omega = 10000.0 ** (-torch.arange(384, dtype=torch.bfloat16) / 384)  # [D/4], computed in bf16
+    cols = torch.arange(16, dtype=torch.bfloat16)
+    bf16_sin = (cols[:, None] * omega[None]).sin()  # [16, D/4]: the column code of raster row 0
+    assert (bf16_sin.double() - exact[:16, :384]).abs().max() > 0.01
+
+
+def test_position_add_rounds_once() -> None:
+    """Under bf16 the sum is computed in fp32 and rounded once: never a bf16-rounded table added in bf16."""
+    from aim_ds.model import add_position
+
+    x = torch.randn(2, 4, 8).to(torch.bfloat16)
+    table = torch.randn(4, 8) * 1e-2 + 1.0
+    out = add_position(x, table)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, (x.float() + table).to(torch.bfloat16), rtol=0, atol=0)
+
+
+def test_color_jitter_off_in_paper_yamls_and_checked_when_on() -> None:
+    from aim_ds.config import load_config
+    from aim_ds.train.config import PretrainConfig
+    from aim_ds.train.preflight import check_fields
+
+    for size in ("0.6B", "1B", "3B", "7B"):
+        cfg = load_config(PretrainConfig, REPO / "run" / "configs" / f"aim-{size}.yaml")
+        assert cfg.data.color_jitter is False  # Table 10 (DFN-2B+) has none
+    on = load_config(PretrainConfig, REPO / "run/configs/aim-test.yaml", overrides=["data.color_jitter=true"])
+    assert (tuple(on.data.color_jitter_values), on.data.color_jitter_prob) == ((0.4, 0.4, 0.2, 0.1), 0.8)
+    check_fields(on)
+    bad = load_config(
+        PretrainConfig,
+        REPO / "run/configs/aim-test.yaml",
+        overrides=["data.color_jitter=true", "data.color_jitter_prob=2"],
+    )
+    with pytest.raises(ConfigError, match=r"data\.color_jitter_values.*probability"):
+        check_fields(bad)

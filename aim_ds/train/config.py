@@ -48,6 +48,11 @@ class DataSection:
     scale: tuple[float, float] = (0.4, 1.0)  # RandomResizedCrop area fraction (paper: 0.4-1.0)
     ratio: tuple[float, float] = (0.75, 4.0 / 3.0)
     flip: bool = True
+    # Off in the paper (Table 10, DFN-2B+); the authors' ImageNet-only config has ColorJitter(0.4, 0.4, 0.2, 0.1)
+    # with p = 0.8 (aim_ds.data.color_jitter), for ImageNet-only ablations.
+    color_jitter: bool = False
+    color_jitter_values: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, sat., hue
+    color_jitter_prob: float = 0.8
     num_workers: int = 2  # decode threads per rank
 
 
