@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .backbone import BACKBONE_PREFIXES, infer_architecture, loaded_blocks
+from .export import export_architecture
 from .model import AIM, RELEASED_NORM_EPS, AIMConfig
 from .registry import create_model, get_model_spec, list_models
 from .weights import TrunkWeights, WeightsError, WeightsMismatchError, load_trunk_weights
@@ -163,11 +164,18 @@ def frozen_trunk(
     ``device``. ``model_name=None`` takes the name from the export's ``model.json``."""
     if model_name is None:
         model_name = weights.meta.get("model")
-        overrides = {**weights.meta.get("overrides", {}), **overrides}
         if model_name is None:
             raise WeightsError(f"{weights.path}: no model.json names the model; pass the model name explicitly")
     elif weights.meta.get("model") not in (None, model_name):
         logger.warning("%s was exported from %r, loading into %r", weights.path, weights.meta["model"], model_name)
+    if weights.meta.get("model") == model_name:
+        # The export's stored architecture (or, for an older export, its overrides and a warning
+        # naming the values assumed); explicit overrides still win.
+        try:
+            stored = export_architecture(weights.meta, weights.path)
+        except ValueError as exc:
+            raise WeightsError(str(exc)) from None
+        overrides = {**stored, **overrides}
     if weights.source == "ml_aim":
         # Released weights were trained and are served with eps 1e-6; our pretraining default is the
         # training config's 1e-5 (docs/recipe.md, "Trunk"). An explicit override still wins.
