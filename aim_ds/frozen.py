@@ -113,14 +113,23 @@ class FrozenTrunk(nn.Module):
     """
 
     def __init__(
-        self, model: AIM, layers: list[int] | None, *, autocast_dtype: torch.dtype | None = torch.bfloat16
+        self,
+        model: AIM,
+        layers: list[int] | None,
+        *,
+        autocast_dtype: torch.dtype | None = torch.bfloat16,
+        compute_dtype: torch.dtype | None = None,
     ) -> None:
+        """``compute_dtype``: None, bf16 autocast on CUDA (``autocast_dtype``) and fp32 on the CPU;
+        ``torch.float32``: no autocast anywhere; ``torch.bfloat16``: bf16 autocast on any device
+        (the probe's ``features.dtype``)."""
         super().__init__()
         self.model = model
         self.layers = None if layers is None else [int(i) % model.config.depth for i in layers]
         if self.layers:
             del self.model.trunk.blocks[max(self.layers) + 1 :]
         self.autocast_dtype = autocast_dtype
+        self.compute_dtype = compute_dtype
         self.images_seen = 0
         self.batches_seen = 0
         for param in self.model.parameters():
@@ -139,10 +148,15 @@ class FrozenTrunk(nn.Module):
     def forward(self, images: Tensor) -> Tensor:
         """``images`` ``[B, 3, H, W]`` ImageNet-normalised -> features ``[B, N, D]`` fp32."""
         device = next(self.model.parameters()).device
-        use_autocast = device.type == "cuda" and self.autocast_dtype is not None
+        if self.compute_dtype is None:
+            use_autocast = device.type == "cuda" and self.autocast_dtype is not None
+        else:
+            use_autocast = self.compute_dtype != torch.float32
         with (
             torch.inference_mode(),
-            torch.autocast(device.type, dtype=self.autocast_dtype or torch.bfloat16, enabled=use_autocast),
+            torch.autocast(
+                device.type, dtype=self.compute_dtype or self.autocast_dtype or torch.bfloat16, enabled=use_autocast
+            ),
         ):
             feats = self.model.extract_features(images.to(device, non_blocking=True), self.layers)
             feats = feats.float()
@@ -158,10 +172,12 @@ def frozen_trunk(
     *,
     layers: list[int] | None = None,
     device: str | torch.device = "cpu",
+    compute_dtype: torch.dtype | None = None,
     **overrides: Any,
 ) -> FrozenTrunk:
     """Loaded ``weights`` in model ``model_name`` (with architecture ``overrides``), frozen, on
-    ``device``. ``model_name=None`` takes the name from the export's ``model.json``."""
+    ``device``, computing in ``compute_dtype`` (see :class:`FrozenTrunk`). ``model_name=None`` takes
+    the name from the export's ``model.json``."""
     if model_name is None:
         model_name = weights.meta.get("model")
         if model_name is None:
@@ -181,7 +197,7 @@ def frozen_trunk(
         # training config's 1e-5 (docs/recipe.md, "Trunk"). An explicit override still wins.
         overrides = {"norm_eps": weights.meta.get("norm_eps", RELEASED_NORM_EPS), **overrides}
     model = build_trunk(model_name, weights.state_dict, **overrides)
-    return FrozenTrunk(model, layers).to(device)
+    return FrozenTrunk(model, layers, compute_dtype=compute_dtype).to(device)
 
 
 def build_frozen_trunk(

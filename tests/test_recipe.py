@@ -240,3 +240,36 @@ def test_color_jitter_off_in_paper_yamls_and_checked_when_on() -> None:
     )
     with pytest.raises(ConfigError, match=r"data\.color_jitter_values.*probability"):
         check_fields(bad)
+
+
+def test_probe_feature_precision() -> None:
+    """features.dtype: float32 extracts exactly the fp32 model's features; bfloat16 computes under bf16
+    autocast (on the CPU too, when asked); the paper's probe configs extract in fp32, as the authors score."""
+    from aim_ds.frozen import FrozenTrunk
+    from aim_ds.probe.config import feature_compute_dtype
+    from aim_ds.probe.context import trunk_matrix_dtype
+
+    for size in ("0.6B", "1B", "3B", "7B"):
+        assert load_probe_config(REPO / "run" / "configs" / f"probe_aim-{size}.yaml").features.dtype == "float32"
+    assert load_probe_config(None).features.dtype == "auto"
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert feature_compute_dtype("auto", cpu) == torch.float32 and feature_compute_dtype("auto", cuda) == torch.bfloat16
+    assert feature_compute_dtype("float32", cuda) == torch.float32 == trunk_matrix_dtype(cuda, "float32")
+    assert trunk_matrix_dtype(cpu, "bfloat16") == torch.bfloat16
+    from aim_ds.probe.config import validate_config
+
+    with pytest.raises(ConfigError, match="features.dtype 'fp8'"):
+        validate_config(load_probe_config(None, ["features.dtype=fp8", "data.val_path=x", "data.train_path=y"]))
+    torch.manual_seed(0)
+    model = aim_ds.create_model("aim-test").eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        reference = model.extract_features(images, [2, 3])
+    fp32 = FrozenTrunk(aim_ds.create_model("aim-test"), [2, 3], compute_dtype=torch.float32)
+    fp32.model.load_state_dict(model.state_dict())
+    torch.testing.assert_close(fp32(images), reference, rtol=0, atol=0)
+    bf16 = FrozenTrunk(aim_ds.create_model("aim-test"), [2, 3], compute_dtype=torch.bfloat16)
+    bf16.model.load_state_dict(model.state_dict())
+    out = bf16(images)
+    assert out.dtype == torch.float32 and not torch.equal(out, reference)
+    torch.testing.assert_close(out, reference, rtol=0.05, atol=0.05)
