@@ -4,9 +4,14 @@ and bigger models give better features (docs/recipe.md, "Table 10 and the traini
 
 - :func:`study_checkpoints`: probe every saved checkpoint of one run (the cached-feature probe path, so a
   checkpoint costs one feature pass over the labelled images), pair each with the run's val loss at that
-  step, and write ``checkpoints.csv``, ``loss_vs_probe.png`` and the Spearman rank correlation.
+  step, and write ``checkpoints.csv``, ``loss_vs_probe.png`` and the Spearman rank correlation with its
+  p-value (:func:`spearman`, scipy).
 - :func:`study_sizes`: the final checkpoint of several runs (different sizes, same data and steps):
-  ``sizes.csv`` and ``loss_vs_size.png``, val loss and top-1 against parameter count.
+  ``sizes.csv`` and ``loss_vs_size.png``, val loss and top-1 against parameter count, and the paired
+  interval of each size's top-1 minus the next smaller one's (:func:`bootstrap_difference`).
+- Every top-1 carries a 95% percentile-bootstrap interval over the val images, and over probe seeds when
+  ``ProbeSettings.seeds`` holds several (:func:`bootstrap_top1`), from the per-image hits each probe
+  writes; :func:`render_summary` states each finding, its statistic, its interval and its limits.
 - :func:`probe_weights` and :func:`probe_in_subprocess`: one probe of one set of weights, the first
   in this process, the second in a fresh single-process one (what a training job's live probe needs:
   its process group spans every rank, a rank-0 probe must not use it).
