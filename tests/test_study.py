@@ -141,7 +141,9 @@ def test_study_over_checkpoints_and_sizes(run: Path, settings: ProbeSettings, di
     assert json.loads((out / "probes" / run.name / "step_0000002" / "results.json").read_text())["num_classes"] == 10
     for row in rows:
         for kind in ("attentive", "linear"):
-            assert float(row[f"top1_{kind}"]) == pytest.approx(live[int(row["step"])][f"top1_{kind}"], abs=1 / 200 + 1e-9)
+            assert float(row[f"top1_{kind}"]) == pytest.approx(
+                live[int(row["step"])][f"top1_{kind}"], abs=1 / 200 + 1e-9
+            )
 
     # Sizes: the final checkpoint, whose probe above is reused (newer than the checkpoint).
     result = out / "probes" / run.name / "step_0000004" / "results.json"
