@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layers import Linear
+from .layers import FusedLinear, Linear
 
 AttentionImpl = Literal["auto", "sdpa", "flex"]
 
@@ -64,7 +64,7 @@ class Attention(nn.Module):
         if dim % num_heads != 0:
             raise ValueError(f"width {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
-        self.qkv = Linear(dim, 3 * dim, bias=False)
+        self.qkv = FusedLinear(dim, 3 * dim, parts=3, bias=False)  # q, k, v each initialised as D x D
         self.proj = Linear(dim, dim, bias=False)
 
     def forward(self, x: Tensor, mask: Tensor | object | None = None) -> Tensor:

@@ -5,7 +5,9 @@ The weights come from the fp32 master copy in the optimizer shards of a complete
 bf16 module weights, so nothing is lost to rounding. Files written to ``<run>/export/``:
 
 - ``model.safetensors``: our full state dict (``preprocessor.*``, ``trunk.*``, ``head.*``);
-- ``model.json``: ``{"model", "overrides", "step", "aim_ds_version", "checkpoint"}``;
+- ``model.json``: ``{"model", "overrides", "architecture", "step", "aim_ds_version", "checkpoint"}``;
+  ``architecture`` is the full resolved :class:`~aim_ds.model.AIMConfig` (every field that changes the
+  function), which loading uses, so that an export keeps its meaning when a default changes;
 - ``trunk_ml_aim.safetensors`` (optional): the backbone in the released ml-aim key layout;
 - ``reference_forward.safetensors`` (end of a training run): the trained engine's outputs on fixed
   inputs, to check that the exported weights reproduce the trained model.
@@ -17,7 +19,9 @@ the other files are replaced (each atomically, through :mod:`aim_ds.io`) the fol
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -28,14 +32,66 @@ from torch import Tensor
 from . import checkpoint as ckpt
 from .interop import to_ml_aim
 from .io import atomic_path, atomic_write_json, remove_if_exists
-from .model import AIM
-from .registry import create_model
+from .model import AIM, AIMConfig
+from .registry import create_model, get_model_spec
+
+logger = logging.getLogger(__name__)
 
 EXPORT_DIR = "export"
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "model.json"
 ML_AIM_FILE = "trunk_ml_aim.safetensors"
 REFERENCE_FILE = "reference_forward.safetensors"
+
+
+# AIMConfig fields that do not change the function (how attention is computed): not stored.
+_RUNTIME_FIELDS = frozenset({"attn_impl"})
+
+
+def architecture_of(cfg: AIMConfig) -> dict[str, Any]:
+    """The fields of ``cfg`` that change the model's function (widths, depths, heads, patch and image
+    size, norm eps, head block form, target normalisation, ...), as plain JSON data."""
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in _RUNTIME_FIELDS}
+
+
+def export_architecture(meta: dict[str, Any], where: str | os.PathLike = "model.json") -> dict[str, Any]:
+    """The architecture overrides that rebuild an export's model from ``create_model(meta["model"], ...)``.
+
+    With ``meta["architecture"]`` (exports since it was added): every stored field, so that today's
+    defaults do not leak in; a field this version does not know is a ValueError naming it. Without it
+    (older exports: a registry name and overrides only): the overrides, with a warning naming every
+    value assumed from today's registry entry and defaults.
+    """
+    name = meta.get("model")
+    overrides = dict(meta.get("overrides", {}))
+    known = {f.name for f in dataclasses.fields(AIMConfig)}
+    architecture = meta.get("architecture")
+    if architecture is not None:
+        unknown = sorted(set(architecture) - known)
+        if unknown:
+            raise ValueError(
+                f"{where}: architecture fields {unknown} are unknown to this aim-ds version (a newer export?); "
+                f"known: {', '.join(sorted(known))}"
+            )
+        missing = sorted(known - _RUNTIME_FIELDS - set(architecture))
+        if missing:
+            assumed = get_model_spec(name).config.replace(**overrides)
+            logger.warning(
+                "%s: architecture has no %s; assuming %s",
+                where,
+                ", ".join(missing),
+                ", ".join(f"{k}={getattr(assumed, k)!r}" for k in missing),
+            )
+        return {**overrides, **architecture}
+    assumed = get_model_spec(name).config.replace(**overrides)
+    logger.warning(
+        "%s has no 'architecture' (an export written before aim-ds stored it): rebuilding %r from today's "
+        "registry entry and defaults, assuming %s",
+        where,
+        name,
+        ", ".join(f"{k}={v!r}" for k, v in architecture_of(assumed).items()),
+    )
+    return overrides
 
 
 def consolidate_fp32(ckpt_dir: str | os.PathLike, tag: str) -> dict[str, Tensor]:
@@ -99,7 +155,13 @@ def save_export(
     state = {k: v.detach().to(torch.float32).contiguous() for k, v in state.items()}
     export_dir = Path(export_dir)
     export_dir.mkdir(parents=True, exist_ok=True)
-    meta = {"model": model_name, "overrides": dict(overrides), "step": int(step), "aim_ds_version": __version__}
+    meta = {
+        "model": model_name,
+        "overrides": dict(overrides),
+        "architecture": architecture_of(reference.config),
+        "step": int(step),
+        "aim_ds_version": __version__,
+    }
     if checkpoint is not None:
         meta["checkpoint"] = checkpoint
     remove_if_exists(export_dir / META_FILE)
@@ -170,11 +232,12 @@ def export_latest(
 
 
 def load_exported(export_dir: str | os.PathLike, device: str | torch.device = "cpu") -> AIM:
-    """Rebuild the model from ``model.json`` and load ``model.safetensors`` (strict); no DeepSpeed."""
+    """Rebuild the model from ``model.json`` (its stored architecture; see :func:`export_architecture`
+    for older exports) and load ``model.safetensors`` (strict); no DeepSpeed."""
     from safetensors.torch import load_file
 
     export_dir = Path(export_dir)
     meta = json.loads((export_dir / META_FILE).read_text())
-    model = create_model(meta["model"], **meta.get("overrides", {}))
+    model = create_model(meta["model"], **export_architecture(meta, export_dir / META_FILE))
     model.load_state_dict(load_file(str(export_dir / WEIGHTS_FILE), device=str(device)), strict=True)
     return model.to(device)

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .backbone import BACKBONE_PREFIXES, infer_architecture, loaded_blocks
+from .export import export_architecture
 from .model import AIM, RELEASED_NORM_EPS, AIMConfig
 from .registry import create_model, get_model_spec, list_models
 from .weights import TrunkWeights, WeightsError, WeightsMismatchError, load_trunk_weights
@@ -112,14 +113,23 @@ class FrozenTrunk(nn.Module):
     """
 
     def __init__(
-        self, model: AIM, layers: list[int] | None, *, autocast_dtype: torch.dtype | None = torch.bfloat16
+        self,
+        model: AIM,
+        layers: list[int] | None,
+        *,
+        autocast_dtype: torch.dtype | None = torch.bfloat16,
+        compute_dtype: torch.dtype | None = None,
     ) -> None:
+        """``compute_dtype``: None, bf16 autocast on CUDA (``autocast_dtype``) and fp32 on the CPU;
+        ``torch.float32``: no autocast anywhere; ``torch.bfloat16``: bf16 autocast on any device
+        (the probe's ``features.dtype``)."""
         super().__init__()
         self.model = model
         self.layers = None if layers is None else [int(i) % model.config.depth for i in layers]
         if self.layers:
             del self.model.trunk.blocks[max(self.layers) + 1 :]
         self.autocast_dtype = autocast_dtype
+        self.compute_dtype = compute_dtype
         self.images_seen = 0
         self.batches_seen = 0
         for param in self.model.parameters():
@@ -138,10 +148,15 @@ class FrozenTrunk(nn.Module):
     def forward(self, images: Tensor) -> Tensor:
         """``images`` ``[B, 3, H, W]`` ImageNet-normalised -> features ``[B, N, D]`` fp32."""
         device = next(self.model.parameters()).device
-        use_autocast = device.type == "cuda" and self.autocast_dtype is not None
+        if self.compute_dtype is None:
+            use_autocast = device.type == "cuda" and self.autocast_dtype is not None
+        else:
+            use_autocast = self.compute_dtype != torch.float32
         with (
             torch.inference_mode(),
-            torch.autocast(device.type, dtype=self.autocast_dtype or torch.bfloat16, enabled=use_autocast),
+            torch.autocast(
+                device.type, dtype=self.compute_dtype or self.autocast_dtype or torch.bfloat16, enabled=use_autocast
+            ),
         ):
             feats = self.model.extract_features(images.to(device, non_blocking=True), self.layers)
             feats = feats.float()
@@ -157,23 +172,32 @@ def frozen_trunk(
     *,
     layers: list[int] | None = None,
     device: str | torch.device = "cpu",
+    compute_dtype: torch.dtype | None = None,
     **overrides: Any,
 ) -> FrozenTrunk:
     """Loaded ``weights`` in model ``model_name`` (with architecture ``overrides``), frozen, on
-    ``device``. ``model_name=None`` takes the name from the export's ``model.json``."""
+    ``device``, computing in ``compute_dtype`` (see :class:`FrozenTrunk`). ``model_name=None`` takes
+    the name from the export's ``model.json``."""
     if model_name is None:
         model_name = weights.meta.get("model")
-        overrides = {**weights.meta.get("overrides", {}), **overrides}
         if model_name is None:
             raise WeightsError(f"{weights.path}: no model.json names the model; pass the model name explicitly")
     elif weights.meta.get("model") not in (None, model_name):
         logger.warning("%s was exported from %r, loading into %r", weights.path, weights.meta["model"], model_name)
+    if weights.meta.get("model") == model_name:
+        # The export's stored architecture (or, for an older export, its overrides and a warning
+        # naming the values assumed); explicit overrides still win.
+        try:
+            stored = export_architecture(weights.meta, weights.path)
+        except ValueError as exc:
+            raise WeightsError(str(exc)) from None
+        overrides = {**stored, **overrides}
     if weights.source == "ml_aim":
         # Released weights were trained and are served with eps 1e-6; our pretraining default is the
         # training config's 1e-5 (docs/recipe.md, "Trunk"). An explicit override still wins.
         overrides = {"norm_eps": weights.meta.get("norm_eps", RELEASED_NORM_EPS), **overrides}
     model = build_trunk(model_name, weights.state_dict, **overrides)
-    return FrozenTrunk(model, layers).to(device)
+    return FrozenTrunk(model, layers, compute_dtype=compute_dtype).to(device)
 
 
 def build_frozen_trunk(

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -81,22 +82,37 @@ class AIMConfig:
         return dataclasses.replace(self, **overrides)
 
 
-def sincos_pos_embed_2d(dim: int, grid_size: int) -> Tensor:
-    """Fixed 2D sin-cos position embedding ``[grid_size**2, dim]`` in raster order.
+def sincos_pos_embed_2d_float64(dim: int, grid_size: int) -> np.ndarray:
+    """Fixed 2D sin-cos position embedding ``[grid_size**2, dim]`` in raster order, float64 NumPy.
 
     The first half of ``dim`` encodes the column index, the second half the row index; each half
     is ``[sin(pos * w_k) for k] + [cos(pos * w_k) for k]`` with ``w_k = 10000 ** (-k / (dim / 4))``.
+    Computed in NumPy so that no build context can change its precision: ``deepspeed.zero.Init``
+    replaces ``torch.arange`` (and the other tensor constructors) and casts every floating result to
+    the engine's dtype, so under bf16 a torch-built table loses the integers above 256 and is off by
+    up to 0.06 (docs/recipe.md, "Readings").
     """
     quarter = dim // 4
-    omega = 10000.0 ** (-torch.arange(quarter, dtype=torch.float64) / quarter)  # [D/4]
-    pos = torch.arange(grid_size, dtype=torch.float64)
-    rows, cols = torch.meshgrid(pos, pos, indexing="ij")  # [G, G]
+    omega = 10000.0 ** (-np.arange(quarter, dtype=np.float64) / quarter)  # [D/4]
+    pos = np.arange(grid_size, dtype=np.float64)
+    rows, cols = np.meshgrid(pos, pos, indexing="ij")  # [G, G]
 
-    def encode(p: Tensor) -> Tensor:
+    def encode(p: np.ndarray) -> np.ndarray:
         angles = p.reshape(-1, 1) * omega[None]  # [G*G, D/4]
-        return torch.cat([angles.sin(), angles.cos()], dim=1)  # [G*G, D/2]
+        return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)  # [G*G, D/2]
 
-    return torch.cat([encode(cols), encode(rows)], dim=1).float()  # [G*G, D]
+    return np.concatenate([encode(cols), encode(rows)], axis=1)  # [G*G, D]
+
+
+def sincos_pos_embed_2d(dim: int, grid_size: int, device: torch.device | str | None = None) -> Tensor:
+    """:func:`sincos_pos_embed_2d_float64` as an fp32 tensor ``[grid_size**2, dim]`` on ``device``
+    (None: where tensor constructors put tensors in the current context, e.g. the meta device or
+    zero.Init's device). Built through ``torch.from_numpy`` and ``Tensor.to``, which zero.Init
+    leaves alone (it wraps the constructors only), so it is fp32 under every build context."""
+    if device is None:
+        device = torch.empty(0).device  # the device only: zero.Init's wrapper may cast this to bf16
+    table = torch.from_numpy(sincos_pos_embed_2d_float64(dim, grid_size))
+    return table.to(device=device, dtype=torch.float32)
 
 
 def patchify(images: Tensor, patch_size: int) -> Tensor:
@@ -140,8 +156,16 @@ class PatchEmbed(nn.Module):
         return self.norm(x)
 
 
+def add_position(x: Tensor, pos_embed: Tensor) -> Tensor:
+    """``x + pos_embed`` computed in fp32 and rounded once to ``x``'s dtype: the table (an fp32
+    buffer) is never rounded to bf16 on its own before the sum."""
+    return (x.float() + pos_embed.float()).to(x.dtype)
+
+
 class Preprocessor(nn.Module):
-    """Patchify and add the fixed 2D sin-cos position embedding (kept out of the state dict)."""
+    """Patchify and add the fixed 2D sin-cos position embedding: a non-persistent fp32 buffer (not in
+    the state dict, so exports and released files rebuild it; DeepSpeed engines leave buffers in
+    their dtype unless ``data_types.buffer_dtype`` is set)."""
 
     def __init__(self, cfg: AIMConfig) -> None:
         super().__init__()
@@ -151,7 +175,7 @@ class Preprocessor(nn.Module):
     def forward(self, images: Tensor) -> Tensor:
         """``[B, 3, H, W]`` -> ``[B, N, D]``."""
         x = self.patchifier(images)
-        return x + self.pos_embed.to(x.dtype)
+        return add_position(x, self.pos_embed)
 
 
 class MLP(nn.Module):
@@ -258,8 +282,7 @@ class PixelHead(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """``[B, N, D]`` -> ``[B, N, p*p*3]``."""
-        x = self.embed(x)
-        x = x + self.pos_embed.to(x.dtype)
+        x = add_position(self.embed(x), self.pos_embed)
         for block in self.blocks:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 # Each block's [B, N, 4W] hidden activation is the head's largest; recompute it.

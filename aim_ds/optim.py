@@ -46,11 +46,33 @@ def steps_from_patches(patches_seen: float, batch_size: int, num_patches: int) -
     return int(math.ceil(patches_seen / (batch_size * num_patches)))
 
 
+def steps_from_images(images_seen: float, batch_size: int) -> int:
+    """Optimizer steps that show at most ``images_seen`` images at ``batch_size`` per step, rounded
+    down (AIM-0.6B's 2B images at 4096: 488,281 steps)."""
+    if batch_size <= 0:
+        raise ValueError("batch_size must be positive")
+    return int(images_seen // batch_size)
+
+
 def warmup_steps_from_fraction(total_steps: int, warmup_fraction: float) -> int:
     """``round(total_steps * warmup_fraction)``; the paper warms up over 2.5% of the steps."""
     if not 0.0 <= warmup_fraction <= 1.0:
         raise ValueError(f"warmup_fraction must lie in [0, 1], got {warmup_fraction}")
     return int(round(total_steps * warmup_fraction))
+
+
+def resolve_warmup_steps(total_steps: int, warmup_fraction: float, warmup_steps: int = -1) -> int:
+    """Warmup steps of a ``total_steps`` run: ``warmup_fraction`` of it (the authors' only form, so a
+    100k-step ablation warms up 2,500 steps at 2.5%), unless a fixed ``warmup_steps >= 0`` overrides
+    it. A fixed count longer than the run is a ValueError naming both numbers."""
+    if warmup_steps < 0:
+        return warmup_steps_from_fraction(total_steps, warmup_fraction)
+    if warmup_steps > total_steps:
+        raise ValueError(
+            f"warmup_steps={warmup_steps} exceeds the run's {total_steps} steps; "
+            "leave it at -1 to warm up over warmup_fraction of the run"
+        )
+    return warmup_steps
 
 
 def _is_no_decay(name: str, param: nn.Parameter) -> bool:

@@ -14,13 +14,15 @@ from dataclasses import dataclass, field
 import torch
 
 from .model import AIM, AIMConfig
+from .optim import lr_at_step, resolve_warmup_steps, steps_from_images, steps_from_patches
 
 
 @dataclass(frozen=True)
 class Recipe:
     """A pretraining recipe (docs/recipe.md, Table 1 / Table 10). ``batch_size`` is the global batch
-    in images. The length is ``steps`` optimizer steps (Table 10's iterations) when set, else derived
-    from ``patches_seen`` (:meth:`total_steps`); ``warmup_steps`` likewise wins over ``warmup_fraction``."""
+    in images. The length is ``steps`` optimizer steps when set, else derived from ``patches_seen``
+    (:meth:`total_steps`). Warmup is ``warmup_fraction`` of the length, as in the authors' code; a fixed
+    ``warmup_steps`` (>= 0) overrides it, for ablations only (no paper recipe sets one)."""
 
     peak_lr: float
     batch_size: int
@@ -31,43 +33,49 @@ class Recipe:
     betas: tuple[float, float]
     grad_clip: float  # global gradient 2-norm
     steps: int = 0  # optimizer steps; 0: from patches_seen
-    warmup_steps: int = -1  # -1: round(total steps x warmup_fraction)
+    warmup_steps: int = -1  # -1: round(total steps x warmup_fraction); >= 0 overrides the fraction
 
     def total_steps(self, num_patches: int) -> int:
         """Optimizer steps: ``steps``, or the steps to see ``patches_seen`` patches at ``batch_size``
         images of ``num_patches`` patches per step."""
-        from .optim import steps_from_patches
-
         if self.steps > 0:
             return self.steps
         return steps_from_patches(self.patches_seen, self.batch_size, num_patches)
 
     def total_warmup_steps(self, num_patches: int) -> int:
-        """Linear-warmup steps: ``warmup_steps``, or ``warmup_fraction`` of :meth:`total_steps`."""
-        from .optim import warmup_steps_from_fraction
+        """Linear-warmup steps: ``warmup_fraction`` of :meth:`total_steps`, or ``warmup_steps`` when >= 0."""
+        return resolve_warmup_steps(self.total_steps(num_patches), self.warmup_fraction, self.warmup_steps)
 
-        if self.warmup_steps >= 0:
-            return self.warmup_steps
-        return warmup_steps_from_fraction(self.total_steps(num_patches), self.warmup_fraction)
+    def lr_at_step(self, step: int, num_patches: int) -> float:
+        """This recipe's learning rate at optimizer step ``step`` (:func:`aim_ds.optim.lr_at_step`)."""
+        return lr_at_step(
+            step,
+            peak_lr=self.peak_lr,
+            total_steps=self.total_steps(num_patches),
+            warmup_steps=self.total_warmup_steps(num_patches),
+            min_lr=self.min_lr,
+        )
 
 
 # The paper's recipe, Table 10: AdamW (0.9, 0.95), weight decay 0.05, peak LR 1e-3, 1.25M iterations
-# with a linear warmup over the first 31,250 (2.5%) and a cosine decay to 0, gradient clipping 1.0,
-# batch 4096. Table 10's length holds for every size; Table 1's patch counts (1.2T, 0.5T for AIM-0.6B)
-# are kept as figures only (docs/recipe.md, "Readings").
-PAPER_STEPS = 1_250_000
-PAPER_WARMUP_STEPS = 31_250
+# with a linear warmup over the first 2.5% of them (31,250) and a cosine decay to 0, gradient clipping 1.0,
+# batch 4096. The authors' code states warmup only as a fraction of the run, so every recipe here does:
+# a shorter or longer run keeps 2.5% (docs/recipe.md, "Readings").
+PAPER_STEPS = 1_250_000  # AIM-1B, 3B, 7B: 5.12B images (the released ``*-5B-imgs``)
+PAPER_WARMUP_FRACTION = 0.025
+# AIM-0.6B saw 2B images (its released checkpoint is ``aim-600M-2B-imgs``; Table 1's 0.5T patches =
+# 2B x 256): 488,281 steps at batch 4096 (docs/recipe.md, "Readings").
+AIM_600M_IMAGES = 2_000_000_000
 PAPER_RECIPE = Recipe(
     peak_lr=1e-3,
     batch_size=4096,
     patches_seen=1.2e12,
-    warmup_fraction=0.025,
+    warmup_fraction=PAPER_WARMUP_FRACTION,
     min_lr=0.0,
     weight_decay=0.05,
     betas=(0.9, 0.95),
     grad_clip=1.0,
     steps=PAPER_STEPS,
-    warmup_steps=PAPER_WARMUP_STEPS,
 )
 
 
@@ -131,11 +139,11 @@ def create_model(name: str, device: str | torch.device | None = None, **override
         return AIM(cfg, name=name)
 
 
-def _table1(name: str, width: int, depth: int, patches_seen: float, best: range, params: float) -> ModelSpec:
+def _table1(name: str, width: int, depth: int, recipe: Recipe, best: range, params: float) -> ModelSpec:
     return ModelSpec(
         name=name,
         config=AIMConfig(width=width, depth=depth, num_heads=width // 128),
-        recipe=dataclasses.replace(PAPER_RECIPE, patches_seen=patches_seen),
+        recipe=recipe,
         best_probe_layers=tuple(best),
         paper_params=params,
     )
@@ -179,10 +187,13 @@ register_model(
     )
 )
 # Table 1 (docs/recipe.md); "best" probe blocks 0-indexed.
-register_model(_table1("aim-0.6B", 1536, 24, 0.5e12, range(14, 20), 680.5e6))
-register_model(_table1("aim-1B", 2048, 24, 1.2e12, range(12, 18), 1.209e9))
-register_model(_table1("aim-3B", 3072, 24, 1.2e12, range(12, 18), 2.720e9))
-register_model(_table1("aim-7B", 4096, 32, 1.2e12, range(14, 20), 6.445e9))
+_AIM_600M_RECIPE = dataclasses.replace(
+    PAPER_RECIPE, patches_seen=0.5e12, steps=steps_from_images(AIM_600M_IMAGES, PAPER_RECIPE.batch_size)
+)
+register_model(_table1("aim-0.6B", 1536, 24, _AIM_600M_RECIPE, range(14, 20), 680.5e6))
+register_model(_table1("aim-1B", 2048, 24, PAPER_RECIPE, range(12, 18), 1.209e9))
+register_model(_table1("aim-3B", 3072, 24, PAPER_RECIPE, range(12, 18), 2.720e9))
+register_model(_table1("aim-7B", 4096, 32, PAPER_RECIPE, range(14, 20), 6.445e9))
 
 
 def table1_models() -> list[str]:
@@ -191,9 +202,10 @@ def table1_models() -> list[str]:
 
 
 __all__ = [
+    "AIM_600M_IMAGES",
     "PAPER_RECIPE",
     "PAPER_STEPS",
-    "PAPER_WARMUP_STEPS",
+    "PAPER_WARMUP_FRACTION",
     "ModelSpec",
     "Recipe",
     "create_model",

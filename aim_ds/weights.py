@@ -276,6 +276,8 @@ def _read_deepspeed(path: Path) -> tuple[ZeroCheckpoint, dict[str, str], dict[st
     run_meta = _read_meta(ckpt_dir.parent / EXPORT_DIR)
     if run_meta:
         meta.update(model=run_meta.get("model"), overrides=run_meta.get("overrides", {}))
+        if "architecture" in run_meta:
+            meta["architecture"] = run_meta["architecture"]
     return zero, ours, meta
 
 

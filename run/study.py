@@ -9,14 +9,15 @@ over training, and do bigger models probe better? The logic lives in :mod:`aim_d
     python run/study.py --out study_out --pretrain
 
 Writes ``<out>/study/checkpoints.csv``, ``loss_vs_probe.png``, ``checkpoints.json`` (with the Spearman
-correlation), ``sizes.csv``, ``loss_vs_size.png`` and ``summary.md``. Trailing ``key=value`` arguments
+correlation and its p-value), ``sizes.csv``, ``sizes.json``, ``loss_vs_size.png`` (top-1 with 95% bootstrap
+intervals over val images, and over probe seeds with ``--probe-seeds N``) and ``summary.md`` (each finding,
+its statistic, its interval and what it does and does not show). Trailing ``key=value`` arguments
 are probe-config overrides applied to every probe.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
@@ -29,7 +30,7 @@ import demo  # noqa: E402
 
 from aim_ds import checkpoint as ckpt  # noqa: E402
 from aim_ds.io import atomic_write_text  # noqa: E402
-from aim_ds.study import ProbeSettings, study_checkpoints, study_sizes  # noqa: E402
+from aim_ds.study import ProbeSettings, render_summary, study_checkpoints, study_sizes  # noqa: E402
 
 # The study's fixed probe (set before any result was seen; not tuned to make a finding appear):
 # the aim-tiny probe grid's 5 LRs, one weight decay, 20 epochs, cached features.
@@ -46,6 +47,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--every", type=int, default=100, help="with --pretrain: checkpoint and val-loss interval")
     parser.add_argument("--batch-size", type=int, default=32, help="with --pretrain: global batch of every size")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--probe-seeds",
+        type=int,
+        default=1,
+        help="probes per checkpoint (train.seed 0..N-1): the top-1 intervals then cover the heads' training noise too",
+    )
     parser.add_argument("--checkpoints-run", default=None, help="run folder whose every checkpoint is probed")
     parser.add_argument("--size-runs", nargs="*", default=[], help="run folders of different sizes, same data/steps")
     parser.add_argument("--probe-config", default=str(ROOT / "run" / "configs" / "probe_aim-tiny.yaml"))
@@ -92,38 +99,6 @@ def pretrain_sizes(stages: demo.Stages, out: Path, args: argparse.Namespace) -> 
     return runs
 
 
-def render_summary(checkpoints: dict | None, sizes: list[dict], seconds: dict[str, float]) -> str:
-    pct = lambda v: "-" if v is None or not math.isfinite(v) else f"{100 * v:.1f}%"  # noqa: E731
-    lines = ["# aim-ds study", ""]
-    if checkpoints:
-        rows = checkpoints["rows"]
-        kinds = [k[5:] for k in rows[0] if k.startswith("top1_")]
-        lines += [f"## Val loss vs probe top-1 over training ({checkpoints['run']})", ""]
-        lines += ["| step | val loss | " + " | ".join(f"{k} top-1" for k in kinds) + " |"]
-        lines += ["|---" * (2 + len(kinds)) + "|"]
-        for r in rows:
-            lines.append(
-                f"| {r['step']} | {r['val_loss']:.4f} | " + " | ".join(pct(r[f"top1_{k}"]) for k in kinds) + " |"
-            )
-        rho = checkpoints["spearman_val_loss_vs_top1"]
-        lines += ["", "Spearman(val loss, top-1): " + ", ".join(f"{k} {v:+.2f}" for k, v in rho.items()), ""]
-        lines += ["(-1: lower loss always came with higher top-1, the paper's finding.)", ""]
-    if sizes:
-        kinds = [k[5:] for k in sizes[0] if k.startswith("top1_")]
-        lines += ["## Final val loss and probe top-1 by size", ""]
-        lines += ["| model | parameters | step | val loss | " + " | ".join(f"{k} top-1" for k in kinds) + " |"]
-        lines += ["|---" * (4 + len(kinds)) + "|"]
-        for r in sizes:
-            lines.append(
-                f"| {r['model']} | {r['params'] / 1e6:.2f}M | {r['step']} | {r['val_loss']:.4f} | "
-                + " | ".join(pct(r[f"top1_{k}"]) for k in kinds)
-                + " |"
-            )
-        lines.append("")
-    lines += ["| stage | seconds |", "|---|---|"] + [f"| {k} | {v:.0f} |" for k, v in seconds.items()]
-    return "\n".join(lines) + "\n"
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out = Path(args.out).resolve()
@@ -142,7 +117,11 @@ def main(argv: list[str] | None = None) -> int:
         overrides = [*STUDY_PROBE_OVERRIDES, *overrides]
     if not train_beton or not val_beton:
         raise SystemExit("give --train-beton and --val-beton (labelled betons), or --pretrain")
-    settings = ProbeSettings(args.probe_config, str(train_beton), str(val_beton), tuple(overrides))
+    if args.probe_seeds < 1:
+        print(f"--probe-seeds must be >= 1, got {args.probe_seeds}", file=sys.stderr)
+        return 2
+    seeds = tuple(range(args.probe_seeds))
+    settings = ProbeSettings(args.probe_config, str(train_beton), str(val_beton), tuple(overrides), seeds)
     folder = out / "study"
     checkpoints = None
     if checkpoints_run:

@@ -103,3 +103,59 @@ def test_ml_aim_export_says_its_eps_and_loads_back_exactly(tmp_path: Path) -> No
     released, _ = F.build_frozen_trunk("aim-test", bare, layers=[2, 3])
     assert released.model.config.norm_eps == RELEASED_NORM_EPS
     assert not torch.equal(released(images), native(images))
+
+
+def test_model_json_holds_the_resolved_architecture_and_loading_uses_it(tmp_path: Path) -> None:
+    """A default that changes later (here: norm_eps, head_block) does not change what an export loads as."""
+    import dataclasses
+
+    from aim_ds.export import architecture_of
+
+    torch.manual_seed(0)
+    model = aim_ds.create_model("aim-test", head_depth=1).eval()
+    out = save_export(model.state_dict(), tmp_path / "e", model_name="aim-test", overrides={"head_depth": 1}, step=1)
+    arch = json.loads((out / "model.json").read_text())["architecture"]
+    assert arch == architecture_of(model.config)
+    for key in ("width", "depth", "num_heads", "patch_size", "image_size", "norm_eps", "head_block", "head_width"):
+        assert key in arch
+    assert arch["target_unbiased"] is True and arch["target_eps"] == 1e-6 and "attn_impl" not in arch
+    # An export trained with other values than today's defaults, whose overrides do not say so (as when a
+    # default changed under the same name): the architecture still rebuilds it as it was trained.
+    changed = aim_ds.create_model("aim-test", head_depth=1, norm_eps=1e-6, head_block="mlp")
+    different = {"head_depth": 1, "norm_eps": 1e-6, "head_block": "mlp"}
+    save_export(changed.state_dict(), tmp_path / "f", model_name="aim-test", overrides=different, step=1)
+    meta_f = json.loads((tmp_path / "f" / "model.json").read_text())
+    meta_f["overrides"] = {"head_depth": 1}  # overrides no longer say norm_eps / head_block ...
+    (tmp_path / "f" / "model.json").write_text(json.dumps(meta_f))
+    loaded = load_exported(tmp_path / "f")  # ... the architecture does
+    assert dataclasses.replace(loaded.config, attn_impl="auto") == changed.config
+    meta_f["architecture"]["widths"] = 3
+    (tmp_path / "f" / "model.json").write_text(json.dumps(meta_f))
+    with pytest.raises(ValueError, match=r"architecture fields \['widths'\] are unknown"):
+        load_exported(tmp_path / "f")
+
+
+def test_old_style_export_loads_with_its_assumed_values_named(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """An export from before model.json stored the architecture (registry name + overrides only)."""
+    torch.manual_seed(0)
+    model = aim_ds.create_model("aim-test").eval()
+    out = save_export(model.state_dict(), tmp_path / "old", model_name="aim-test", overrides={}, step=3)
+    meta = json.loads((out / "model.json").read_text())
+    del meta["architecture"]
+    (out / "model.json").write_text(json.dumps(meta))
+    with caplog.at_level("WARNING", logger="aim_ds.export"):
+        loaded = load_exported(out).eval()
+    message = " ".join(r.getMessage() for r in caplog.records)
+    assert "has no 'architecture'" in message
+    for assumed in ("norm_eps=1e-05", "head_block='transformer'", "width=64", "depth=4", "target_unbiased=True"):
+        assert assumed in message
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.extract_features(images), model.extract_features(images), rtol=0, atol=0)
+    # The probe's loader takes the same path (and warns the same way).
+    from aim_ds.frozen import build_frozen_trunk
+
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="aim_ds.export"):
+        trunk, _ = build_frozen_trunk(None, out)
+    assert "has no 'architecture'" in " ".join(r.getMessage() for r in caplog.records)

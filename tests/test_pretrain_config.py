@@ -59,27 +59,36 @@ def test_every_run_config_loads_and_fits_every_ds_config(name: str) -> None:
 
 @pytest.mark.parametrize("name", ["aim-0.6B", "aim-1B", "aim-3B", "aim-7B"])
 def test_table10_recipe(name: str) -> None:
-    """Table 10 (docs/recipe.md, "Readings"): 1,250,000 iterations with 31,250 warmup for every size,
-    in the registry and in the size's YAML alike."""
+    """Table 10 (docs/recipe.md, "Readings"): 1,250,000 iterations for 1B/3B/7B, 488,281 (2B images) for
+    0.6B, warmup 2.5% of the run, in the registry and in the size's YAML alike."""
     cfg = load_config(PretrainConfig, CONFIGS / f"{name}.yaml")
     plan = _plan(cfg, 8)
+    expected = (488_281, 12_207) if name == "aim-0.6B" else (1_250_000, 31_250)
     assert cfg.train.batch_size == 4096
     assert cfg.optim.peak_lr == 1e-3 and cfg.optim.min_lr == 0.0
     assert tuple(cfg.optim.betas) == (0.9, 0.95) and cfg.optim.eps == 1e-8
     assert cfg.optim.weight_decay == 0.05 and cfg.optim.grad_clip == 1.0
-    assert (plan.total_steps, plan.warmup_steps) == (1_250_000, 31_250)
+    assert cfg.optim.warmup_steps == -1 and cfg.optim.warmup_fraction == 0.025  # a fraction, never a count
+    assert (plan.total_steps, plan.warmup_steps) == expected
     assert {s.prob for s in cfg.data.sources} == {0.8, 0.2}
     recipe, num_patches = get_model_spec(name).recipe, get_model_spec(name).config.num_patches
-    assert (recipe.total_steps(num_patches), recipe.total_warmup_steps(num_patches)) == (1_250_000, 31_250)
+    assert (recipe.total_steps(num_patches), recipe.total_warmup_steps(num_patches)) == expected
     assert (recipe.peak_lr, recipe.batch_size, recipe.weight_decay, recipe.betas) == (1e-3, 4096, 0.05, (0.9, 0.95))
     assert (recipe.min_lr, recipe.grad_clip) == (0.0, 1.0)
-    # Table 1's patch counts stay as figures; derived from them, the length would differ (0.6B: 476,838).
-    derived = load_config(
-        PretrainConfig,
-        CONFIGS / f"{name}.yaml",
-        overrides=["train.steps=0", f"train.patches_seen={recipe.patches_seen}", "optim.warmup_steps=-1"],
-    )
-    assert _plan(derived, 8).total_steps == (476_838 if name == "aim-0.6B" else 1_144_410)
+
+
+@pytest.mark.parametrize("name", ["aim-0.6B", "aim-1B", "aim-3B", "aim-7B"])
+def test_shorter_runs_of_paper_yamls_warm_up_over_their_own_fraction(name: str) -> None:
+    """A 100k-step ablation warms up 2.5% of 100k; a run shorter than 31,250 steps works; a fixed
+    count still overrides, and one longer than the run is a ConfigError naming both knobs."""
+    path = CONFIGS / f"{name}.yaml"
+    assert _plan(load_config(PretrainConfig, path, overrides=["train.steps=100000"]), 8).warmup_steps == 2_500
+    assert _plan(load_config(PretrainConfig, path, overrides=["train.steps=1000"]), 8).warmup_steps == 25
+    fixed = load_config(PretrainConfig, path, overrides=["train.steps=1000", "optim.warmup_steps=100"])
+    assert _plan(fixed, 8).warmup_steps == 100
+    too_long = load_config(PretrainConfig, path, overrides=["train.steps=1000", "optim.warmup_steps=31250"])
+    with pytest.raises(ConfigError, match=r"optim\.warmup_steps=31250 exceeds train\.steps=1000.*warmup_fraction"):
+        _plan(too_long, 8)
 
 
 @pytest.mark.parametrize("name", RUN_CONFIGS)
@@ -230,7 +239,7 @@ def test_half_precision_config_without_accumulation_dtype_gets_fp32() -> None:
 
 @pytest.mark.parametrize("name", ["aim-test", "aim-0.6B", "aim-1B", "aim-3B", "aim-7B"])
 def test_auto_knobs_resolve_from_the_width(name: str) -> None:
-    """"auto" -> hidden^2 and 10 hidden (Transformers' DeepSpeed integration), hidden being the wider
+    """ "auto" -> hidden^2 and 10 hidden (Transformers' DeepSpeed integration), hidden being the wider
     of trunk and head; the prefetch bucket holds one whole trunk block."""
     cfg = load_config(PretrainConfig, CONFIGS / f"{name}.yaml")
     model_cfg = _model_cfg(cfg)
@@ -253,7 +262,9 @@ def test_auto_knobs_resolve_from_the_width(name: str) -> None:
         assert trunk_block_parameters(model_cfg) == 201_342_976
     # A number in the JSON is kept as it is.
     fixed = {"zero_optimization": {"stage": 3, "reduce_bucket_size": 12345}}
-    assert build_ds_config(fixed, cfg, _plan(cfg, world), model_cfg)[0]["zero_optimization"]["reduce_bucket_size"] == 12345
+    assert (
+        build_ds_config(fixed, cfg, _plan(cfg, world), model_cfg)[0]["zero_optimization"]["reduce_bucket_size"] == 12345
+    )
 
 
 def test_zero3_buckets_keep_norms_whole_and_shard_matrices() -> None:

@@ -3,6 +3,7 @@ eps and target variance in pretraining vs released weights, the probe's bias and
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -117,3 +118,158 @@ def test_probe_configs_state_the_grid_and_reject_the_old_key(tmp_path: Path) -> 
     old.write_text("train:\n  weight_decay: 0.05\n")
     with pytest.raises(ConfigError, match="weight_decays"):
         load_probe_config(old)
+
+
+# --- Second pass (issue 22): run length, warmup fraction ---------------------------------------------------
+
+
+def test_aim_600m_saw_2b_images_and_warms_up_over_2_5_percent() -> None:
+    """AIM-0.6B: 2,000,000,000 images / 4096 = 488,281 steps (not Table 10's 1.25M), warmup 2.5% of them."""
+    from aim_ds.optim import steps_from_images
+    from aim_ds.registry import AIM_600M_IMAGES, get_model_spec
+
+    assert steps_from_images(AIM_600M_IMAGES, 4096) == 488_281
+    recipe = get_model_spec("aim-0.6B").recipe
+    assert recipe.total_steps(256) == 488_281
+    assert recipe.total_warmup_steps(256) == round(488_281 * 0.025) == 12_207
+    # Schedule points, read from the registry: the warmup's first and last steps, the cosine's middle, the end.
+    assert recipe.lr_at_step(0, 256) == pytest.approx(1e-3 / 12_207)
+    assert recipe.lr_at_step(12_206, 256) == pytest.approx(1e-3)
+    assert recipe.lr_at_step(12_207, 256) == pytest.approx(1e-3)
+    middle = 12_207 + (488_281 - 12_207) // 2
+    assert recipe.lr_at_step(middle, 256) == pytest.approx(0.5e-3, rel=1e-5)
+    assert recipe.lr_at_step(488_281, 256) == 0.0
+    for name in ("aim-1B", "aim-3B", "aim-7B"):
+        other = get_model_spec(name).recipe
+        assert (other.total_steps(256), other.total_warmup_steps(256)) == (1_250_000, 31_250)
+        assert other.lr_at_step(31_249, 256) == pytest.approx(1e-3) and other.lr_at_step(15_624, 256) == 0.5e-3
+
+
+def test_warmup_is_a_fraction_of_any_run_length() -> None:
+    """The registry's recipes carry a fraction, never a count: a 100k-step ablation warms up 2,500
+    steps, a run shorter than 31,250 steps works; a fixed count overrides and is checked."""
+    import dataclasses
+
+    from aim_ds.optim import resolve_warmup_steps
+    from aim_ds.registry import get_model_spec, table1_models
+
+    for name in table1_models():
+        recipe = get_model_spec(name).recipe
+        assert recipe.warmup_steps == -1 and recipe.warmup_fraction == 0.025
+        ablation = dataclasses.replace(recipe, steps=100_000)
+        assert ablation.total_warmup_steps(256) == 2_500
+        assert ablation.lr_at_step(2_499, 256) == pytest.approx(1e-3)
+        short = dataclasses.replace(recipe, steps=1_000)
+        assert short.total_warmup_steps(256) == 25 and short.lr_at_step(999, 256) > 0.0
+    assert resolve_warmup_steps(1_000, 0.025, 100) == 100
+    assert resolve_warmup_steps(1_000, 0.025, 0) == 0  # 0 is a count: no warmup
+    with pytest.raises(ValueError, match="warmup_steps=31250 exceeds the run's 1000 steps"):
+        resolve_warmup_steps(1_000, 0.025, 31_250)
+
+
+# --- Second pass: q/k/v initialisation, the position table ---------------------------------------------------
+
+
+def test_qkv_thirds_have_the_authors_xavier_std_at_d1536() -> None:
+    """The authors' q_proj, k_proj, v_proj are separate D x D xavier-uniform matrices: std sqrt(2 / 2D) =
+    0.02552 at D = 1536, not the fused [3D, D] draw's sqrt(2 / 4D) = 0.01804."""
+    from aim_ds.attention import Attention
+
+    torch.manual_seed(0)
+    width = 1536
+    attn = Attention(width, 12)
+    expected, fused = math.sqrt(2.0 / (2 * width)), math.sqrt(2.0 / (4 * width))
+    assert round(expected, 5) == 0.02552 and round(fused, 5) == 0.01804
+    bound = math.sqrt(6.0 / (2 * width))
+    for part in attn.qkv.weight.detach().chunk(3):  # q, k, v: each [D, D]
+        assert part.std().item() == pytest.approx(expected, rel=0.005)
+        assert part.abs().max().item() <= bound
+    assert attn.proj.weight.std().item() == pytest.approx(expected, rel=0.005)
+    assert tuple(attn.qkv.weight.shape) == (3 * width, width)  # the fused layout stays (ml-aim's qkv key)
+
+
+def test_position_table_is_float64_exact_whatever_the_default_dtype() -> None:
+    """The table comes from NumPy float64, rounded once to fp32, even where torch's constructors are
+    set to build bf16 tensors (what zero.Init does to them; the DeepSpeed run is in test_recipe_deepspeed)."""
+    from aim_ds.model import sincos_pos_embed_2d, sincos_pos_embed_2d_float64
+
+    exact = torch.from_numpy(sincos_pos_embed_2d_float64(1536, 16))  # [256, 1536]
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        table = sincos_pos_embed_2d(1536, 16)
+        model = aim_ds.create_model("aim-test")
+    finally:
+        torch.set_default_dtype(previous)
+    assert table.dtype == torch.float32 and model.preprocessor.pos_embed.dtype == torch.float32
+    torch.testing.assert_close(table.double(), exact, rtol=0, atol=6e-8)
+    # What zero.Init's wrapped torch.arange gave in bf16: integers above 256 lost, the table off by > 0.01.
+    assert (torch.arange(384, dtype=torch.bfloat16).double() != torch.arange(384).double()).any()
+    omega = 10000.0 ** (-torch.arange(384, dtype=torch.bfloat16) / 384)  # [D/4], computed in bf16
+    cols = torch.arange(16, dtype=torch.bfloat16)
+    bf16_sin = (cols[:, None] * omega[None]).sin()  # [16, D/4]: the column code of raster row 0
+    assert (bf16_sin.double() - exact[:16, :384]).abs().max() > 0.01
+
+
+def test_position_add_rounds_once() -> None:
+    """Under bf16 the sum is computed in fp32 and rounded once: never a bf16-rounded table added in bf16."""
+    from aim_ds.model import add_position
+
+    x = torch.randn(2, 4, 8).to(torch.bfloat16)
+    table = torch.randn(4, 8) * 1e-2 + 1.0
+    out = add_position(x, table)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, (x.float() + table).to(torch.bfloat16), rtol=0, atol=0)
+
+
+def test_color_jitter_off_in_paper_yamls_and_checked_when_on() -> None:
+    from aim_ds.config import load_config
+    from aim_ds.train.config import PretrainConfig
+    from aim_ds.train.preflight import check_fields
+
+    for size in ("0.6B", "1B", "3B", "7B"):
+        cfg = load_config(PretrainConfig, REPO / "run" / "configs" / f"aim-{size}.yaml")
+        assert cfg.data.color_jitter is False  # Table 10 (DFN-2B+) has none
+    on = load_config(PretrainConfig, REPO / "run/configs/aim-test.yaml", overrides=["data.color_jitter=true"])
+    assert (tuple(on.data.color_jitter_values), on.data.color_jitter_prob) == ((0.4, 0.4, 0.2, 0.1), 0.8)
+    check_fields(on)
+    bad = load_config(
+        PretrainConfig,
+        REPO / "run/configs/aim-test.yaml",
+        overrides=["data.color_jitter=true", "data.color_jitter_prob=2"],
+    )
+    with pytest.raises(ConfigError, match=r"data\.color_jitter_values.*probability"):
+        check_fields(bad)
+
+
+def test_probe_feature_precision() -> None:
+    """features.dtype: float32 extracts exactly the fp32 model's features; bfloat16 computes under bf16
+    autocast (on the CPU too, when asked); the paper's probe configs extract in fp32, as the authors score."""
+    from aim_ds.frozen import FrozenTrunk
+    from aim_ds.probe.config import feature_compute_dtype
+    from aim_ds.probe.context import trunk_matrix_dtype
+
+    for size in ("0.6B", "1B", "3B", "7B"):
+        assert load_probe_config(REPO / "run" / "configs" / f"probe_aim-{size}.yaml").features.dtype == "float32"
+    assert load_probe_config(None).features.dtype == "auto"
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert feature_compute_dtype("auto", cpu) == torch.float32 and feature_compute_dtype("auto", cuda) == torch.bfloat16
+    assert feature_compute_dtype("float32", cuda) == torch.float32 == trunk_matrix_dtype(cuda, "float32")
+    assert trunk_matrix_dtype(cpu, "bfloat16") == torch.bfloat16
+    from aim_ds.probe.config import validate_config
+
+    with pytest.raises(ConfigError, match="features.dtype 'fp8'"):
+        validate_config(load_probe_config(None, ["features.dtype=fp8", "data.val_path=x", "data.train_path=y"]))
+    torch.manual_seed(0)
+    model = aim_ds.create_model("aim-test").eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        reference = model.extract_features(images, [2, 3])
+    fp32 = FrozenTrunk(aim_ds.create_model("aim-test"), [2, 3], compute_dtype=torch.float32)
+    fp32.model.load_state_dict(model.state_dict())
+    torch.testing.assert_close(fp32(images), reference, rtol=0, atol=0)
+    bf16 = FrozenTrunk(aim_ds.create_model("aim-test"), [2, 3], compute_dtype=torch.bfloat16)
+    bf16.model.load_state_dict(model.state_dict())
+    out = bf16(images)
+    assert out.dtype == torch.float32 and not torch.equal(out, reference)
+    torch.testing.assert_close(out, reference, rtol=0.05, atol=0.05)

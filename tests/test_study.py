@@ -5,7 +5,9 @@ then the study over its checkpoints."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
+import math
 import os
 import random
 import shutil
@@ -38,10 +40,12 @@ def test_spearman_against_scipy() -> None:
     rng = random.Random(0)
     xs = [rng.randint(0, 5) for _ in range(30)]  # ties
     ys = [rng.random() for _ in range(30)]
-    assert spearman(xs, ys) == pytest.approx(spearmanr(xs, ys).statistic, abs=1e-12)
-    assert spearman([1.0, 2.0, 3.0, 4.0], [0.9, 0.8, 0.5, 0.1]) == pytest.approx(-1.0)
-    assert spearman([1.0, 2.0, float("nan"), 4.0, 5.0], [1.0, 2.0, 3.0, 4.0, 5.0]) == pytest.approx(1.0)
-    assert spearman([1.0, 2.0], [1.0, 2.0]) != spearman([1.0, 2.0], [1.0, 2.0])  # NaN under 3 pairs
+    result = spearmanr(xs, ys)
+    assert spearman(xs, ys).rho == pytest.approx(result.statistic, abs=1e-12)
+    assert spearman(xs, ys).p_value == pytest.approx(result.pvalue, abs=1e-12)
+    assert spearman([1.0, 2.0, 3.0, 4.0], [0.9, 0.8, 0.5, 0.1]).rho == pytest.approx(-1.0)
+    assert spearman([1.0, 2.0, float("nan"), 4.0, 5.0], [1.0, 2.0, 3.0, 4.0, 5.0]).rho == pytest.approx(1.0)
+    assert math.isnan(spearman([1.0, 2.0], [1.0, 2.0]).rho)  # NaN under 3 pairs
 
 
 @pytest.fixture(scope="module")
@@ -121,8 +125,15 @@ def test_study_over_checkpoints_and_sizes(run: Path, settings: ProbeSettings, di
     assert [int(r["step"]) for r in rows] == [2, 4]
     val = {r["step"]: r["loss"] for r in read_metrics(run / "metrics.jsonl", "val")}
     assert [float(r["val_loss"]) for r in rows] == pytest.approx([val[2], val[4]])
-    assert set(rows[0]) == {"step", "val_loss", "top1_attentive", "top1_linear"}
+    top1 = {f"top1_{k}{suffix}" for k in ("attentive", "linear") for suffix in ("", "_low", "_high")}
+    assert set(rows[0]) == {"step", "val_loss", "val_images", *top1}
+    for row in rows:
+        for kind in ("attentive", "linear"):
+            low, value, high = (float(row[f"top1_{kind}{s}"]) for s in ("_low", "", "_high"))
+            assert low <= value <= high and high - low > 0  # 200 val images: a real interval
+        assert int(row["val_images"]) == 200
     assert set(summary["spearman_val_loss_vs_top1"]) == {"attentive", "linear"}
+    assert set(summary["spearman_val_loss_vs_top1"]["linear"]) == {"rho", "p_value", "n"}
     assert (out / "loss_vs_probe.png").stat().st_size > 0 and (out / "checkpoints.json").is_file()
     # The checkpoint probe sees the weights the live probe saw (fp32 masters on the CPU): same top-1,
     # up to an image flipped by a different summation order.
@@ -130,14 +141,23 @@ def test_study_over_checkpoints_and_sizes(run: Path, settings: ProbeSettings, di
     assert json.loads((out / "probes" / run.name / "step_0000002" / "results.json").read_text())["num_classes"] == 10
     for row in rows:
         for kind in ("attentive", "linear"):
-            assert float(row[f"top1_{kind}"]) == pytest.approx(live[int(row["step"])][f"top1_{kind}"], abs=1 / 200)
+            assert float(row[f"top1_{kind}"]) == pytest.approx(
+                live[int(row["step"])][f"top1_{kind}"], abs=1 / 200 + 1e-9
+            )
 
     # Sizes: the final checkpoint, whose probe above is reused (newer than the checkpoint).
     result = out / "probes" / run.name / "step_0000004" / "results.json"
     before = result.stat().st_mtime
-    sizes = study_sizes([run], settings, out)
+    sizes = study_sizes([run], dataclasses.replace(settings, seeds=(0, 1)), out)
     assert result.stat().st_mtime == before
     assert [(r["model"], r["step"]) for r in sizes] == [("aim-test", 4)]
+    # A second probe seed: its own probe, and the top-1 is the mean over both seeds.
+    second = json.loads((out / "probes" / run.name / "step_0000004_seed1" / "results.json").read_text())
+    assert second["config"]["train"]["seed"] == 1
+    first = json.loads(result.read_text())
+    for kind in ("attentive", "linear"):
+        mean = (first["heads"][kind]["best"]["top1"] + second["heads"][kind]["best"]["top1"]) / 2
+        assert sizes[0][f"top1_{kind}"] == pytest.approx(mean)
     assert sizes[0]["params"] == trunk_parameter_count(create_model("aim-test", device="meta"))
     assert (out / "sizes.csv").is_file() and (out / "loss_vs_size.png").stat().st_size > 0
     assert ckpt.list_complete(run / "checkpoints")[0][0] == 2  # keep_last=0 kept every checkpoint
@@ -154,7 +174,8 @@ def test_study_over_checkpoints_and_sizes(run: Path, settings: ProbeSettings, di
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     text = (out / "summary.md").read_text()
-    assert "Spearman" in text and "aim-test" in text
+    assert "Spearman rho(val loss, top-1)" in text and "two-sided p" in text and "aim-test" in text
+    assert "95% CI" in text and "What it does not show" in text
 
 
 def test_patch_grid_samples_across_classes_with_captions(tmp_path: Path) -> None:

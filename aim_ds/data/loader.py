@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .color_jitter import ColorJitter, apply_color_jitter, sample_color_jitter
 from .kernels import IMAGENET_MEAN, IMAGENET_STD, KERNEL_LOCK, decode_crop_batch, normalize_batch
 from .sampling import MixtureSchedule, StepPlan, center_crop_boxes, sample_crop_boxes
 from .sources import Source, SourceSpec, gather, open_source, parse_sources
@@ -180,8 +181,10 @@ class TrainLoader:
         device: torch.device | None,
         batches_ahead: int = 2,
         dct_min_shrink: float = DEFAULT_DCT_MIN_SHRINK,
+        color_jitter: ColorJitter | None = None,
     ) -> None:
         self.sources = sources
+        self.color_jitter = color_jitter
         self.dct_min_shrink = dct_min_shrink
         self.batch_size = batch_size
         self.image_size = image_size
@@ -231,7 +234,7 @@ class TrainLoader:
     def _produce(self, epoch: int, start_step: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         for step in range(start_step, self.steps_per_epoch):
             plan, boxes, flips = self.plan(epoch, step)
-            yield _decode(
+            images, labels = _decode(
                 self.sources,
                 plan.source_ids,
                 plan.indices,
@@ -241,6 +244,11 @@ class TrainLoader:
                 self.num_workers,
                 self.dct_min_shrink,
             )
+            if self.color_jitter is not None:
+                # A stream of its own (seed, epoch, step, rank): turning jitter on changes no crop.
+                rng = np.random.default_rng([self.seed, epoch, step, self.rank, 0xC0103])
+                images = apply_color_jitter(images, sample_color_jitter(len(images), self.color_jitter, rng))
+            yield images, labels
 
     def iter_epoch_uint8(self, epoch: int, start_step: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Like iter_epoch but yields the raw crops: uint8 [B, S, S, 3] numpy and int64 [B] labels."""
@@ -335,8 +343,10 @@ def build_train_loader(
     num_workers: int = 2,
     device: str | torch.device | None = None,
     dct_min_shrink: float = DEFAULT_DCT_MIN_SHRINK,
+    color_jitter: ColorJitter | None = None,
 ) -> TrainLoader:
-    """The pretraining loader: per-image mixture draw, random-resized crop (bicubic), flip, normalisation.
+    """The pretraining loader: per-image mixture draw, random-resized crop (bicubic), flip, colour jitter
+    when given (:mod:`aim_ds.data.color_jitter`; None: none, as in the paper), normalisation.
 
     sources: a .beton path; a folder or glob of beton shards; or [(path_or_glob, probability), ...]
     (e.g. :data:`aim_ds.data.sources.DEFAULT_MIXTURE`). len(loader) = steps per epoch for this rank (remainder dropped);
@@ -365,6 +375,7 @@ def build_train_loader(
         num_workers=num_workers,
         device=_device(device),
         dct_min_shrink=dct_min_shrink,
+        color_jitter=color_jitter,
     )
 
 

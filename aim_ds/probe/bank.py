@@ -152,17 +152,25 @@ class HeadBank:
                     all_reduce_(buffer).div_(size)
 
     @torch.no_grad()
-    def evaluate(self, batches: Iterator[tuple[Tensor, Tensor]]) -> dict[str, dict[str, float]]:
-        """Top-1 and top-5 accuracy (fractions) of every head over all ranks' ``(feats, labels)``."""
+    def evaluate(
+        self, batches: Iterator[tuple[Tensor, Tensor]], hits: dict[str, list[Tensor]] | None = None
+    ) -> dict[str, dict[str, float]]:
+        """Top-1 and top-5 accuracy (fractions) of every head over all ranks' ``(feats, labels)``.
+        ``hits``: filled with this rank's per-image top-1 hits ``{head name: [bool [B], ...]}`` and
+        ``"labels"``, in the order of ``batches`` (for intervals over val images, :mod:`aim_ds.study`)."""
         self.train(False)
         counts = torch.zeros(len(self.slots), 2, dtype=torch.float64)  # [heads, (top-1, top-5)] hits
         total = torch.zeros(1, dtype=torch.float64)
         for feats, labels in batches:
             total += labels.shape[0]
+            if hits is not None:
+                hits.setdefault("labels", []).append(labels.cpu())
             for i, slot in enumerate(self.slots):
                 logits = slot.head(feats)
                 k = min(5, logits.shape[1])
                 hit = logits.topk(k, dim=1).indices == labels[:, None]  # [B, k]
+                if hits is not None:
+                    hits.setdefault(slot.name, []).append(hit[:, 0].cpu())
                 counts[i, 0] += hit[:, 0].sum().item()
                 counts[i, 1] += hit.any(dim=1).sum().item()
         if world_size() > 1:

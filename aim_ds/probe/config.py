@@ -20,6 +20,18 @@ from ..registry import get_model_spec
 
 HEAD_TYPES = ("attentive", "linear")
 CACHE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Feature extraction precision: "float32" (the authors score their released heads in fp32), "bfloat16"
+# (bf16 autocast and bf16 weight matrices: faster on GPUs), "auto": bf16 on CUDA, fp32 on the CPU.
+FEATURE_DTYPES = ("auto", "float32", "bfloat16")
+
+
+def feature_compute_dtype(setting: str, device: torch.device) -> torch.dtype:
+    """The dtype the trunk computes probe features in, for ``features.dtype`` on ``device``."""
+    if setting not in FEATURE_DTYPES:
+        raise ConfigError(f"features.dtype {setting!r} is not one of {', '.join(FEATURE_DTYPES)}")
+    if setting == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return torch.float32 if setting == "float32" else torch.bfloat16
 
 
 @dataclass
@@ -53,6 +65,7 @@ class FeaturesConfig:
     cache: bool = True  # keep extracted features (train.augment=false) for later runs; false: scratch, removed
     cache_dir: str = ""  # "": <out_dir>/feature_cache
     cache_dtype: str = "bfloat16"  # float32 | bfloat16 | float16 on disk
+    dtype: str = "auto"  # extraction precision: auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16
 
 
 @dataclass
@@ -156,6 +169,8 @@ def validate_config(cfg: ProbeConfig, *, eval_only: bool = False) -> None:
             raise ConfigError("data.train_path is not set (a labelled .beton)")
     if not cfg.data.val_path:
         raise ConfigError("data.val_path is not set (a labelled .beton)")
+    if cfg.features.dtype not in FEATURE_DTYPES:
+        raise ConfigError(f"features.dtype {cfg.features.dtype!r} is not one of {', '.join(FEATURE_DTYPES)}")
     if cfg.features.cache_dtype not in CACHE_DTYPES:
         raise ConfigError(f"features.cache_dtype {cfg.features.cache_dtype!r} is not one of {', '.join(CACHE_DTYPES)}")
     if cfg.train.batch_size <= 0:

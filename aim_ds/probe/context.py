@@ -24,7 +24,7 @@ from ..weights import (
     load_trunk_weights,
     write_deepspeed_handover,
 )
-from .config import ProbeConfig, resolve_layers
+from .config import ProbeConfig, feature_compute_dtype, resolve_layers
 
 # Rank 0 hands a consolidated ZeRO checkpoint's backbone to the other ranks through this file.
 HANDOVER_FILE = ".trunk_from_deepspeed.safetensors"
@@ -78,11 +78,12 @@ def _is_deepspeed_folder(weights: str | os.PathLike) -> bool:
         return False
 
 
-def trunk_matrix_dtype(device: torch.device) -> torch.dtype:
-    """The dtype of the trunk's weight matrices for a probe on ``device``: bf16 on CUDA (what bf16
-    autocast casts them to for every matmul, so the features do not change; vectors stay fp32),
-    fp32 on the CPU, where the probe runs without autocast."""
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+def trunk_matrix_dtype(device: torch.device, features_dtype: str = "auto") -> torch.dtype:
+    """The dtype of the trunk's weight matrices for a probe on ``device`` computing features in
+    ``features_dtype`` (:func:`~aim_ds.probe.config.feature_compute_dtype`): bf16 under bf16 (what
+    bf16 autocast casts them to for every matmul, so the features do not change; vectors stay fp32),
+    fp32 otherwise."""
+    return feature_compute_dtype(features_dtype, device)
 
 
 def _load_weights(
@@ -130,10 +131,18 @@ def load_frozen_trunk(
     device = device or torch.device("cpu")
     depth = get_model_spec(cfg.model.name).config.replace(**cfg.model.overrides).depth
     keep_blocks = max(int(i) % depth for i in layers) + 1 if layers else None
+    compute_dtype = feature_compute_dtype(cfg.features.dtype, device)
     loaded = _load_weights(
-        cfg, weights, rank, world_size, keep_blocks=keep_blocks, matrix_dtype=trunk_matrix_dtype(device)
+        cfg,
+        weights,
+        rank,
+        world_size,
+        keep_blocks=keep_blocks,
+        matrix_dtype=trunk_matrix_dtype(device, cfg.features.dtype),
     )
-    trunk = frozen_trunk(cfg.model.name, loaded, layers=layers, device=device, **cfg.model.overrides)
+    trunk = frozen_trunk(
+        cfg.model.name, loaded, layers=layers, device=device, compute_dtype=compute_dtype, **cfg.model.overrides
+    )
     return trunk, loaded
 
 

@@ -136,6 +136,8 @@ def feature_store(ctx: ProbeContext, split: str, path: str, cache_dir: Path) -> 
         "dtype": cfg.features.cache_dtype,
         "shard": [ctx.rank, ctx.world_size],
     }
+    if cfg.features.dtype != "auto":  # keys of caches written before features.dtype existed stay valid
+        parts["compute_dtype"] = cfg.features.dtype
     stem = cache_dir / f"{split}-{cache_key(parts)}-rank{ctx.rank}of{ctx.world_size}"
     if FeatureStore.exists(stem):
         store = FeatureStore(stem)

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from ..config import save_config, to_dict
 from ..distributed import is_main, min_across_ranks, sum_across_ranks
-from ..io import atomic_write_json
+from ..io import atomic_path, atomic_write_json
 from ..optim import lr_at_step
 from .bank import HeadBank, HeadSlot, format_results, save_heads, summarise
 from .config import ProbeConfig, validate_config
@@ -251,6 +251,20 @@ def _start(cfg: ProbeConfig, ctx: ProbeContext, out_dir: Path) -> None:
     )
 
 
+VAL_HITS_FILE = "val_hits_rank{rank}of{world}.npz"
+
+
+def _write_val_hits(out_dir: Path, hits: dict[str, list[Tensor]], rank: int, world: int) -> None:
+    """This rank's per-image top-1 hits of every head on the val set, and the labels, in the val
+    loader's order (uint8 arrays in an ``.npz``): what the study resamples for its intervals."""
+    import numpy as np
+
+    arrays = {name: torch.cat(parts).numpy().astype(np.uint8) for name, parts in hits.items() if parts}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out_dir / VAL_HITS_FILE.format(rank=rank, world=world)) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+
+
 def run_probe(
     cfg: ProbeConfig,
     weights: str | os.PathLike,
@@ -291,7 +305,9 @@ def run_probe(
                 device=ctx.device,
             )
             step, history = _train(ctx, bank, features, _MetricsLog(out_dir / "probe_metrics.jsonl"))
-        scores = bank.evaluate(features.val())
+        hits: dict[str, list[Tensor]] = {}
+        scores = bank.evaluate(features.val(), hits=hits)
+    _write_val_hits(out_dir, hits, ctx.rank, ctx.world_size)
     results = summarise(bank, scores)
     results.update(
         {

@@ -14,7 +14,7 @@ from typing import Any
 
 from ..config import ConfigError
 from ..flops import H100_BF16_DENSE_FLOPS
-from ..optim import steps_from_patches, warmup_steps_from_fraction
+from ..optim import resolve_warmup_steps, steps_from_patches
 from ..registry import PAPER_RECIPE
 
 
@@ -48,6 +48,11 @@ class DataSection:
     scale: tuple[float, float] = (0.4, 1.0)  # RandomResizedCrop area fraction (paper: 0.4-1.0)
     ratio: tuple[float, float] = (0.75, 4.0 / 3.0)
     flip: bool = True
+    # Off in the paper (Table 10, DFN-2B+); the authors' ImageNet-only config has ColorJitter(0.4, 0.4, 0.2, 0.1)
+    # with p = 0.8 (aim_ds.data.color_jitter), for ImageNet-only ablations.
+    color_jitter: bool = False
+    color_jitter_values: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, sat., hue
+    color_jitter_prob: float = 0.8
     num_workers: int = 2  # decode threads per rank
 
 
@@ -65,8 +70,8 @@ class TrainSection:
 class OptimSection:
     peak_lr: float = PAPER_RECIPE.peak_lr
     min_lr: float = PAPER_RECIPE.min_lr
-    warmup_fraction: float = PAPER_RECIPE.warmup_fraction
-    warmup_steps: int = -1  # -1: round(steps * warmup_fraction)
+    warmup_fraction: float = PAPER_RECIPE.warmup_fraction  # of train.steps, as the authors' code states it
+    warmup_steps: int = -1  # -1: round(steps * warmup_fraction); >= 0: a fixed count that overrides the fraction
     weight_decay: float = PAPER_RECIPE.weight_decay  # matrices only; biases, norms and pos_embed get none
     betas: tuple[float, float] = PAPER_RECIPE.betas
     eps: float = 1e-8
@@ -195,12 +200,13 @@ def resolve_plan(cfg: PretrainConfig, world_size: int, image_size: int, num_patc
         if cfg.train.patches_seen <= 0:
             raise ConfigError("set train.steps or train.patches_seen (both are 0)")
         steps = steps_from_patches(cfg.train.patches_seen, cfg.train.batch_size, num_patches)
-    if cfg.optim.warmup_steps >= 0:
-        warmup = cfg.optim.warmup_steps
-    else:
-        warmup = warmup_steps_from_fraction(steps, cfg.optim.warmup_fraction)
-    if warmup > steps:
-        raise ConfigError(f"optim.warmup_steps={warmup} exceeds train.steps={steps}")
+    try:
+        warmup = resolve_warmup_steps(steps, cfg.optim.warmup_fraction, cfg.optim.warmup_steps)
+    except ValueError:
+        raise ConfigError(
+            f"optim.warmup_steps={cfg.optim.warmup_steps} exceeds train.steps={steps}; set optim.warmup_steps=-1 "
+            f"to warm up over optim.warmup_fraction={cfg.optim.warmup_fraction:g} of the run"
+        ) from None
     return RunPlan(
         world_size=world_size,
         micro_batch_size=micro,
@@ -213,12 +219,13 @@ def resolve_plan(cfg: PretrainConfig, world_size: int, image_size: int, num_patc
 
 
 def resolved_config(cfg: PretrainConfig, plan: RunPlan) -> PretrainConfig:
-    """``cfg`` with the derived numbers written in (steps, warmup, micro-batch, image size), so the
-    saved config states what actually ran."""
+    """``cfg`` with the derived numbers written in (steps, micro-batch, image size), so the saved
+    config states what actually ran. Warmup stays as configured (a fraction unless fixed): written
+    as a count, a rerun of the saved config with another ``train.steps`` would keep the old warmup
+    (the plan and the start-up log give the count)."""
     return dataclasses.replace(
         cfg,
         train=dataclasses.replace(cfg.train, steps=plan.total_steps, micro_batch_size=plan.micro_batch_size),
-        optim=dataclasses.replace(cfg.optim, warmup_steps=plan.warmup_steps),
         data=dataclasses.replace(cfg.data, image_size=plan.image_size),
     )
 

@@ -22,11 +22,18 @@ from .config import PretrainConfig, RunPlan
 def build_loaders(cfg: PretrainConfig, plan: RunPlan, rank: int, world: int, device: torch.device) -> tuple[Any, Any]:
     """The training mixture loader and the held-out loader (None without ``data.val_path``)."""
     from ..data import build_eval_loader, build_train_loader
+    from ..data.color_jitter import ColorJitter
 
     if not cfg.data.sources:
         raise ConfigError("data.sources is empty: give at least one {path, prob}")
     sources = [(s.path, s.prob) for s in cfg.data.sources]
     loader_device = device if device.type == "cuda" else None
+    jitter = None
+    if cfg.data.color_jitter:
+        try:
+            jitter = ColorJitter.from_values(cfg.data.color_jitter_values, cfg.data.color_jitter_prob)
+        except ValueError as exc:
+            raise ConfigError(f"data.color_jitter_values / data.color_jitter_prob: {exc}") from None
     train = build_train_loader(
         sources,
         batch_size=plan.micro_batch_size,
@@ -39,6 +46,7 @@ def build_loaders(cfg: PretrainConfig, plan: RunPlan, rank: int, world: int, dev
         world_size=world,
         num_workers=cfg.data.num_workers,
         device=loader_device,
+        color_jitter=jitter,
     )
     val = None
     if cfg.data.val_path:

@@ -58,6 +58,14 @@ def check_fields(cfg: PretrainConfig) -> None:
     _check_pair("data.scale", d.scale, low=0.0, high=1.0)
     _check_pair("data.ratio", d.ratio, low=0.0, high=math.inf)
     _at_least("data.num_workers", d.num_workers, 0)
+    if d.color_jitter:
+        from ..data.color_jitter import ColorJitter
+
+        try:
+            ColorJitter.from_values(d.color_jitter_values, d.color_jitter_prob)
+        except (TypeError, ValueError) as exc:
+            why = f"{exc} (prob {d.color_jitter_prob})"
+            raise _bad("data.color_jitter_values", list(d.color_jitter_values), why) from None
     _at_least("train.batch_size", t.batch_size, 1)
     _at_least("train.micro_batch_size", t.micro_batch_size, 0)
     _at_least("train.steps", t.steps, 0)
