@@ -34,6 +34,7 @@ plus a trunk forward per image when blocks are recomputed, over ``world x peak x
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import resource
@@ -197,6 +198,7 @@ def _dtype_bytes(name: Any, default: int) -> int:
     return 4 if str(name).lower() in ("fp32", "float32", "float") else 2
 
 
+@functools.lru_cache(maxsize=32)
 def count_parameters(model_cfg: AIMConfig) -> Parameters:
     """Parameter counts of the model built on the meta device (no memory)."""
     with torch.device("meta"):
@@ -224,6 +226,7 @@ def saved_bytes(run: Callable[[], Any], exclude: list[Tensor]) -> int:
     return sum(seen.values())
 
 
+@functools.lru_cache(maxsize=32)  # pure in its arguments; the bench's tables ask for each model many times
 def measure_activations(model_cfg: AIMConfig, dtype: torch.dtype, batch: int = 2) -> Activations:
     """Saved bytes per image of one block and of the rest of the model, measured under
     ``FakeTensorMode`` at the model's true width and token count (2 images, divided by 2).
