@@ -290,8 +290,13 @@ def _hours_row(name: str, cfg: Any, gpu: Any, gpus: int) -> str:
         f"| {name} | {gpu.name} | {gpus} | {ds_name} | {yaml_choice} | {plan.micro_batch} x {plan.accumulation}"
         f"{' +ckpt' if plan.checkpointing else ''} | {plan.peak / GIB:.1f} / {hw.usable / GIB:.1f} | "
         f"{t.total:.3g} ({t.compute:.3g} / {t.network:.2g} / {t.pcie:.3g}) | {t.bound} | {steps:,} | "
-        f"{hours:,.1f} | {hours * gpus:,.0f} |"
+        f"{_figure(hours)} | {_figure(hours * gpus)} |"
     )
+
+
+def _figure(value: float) -> str:
+    """Thousands separated from 100 up, three significant digits below (the small models' seconds)."""
+    return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
 
 
 def update_markdown(path: Path, text: str) -> None:
