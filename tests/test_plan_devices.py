@@ -192,6 +192,10 @@ def test_offload_and_headroom_decisions_at_3b_and_7b() -> None:
     assert 27e9 < 4 * params.total < 28e9  # the fp32 gradient partition on one GPU
     big = make_plan(cfg7, "aim-7B", OFFLOAD, one, batch_size=4096, micro_batch=256, checkpointing=True, steps=10)
     assert not big.fits and all(p.micro_batch < 256 for p in big.best)
+    fastest_micro = big.fastest[0].micro_batch
+    assert (
+        f"fastest predicted: train.micro_batch_size={fastest_micro} with model.grad_checkpointing=true" in big.message
+    )
     assert big.chosen.peak - big.chosen.buffers < h100.memory  # 78.9 GiB: it "fit" while buffers counted 0
     yaml = make_plan(cfg7, "aim-7B", OFFLOAD, one, batch_size=4096, micro_batch=32, checkpointing=False, steps=10)
     # The same count as by hand, at 7B: 128 micro-steps; the shipped 1e9 max-live / reuse knobs keep

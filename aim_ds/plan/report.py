@@ -129,8 +129,11 @@ def format_plan(
     return "\n".join(lines)
 
 
-def does_not_fit_message(chosen: MemoryPlan, best: list[MemoryPlan], hw: Hardware) -> str:
-    """Why ``chosen`` does not fit, naming the knob to change."""
+def does_not_fit_message(
+    chosen: MemoryPlan, best: list[MemoryPlan], hw: Hardware, fastest: tuple[MemoryPlan, StepTime] | None = None
+) -> str:
+    """Why ``chosen`` does not fit, naming the knob to change (and, of the settings that fit, the
+    one with the shortest predicted step)."""
     where = "per GPU" if hw.device == "cuda" else "per rank of host memory"
     if chosen.peak > hw.usable:
         kept = f" ({_gib(hw.device_memory)} less {_gib(hw.headroom)} headroom)" if hw.headroom else ""
@@ -142,6 +145,12 @@ def does_not_fit_message(chosen: MemoryPlan, best: list[MemoryPlan], hw: Hardwar
             f"train.micro_batch_size={p.micro_batch} with model.grad_checkpointing={str(p.checkpointing).lower()}"
             for p in best
         )
+        if fastest is not None:
+            plan, timing = fastest
+            fixes += (
+                f" (fastest predicted: train.micro_batch_size={plan.micro_batch} with model.grad_checkpointing="
+                f"{str(plan.checkpointing).lower()}, {timing.total:.3g} s a step)"
+            )
         return f"{head}; set {fixes}"
     ways = []
     if chosen.buffers > chosen.activations:  # parameters kept gathered outweigh the micro-batch's activations
@@ -218,7 +227,7 @@ def make_plan(
     fastest = fastest_that_fits(model_cfg, params, acts, engine, hw, batch_size, peak_flops=peak, mfu=mfu)
     ok = fits(chosen, hw)
     text = format_plan(name, params, acts, hw, chosen, best, timing, mfu, peak, steps=steps, fastest=fastest)
-    message = "" if ok else does_not_fit_message(chosen, best, hw)
+    message = "" if ok else does_not_fit_message(chosen, best, hw, fastest)
     return RunSizing(text, chosen, best, ok, message, timing, fastest, steps, peak)
 
 
