@@ -224,6 +224,10 @@ def test_cli_gpu_names_memory_peak_and_bandwidths(capsys: pytest.CaptureFixture[
     assert main([*args, "--gpu", "A100-80GB", "--network-gbs", "1", "--peak-tflops", "100"]) == 0
     slow = capsys.readouterr().out
     assert "network 1 GB/s" in slow and "communication-bound" in slow and "of 100 TFLOP/s" in slow
+    # On the CPU accelerator the time model is not a prediction of the run: no hours, no "fastest".
+    assert main([*args[:4], "--gpus", "2", "--device", "cpu", "--host-memory-gb", "1000", "--runtime-gb", "1"]) == 0
+    cpu = capsys.readouterr().out
+    assert "(no CPU prediction)" in cpu and "predicted run" not in cpu and "fastest that fits" not in cpu
     assert main([*args, "--gpu", "B200"]) == 2
     err = capsys.readouterr().err
     assert "unknown GPU 'B200'" in err and "A100-80GB" in err and "MI300X" in err

@@ -43,10 +43,16 @@ def _gib(value: float) -> str:
     return f"{value / GIB:.2f} GiB"
 
 
+def _figure(value: float) -> str:
+    """Thousands separated from 100 up, three significant digits below."""
+    return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
+
+
 def _hours(steps: int, seconds: float, world: int) -> str:
     hours = steps * seconds / 3600
     return (
-        f"{steps:,} steps x {seconds:.3g} s = {hours:,.1f} h ({hours / 24:,.1f} days), {hours * world:,.0f} GPU-hours"
+        f"{steps:,} steps x {seconds:.3g} s = {_figure(hours)} h ({_figure(hours / 24)} days), "
+        f"{_figure(hours * world)} GPU-hours"
     )
 
 
@@ -107,13 +113,16 @@ def format_plan(
     if not best:
         lines.append("  no micro-batch fits, even at 1 with checkpointing")
     where = f"MFU {mfu:.0%} of {peak_flops / 1e12:.4g} TFLOP/s per device"
-    if isinstance(seconds, StepTime):
+    if hw.device != "cuda":  # the time model is a GPU's; the CPU accelerator's speed is not predicted
+        compute = seconds.compute if isinstance(seconds, StepTime) else seconds
+        lines.append(f"  step time on {hw.gpu.name} GPUs at {where}: {compute:.3g} s (no CPU prediction)")
+    elif isinstance(seconds, StepTime):
         lines.append(f"  predicted step time at {where}: {_timing(seconds)}")
         if steps:
             lines.append(f"  predicted run: {_hours(steps, seconds.total, hw.world_size)}")
     else:
         lines.append(f"  step time at {where}: {seconds:.3g} s")
-    if fastest is not None:
+    if fastest is not None and hw.device == "cuda":
         plan, timing = fastest
         lines.append(
             f"  fastest that fits: micro-batch {plan.micro_batch} x accumulation {plan.accumulation}, checkpointing "
@@ -227,7 +236,7 @@ def make_plan(
     fastest = fastest_that_fits(model_cfg, params, acts, engine, hw, batch_size, peak_flops=peak, mfu=mfu)
     ok = fits(chosen, hw)
     text = format_plan(name, params, acts, hw, chosen, best, timing, mfu, peak, steps=steps, fastest=fastest)
-    message = "" if ok else does_not_fit_message(chosen, best, hw, fastest)
+    message = "" if ok else does_not_fit_message(chosen, best, hw, fastest if hw.device == "cuda" else None)
     return RunSizing(text, chosen, best, ok, message, timing, fastest, steps, peak)
 
 
