@@ -21,15 +21,23 @@ Per GPU (per rank on the CPU accelerator, where everything lives in host memory)
   for their reuse, plus the prefetch bucket) and the gradient reduce bucket (doubled with
   ``overlap_comm``). Measured on CPU ranks at aim-0.6B widths with the shipped 1e9 knobs: from the
   second step on, every one of the 861M parameters stays gathered through the forward, so the reuse
-  window is counted once, not halved (BENCHMARKS.md, "Memory planner").
+  window is counted once, not halved (BENCHMARKS.md, "Memory planner"). Parameter offload does not
+  change them: the gathered copies and buckets live on the GPU either way (about 2 GiB at 7B).
 - optimizer step: each sub group's gradients flattened into fp32 before the step (up to
   ``sub_group_size`` elements). Activations and gathered parameters are released by then, so the
   peak is model states + runtime + the larger of (activations + buffers) and the step.
 - runtime: the process's own footprint (torch + DeepSpeed imported; measured in this process on
   the CPU, ``--runtime-gb`` on a GPU, where the CUDA context and allocator slack live).
 
-Step time is ``train_flops_per_image`` (:mod:`aim_ds.flops`, forward + backward) times the batch,
-plus a trunk forward per image when blocks are recomputed, over ``world x peak x MFU``.
+On a GPU the peak must stay under the card's memory less a headroom for the caching allocator's
+fragmentation (:data:`HEADROOM_FRACTION`, 8%); the card's memory, peak FLOP/s and bandwidths come
+from :mod:`aim_ds.devices`.
+
+Step time (a prediction): compute is ``train_flops_per_image`` (:mod:`aim_ds.flops`, forward +
+backward) times the batch, plus a trunk forward per image when blocks are recomputed, over
+``world x peak x MFU``; the ZeRO-3 collectives (:func:`traffic`: bytes over NVLink and each node's
+network per micro-step) overlap it, so the step takes the longer of the two; offload transfers over
+PCIe are added in series (:func:`step_time`).
 """
 
 from __future__ import annotations
