@@ -228,6 +228,10 @@ def test_cli_gpu_names_memory_peak_and_bandwidths(capsys: pytest.CaptureFixture[
     assert main([*args[:4], "--gpus", "2", "--device", "cpu", "--host-memory-gb", "1000", "--runtime-gb", "1"]) == 0
     cpu = capsys.readouterr().out
     assert "(no CPU prediction)" in cpu and "predicted run" not in cpu and "fastest that fits" not in cpu
+    for bad in (["--headroom", "1.5"], ["--network-gbs", "0"]):
+        with pytest.raises(SystemExit) as caught:
+            main([*args, *bad])
+        assert caught.value.code == 2 and bad[0] in capsys.readouterr().err
     assert main([*args, "--gpu", "B200"]) == 2
     err = capsys.readouterr().err
     assert "unknown GPU 'B200'" in err and "A100-80GB" in err and "MI300X" in err

@@ -62,7 +62,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation for the step time")
     parser.add_argument("--peak-tflops", type=float, default=None, help="per device (default: the --gpu's bf16 dense)")
     parser.add_argument("overrides", nargs="*", help="run-config overrides, e.g. train.micro_batch_size=32")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not 0 <= args.headroom < 1:
+        parser.error(f"--headroom {args.headroom}: a fraction of the GPU's memory, in [0, 1)")
+    for name in ("pcie_gbs", "nvlink_gbs", "network_gbs", "peak_tflops", "gpu_memory_gb"):
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            parser.error(f"--{name.replace('_', '-')} {value}: must be positive")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
