@@ -8,6 +8,7 @@ global backend switch) so they work headless and inside any host program.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -144,8 +145,24 @@ def flops_per_second_per_device(flops_per_image: float, images_per_second: float
 
 
 def model_flops_utilisation(flops_per_second: float, peak_flops_per_second: float) -> float:
-    """MFU: achieved model FLOP/s over the device's peak (:data:`aim_ds.flops.H100_BF16_DENSE_FLOPS`)."""
+    """MFU: achieved model FLOP/s over the device's peak (:func:`device_peak_flops`)."""
     return flops_per_second / peak_flops_per_second
+
+
+@functools.cache
+def _detected_peak(device: str) -> float:
+    from .devices import peak_flops
+
+    return peak_flops(0.0, torch.device(device) if device.startswith("cuda") else None)[0]
+
+
+def device_peak_flops(override: float, device: torch.device | str) -> float:
+    """The MFU denominator: ``override`` (``log.peak_flops_per_device``) when positive, else the bf16
+    dense peak of the GPU ``torch.cuda.get_device_name`` names (:data:`aim_ds.devices.GPUS`: an A100
+    is 312 TFLOP/s, not the H100's 989), else the H100 SXM's. Looked up once per device."""
+    if override > 0:
+        return override
+    return _detected_peak(str(device))
 
 
 def plot_loss(metrics_path: str | os.PathLike, png_path: str | os.PathLike) -> bool:

@@ -4,9 +4,9 @@ For each model x attention (``sdpa``, ``flex``) x mode (``plain``, ``zero2``, ``
 time of one optimizer step of ``--accumulation`` micro-steps (forward + backward each, then the
 update) over ``--steps`` measured steps after ``--warmup``; images/s; TFLOP/s per device (FLOPs from
 :func:`aim_ds.flops.train_flops_per_image`: 6 x matmul params x tokens + 12 x depth x width x
-tokens^2, trunk + head, forward + backward); MFU against ``--peak-tflops`` (989 = H100 SXM bf16
-dense); and peak memory (CUDA: the peak allocated per configuration; CPU: the process's peak RSS so
-far, which only grows). The micro-batches are generated on the device once, before timing, so the
+tokens^2, trunk + head, forward + backward); MFU against ``--peak-tflops`` (default: the GPU's bf16
+dense peak from aim_ds.devices, the H100 SXM's 989 on the CPU); and peak memory (CUDA: the peak
+allocated per configuration; CPU: the process's peak RSS so far, which only grows). The micro-batches are generated on the device once, before timing, so the
 figures are the model's and the engine's (the loader is measured by bench_loader.py).
 
 Precision is what each path asks for on every device: the DeepSpeed JSONs as they ship (bf16
@@ -43,8 +43,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import aim_ds  # noqa: E402
 from aim_ds.distributed import init_distributed  # noqa: E402
-from aim_ds.flops import H100_BF16_DENSE_FLOPS, train_flops_per_image  # noqa: E402
+from aim_ds.flops import train_flops_per_image  # noqa: E402
 from aim_ds.io import atomic_write_json, atomic_write_text  # noqa: E402
+from aim_ds.metrics import device_peak_flops  # noqa: E402
 from aim_ds.optim import build_optimizer, param_groups  # noqa: E402
 from aim_ds.registry import PAPER_RECIPE  # noqa: E402
 from aim_ds.train.engine import optimizer_offloaded, resolve_auto_knobs  # noqa: E402
@@ -239,7 +240,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3, help="optimizer steps before timing (compilation, allocator)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--grad-checkpointing", action="store_true", help="trunk and head")
-    parser.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_FLOPS / 1e12)
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="MFU denominator (default: the GPU's bf16 dense peak, aim_ds.devices)",
+    )
     parser.add_argument("--out", default="bench_out/gpu.md", help="markdown table; a .json beside it")
     args = parser.parse_args(argv)
     if len(args.micro_batch) not in (1, len(args.models)):
@@ -248,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
         if not Path(path).is_file():
             parser.error(f"DeepSpeed config {path} does not exist")
     device = torch.device(args.device)
+    if args.peak_tflops is None:  # the detected GPU's peak; the H100's on the CPU and unknown GPUs
+        args.peak_tflops = device_peak_flops(0.0, device) / 1e12
     if any(m != "plain" for m in args.modes):
         # DeepSpeed's engine wants a process group: a world of one on a free port (or MASTER_PORT).
         init_distributed(cuda=device.type == "cuda")

@@ -3,7 +3,8 @@ per rank measured, side by side with the planner's prediction for the same setti
 
     python bench/bench_plan.py --model aim-0.6B --micro-batch 1 4 --checkpointing off on \
         [--override depth=16] [--zero sub_group_size=1e8 ...] [--steps 2] [--trace] [--out bench_out/plan.md]
-    python bench/bench_plan.py --table --out bench_out/plan_table.md   # the planner's table, no run
+    python bench/bench_plan.py --table --out bench_out/plan_table.md   # the planner's tables, no run
+    python bench/bench_plan.py --table --update BENCHMARKS.md          # regenerate BENCHMARKS.md's tables
 
 Each configuration is one launch of the real ``deepspeed`` launcher with two CPU ranks (gloo; the
 DeepSpeed config as given, ``ds_configs/zero3.json`` by default: bf16 weights, fp32 gradient sums, as
@@ -177,35 +178,137 @@ def launch(args: argparse.Namespace, micro: int, checkpointing: str) -> dict[str
         return json.loads(result.read_text())
 
 
-def table(args: argparse.Namespace) -> str:
-    """The planner's table: Table 1 sizes on 8 x 80 GB, and 7B on one 80 GB GPU with offload."""
-    from aim_ds.config import load_config
-    from aim_ds.plan import GIB, Hardware, make_plan, step_seconds
-    from aim_ds.train.config import PretrainConfig
+TABLE_BEGIN = "<!-- bench_plan --table: begin (generated; edits here are overwritten) -->"
+TABLE_END = "<!-- bench_plan --table: end -->"
+
+
+def _sizing(cfg: Any, ds_name: str, hw: Any, micro: int, checkpointing: bool, steps: int) -> Any:
+    from aim_ds.plan import make_plan
     from aim_ds.train.engine import load_ds_config, model_config
 
+    return make_plan(
+        model_config(cfg), cfg.model.name, load_ds_config(ROOT / "ds_configs" / ds_name), hw,
+        batch_size=cfg.train.batch_size, micro_batch=micro, checkpointing=checkpointing, steps=steps,
+    )  # fmt: skip
+
+
+def _hardware(gpu: Any, gpus: int) -> Any:
+    from aim_ds.plan import Hardware, default_headroom
+
+    return Hardware(
+        gpus, 1, "cuda", gpu.memory, 1000 * GIB, 2 * GIB, headroom=default_headroom("cuda", gpu.memory), gpu=gpu
+    )
+
+
+def _configs() -> list[tuple[str, Any]]:
+    from aim_ds.config import load_config
+    from aim_ds.train.config import PretrainConfig
+
+    paths = sorted((ROOT / "run/configs").glob("aim-*.yaml"), key=lambda p: (_size(p.stem), p.stem))
+    return [(p.name, load_config(PretrainConfig, p)) for p in paths]
+
+
+def _size(stem: str) -> float:
+    """Sort key: aim-0.6B < aim-1B < ... ; the small test models first."""
+    tail = stem.removeprefix("aim-")
+    return float(tail[:-1]) if tail.endswith("B") and tail[:-1].replace(".", "").isdigit() else -1.0
+
+
+def _steps(cfg: Any, world: int) -> int:
+    """The run's optimizer steps as the YAML gives them (train.steps, or from train.patches_seen)."""
+    import dataclasses
+
+    from aim_ds.train.config import resolve_plan
+    from aim_ds.train.engine import model_config
+
+    model_cfg = model_config(cfg)
+    free = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, micro_batch_size=0))
+    return resolve_plan(free, world, model_cfg.image_size, model_cfg.num_patches).total_steps
+
+
+def table(args: argparse.Namespace) -> str:
+    """Two tables, both predictions of the planner (no run): the memory breakdown of the paper's
+    sizes on 8 H100s (and 7B offloaded to one), then every shipped YAML on 1 and 8 GPUs of each GPU
+    in aim_ds.devices with its fastest fitting choice, step time and the run's hours."""
+    from aim_ds.devices import GPUS
+
+    h100 = GPUS["H100-SXM"]
     rows = ["| run | GPUs | micro-batch x accum | ckpt | states | activations | optim. step | buffers | peak / GPU | "
-            "host / node | fits at | step s (40% MFU) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+            "host / node | fits at | step s: compute / collectives / PCIe -> total |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     cases = [(size, "zero3.json", 8) for size in ("0.6B", "1B", "3B", "7B")] + [("7B", "zero3_offload.json", 1)]
+    configs = dict(_configs())
     for size, ds_name, gpus in cases:
-        cfg = load_config(PretrainConfig, ROOT / f"run/configs/aim-{size}.yaml")
-        hw = Hardware(gpus, 1, "cuda", 80 * GIB, 1000 * GIB, 2 * GIB)
-        micro = cfg.train.micro_batch_size
-        sizing = make_plan(
-            model_config(cfg), cfg.model.name, load_ds_config(ROOT / "ds_configs" / ds_name), hw,
-            batch_size=cfg.train.batch_size, micro_batch=micro, checkpointing=cfg.model.grad_checkpointing,
-        )  # fmt: skip
-        plan = sizing.chosen
+        cfg = configs[f"aim-{size}.yaml"]
+        sizing = _sizing(cfg, ds_name, _hardware(h100, gpus), cfg.train.micro_batch_size, cfg.model.grad_checkpointing,
+                         0)  # fmt: skip
+        plan, t = sizing.chosen, sizing.step
         best = "; ".join(f"{p.micro_batch}{' +ckpt' if p.checkpointing else ''}" for p in sizing.best) or "none"
-        seconds = step_seconds(model_config(cfg), cfg.train.batch_size, gpus, plan.checkpointing, 989e12, 0.4)
         rows.append(
             f"| aim-{size} {ds_name} | {gpus} | {plan.micro_batch} x {plan.accumulation} | "
             f"{'on' if plan.checkpointing else 'off'} | {plan.model_states / GIB:.1f} | "
             f"{plan.activations / GIB:.1f} | {plan.optimizer_step / GIB:.1f} | {plan.buffers / GIB:.1f} | "
-            f"{plan.peak / GIB:.1f} | "
-            f"{plan.host_per_node / GIB:.0f} | {best} | {seconds:.1f} |"
+            f"{plan.peak / GIB:.1f}{'' if sizing.fits else ' (does not fit)'} | "
+            f"{plan.host_per_node / GIB:.0f} | {best} | {t.compute:.1f} / {t.network:.2f} / {t.pcie:.1f} -> "
+            f"{t.total:.1f} |"
         )
+    rows += [
+        "",
+        "Every shipped YAML on one node of 1 and 8 GPUs of each kind: `ds_configs/zero3.json`, or "
+        "`zero3_offload.json` where nothing fits without offload; the YAML's own micro-batch and checkpointing, "
+        "and the fitting choice with the shortest predicted step, whose step time and hours are shown "
+        "(40% MFU of the GPU's bf16 dense peak; steps from the YAML).",
+        "",
+        "| config | GPU | GPUs | DeepSpeed | YAML's choice | fastest that fits | peak / usable GiB | "
+        "step s (compute / coll. / PCIe) | bound | steps | hours | GPU-hours |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, cfg in configs.items():
+        for gpu in GPUS.values():
+            for gpus in (1, 8):
+                rows.append(_hours_row(name, cfg, gpu, gpus))
+                print(rows[-1], flush=True)
     return "\n".join(rows)
+
+
+def _hours_row(name: str, cfg: Any, gpu: Any, gpus: int) -> str:
+    hw = _hardware(gpu, gpus)
+    steps = _steps(cfg, gpus)
+    micro = cfg.train.micro_batch_size
+    divides = micro > 0 and cfg.train.batch_size % (micro * gpus) == 0
+    for ds_name in ("zero3.json", "zero3_offload.json"):
+        sizing = _sizing(cfg, ds_name, hw, micro if divides else 1, cfg.model.grad_checkpointing, steps)
+        if sizing.fastest is not None:
+            break
+    yaml_choice = f"{micro}{' +ckpt' if cfg.model.grad_checkpointing else ''}: "
+    yaml_choice += ("fits" if sizing.fits else "does not fit") if divides else "does not divide"
+    if sizing.fastest is None:
+        return f"| {name} | {gpu.name} | {gpus} | {ds_name} | {yaml_choice} | nothing fits | | | | {steps:,} | | |"
+    plan, t = sizing.fastest
+    hours = steps * t.total / 3600
+    return (
+        f"| {name} | {gpu.name} | {gpus} | {ds_name} | {yaml_choice} | {plan.micro_batch} x {plan.accumulation}"
+        f"{' +ckpt' if plan.checkpointing else ''} | {plan.peak / GIB:.1f} / {hw.usable / GIB:.1f} | "
+        f"{t.total:.3g} ({t.compute:.3g} / {t.network:.2g} / {t.pcie:.3g}) | {t.bound} | {steps:,} | "
+        f"{_figure(hours)} | {_figure(hours * gpus)} |"
+    )
+
+
+def _figure(value: float) -> str:
+    """Thousands separated from 100 up, three significant digits below (the small models' seconds)."""
+    return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
+
+
+def update_markdown(path: Path, text: str) -> None:
+    """Replace the generated block of ``path`` (between :data:`TABLE_BEGIN` and :data:`TABLE_END`)."""
+    from aim_ds.io import atomic_write_text
+
+    doc = path.read_text()
+    if TABLE_BEGIN not in doc or TABLE_END not in doc:
+        raise SystemExit(f"{path} has no generated block ({TABLE_BEGIN} ... {TABLE_END})")
+    head, rest = doc.split(TABLE_BEGIN, 1)
+    tail = rest.split(TABLE_END, 1)[1]
+    atomic_write_text(path, f"{head}{TABLE_BEGIN}\n{text}\n{TABLE_END}{tail}")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -222,7 +325,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--deepspeed", default=str(ROOT / "ds_configs/zero3.json"))
     parser.add_argument("--no-check", action="store_true", help="run even when the planner says it does not fit")
     parser.add_argument("--trace", action="store_true", help="print each rank's memory (now/peak GiB) per phase")
-    parser.add_argument("--table", action="store_true", help="print the planner's table only")
+    parser.add_argument("--table", action="store_true", help="print the planner's tables only (no run)")
+    parser.add_argument(
+        "--update", default=None, help="with --table: rewrite the generated block of this markdown file (BENCHMARKS.md)"
+    )
     parser.add_argument("--out", default=None, help="markdown file for the results")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
@@ -238,6 +344,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.table:
         text = table(args)
+        if args.update:
+            update_markdown(Path(args.update), text)
     else:
         rows = [
             f"{args.model} {' '.join(args.override)} on {args.ranks} CPU ranks ({Path(args.deepspeed).name}"

@@ -1,10 +1,14 @@
 """Memory and time planner for a pretraining run, before any GPU is booked.
 
     python -m aim_ds.plan --config run/configs/aim-7B.yaml --deepspeed ds_configs/zero3.json --gpus 8 \
-        [--nodes 4] [--gpu-memory-gb 80] [--host-memory-gb 1000] [--mfu 0.4] [key=value ...]
+        [--nodes 4] [--gpu A100-80GB] [--gpu-memory-gb 80] [--host-memory-gb 1000] [--mfu 0.4] \
+        [--pcie-gbs 50] [--nvlink-gbs 360] [--network-gbs 360] [--zeropp] [key=value ...]
 
-What the peak is made of, and how each term is obtained, is in :mod:`aim_ds.plan.memory`; the
-printed plan, the does-not-fit message and the driver's start-up check in :mod:`aim_ds.plan.report`.
+What the peak is made of, and how each term is obtained, is in :mod:`aim_ds.plan.memory`
+(the bytes each step moves over PCIe, NVLink and the network: :func:`traffic`); the GPUs known by
+name in :mod:`aim_ds.devices`; the printed plan, the does-not-fit message and the driver's start-up
+check in :mod:`aim_ds.plan.report`. Memory figures are counted (DeepSpeed's estimator, the ZeRO
+knobs) or measured (activations); step times and run hours are predictions at an assumed MFU.
 """
 
 from .memory import (
@@ -15,17 +19,24 @@ from .memory import (
     MemoryPlan,
     Parameters,
     PlanError,
+    StepTime,
+    Traffic,
     buffer_bytes,
     choices_that_fit,
     count_parameters,
+    default_headroom,
     engine_settings,
+    fastest_that_fits,
     fits,
+    gathered_parameters,
     measure_activations,
     model_state_bytes,
     optimizer_step_bytes,
     plan_memory,
     saved_bytes,
     step_seconds,
+    step_time,
+    traffic,
 )
 from .report import RunSizing, check_run, local_hardware, make_plan
 
@@ -61,4 +72,11 @@ __all__ = [
     "plan_memory",
     "saved_bytes",
     "step_seconds",
+    "step_time",
+    "traffic",
+    "StepTime",
+    "Traffic",
+    "default_headroom",
+    "fastest_that_fits",
+    "gathered_parameters",
 ]

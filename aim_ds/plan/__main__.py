@@ -3,13 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 from ..config import ConfigError
-from ..flops import H100_BF16_DENSE_FLOPS
+from ..devices import DEFAULT_GPU, GPUS, gpu_spec
 from . import __doc__ as PLAN_DOC
-from .memory import GIB, Hardware, available_host_bytes, host_memory_bytes, runtime_bytes
+from .memory import (
+    GIB,
+    HEADROOM_FRACTION,
+    Hardware,
+    available_host_bytes,
+    default_headroom,
+    host_memory_bytes,
+    runtime_bytes,
+)
 from .report import make_plan
+
+ZEROPP = {"zero_quantized_weights": True, "zero_quantized_gradients": True}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -19,7 +30,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--gpus", type=int, default=8, help="GPUs (ranks) per node")
     parser.add_argument("--nodes", type=int, default=1)
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: DeepSpeed's CPU accelerator")
-    parser.add_argument("--gpu-memory-gb", type=float, default=80.0, help="per GPU, GiB")
+    parser.add_argument(
+        "--gpu",
+        default=DEFAULT_GPU,
+        help=f"GPU model: its memory, bf16 peak and PCIe/NVLink/network bandwidths together ({', '.join(GPUS)})",
+    )
+    parser.add_argument("--gpu-memory-gb", type=float, default=None, help="per GPU, GiB (default: the --gpu's)")
+    parser.add_argument(
+        "--headroom",
+        type=float,
+        default=HEADROOM_FRACTION,
+        help="fraction of GPU memory kept free for the caching allocator's fragmentation",
+    )
+    parser.add_argument("--pcie-gbs", type=float, default=None, help="host<->GPU GB/s per GPU (default: the --gpu's)")
+    parser.add_argument("--nvlink-gbs", type=float, default=None, help="GPU<->peers GB/s (default: the --gpu's)")
+    parser.add_argument(
+        "--network-gbs", type=float, default=None, help="inter-node GB/s per node (default: the --gpu's)"
+    )
+    parser.add_argument(
+        "--zeropp",
+        action="store_true",
+        help="plan with ZeRO++ (hpZ over each node's GPUs, int8 weight and int4 gradient communication)",
+    )
     parser.add_argument(
         "--host-memory-gb",
         type=float,
@@ -28,11 +60,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--runtime-gb", type=float, default=None, help="per-rank footprint outside the model, GiB")
     parser.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation for the step time")
-    parser.add_argument(
-        "--peak-tflops", type=float, default=H100_BF16_DENSE_FLOPS / 1e12, help="per device (default: H100 bf16 dense)"
-    )
+    parser.add_argument("--peak-tflops", type=float, default=None, help="per device (default: the --gpu's bf16 dense)")
     parser.add_argument("overrides", nargs="*", help="run-config overrides, e.g. train.micro_batch_size=32")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not 0 <= args.headroom < 1:
+        parser.error(f"--headroom {args.headroom}: a fraction of the GPU's memory, in [0, 1)")
+    for name in ("pcie_gbs", "nvlink_gbs", "network_gbs", "peak_tflops", "gpu_memory_gb"):
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            parser.error(f"--{name.replace('_', '-')} {value}: must be positive")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,17 +81,31 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(PretrainConfig, args.config, overrides=args.overrides)
         ds = load_ds_config(args.deepspeed)
+        if args.zeropp:
+            ds.setdefault("zero_optimization", {}).update(ZEROPP, zero_hpz_partition_size=args.gpus)
+        gpu = gpu_spec(args.gpu)
+        gpu = dataclasses.replace(
+            gpu,
+            pcie=args.pcie_gbs * 1e9 if args.pcie_gbs else gpu.pcie,
+            nvlink=args.nvlink_gbs * 1e9 if args.nvlink_gbs else gpu.nvlink,
+            network=args.network_gbs * 1e9 if args.network_gbs else gpu.network,
+        )
         model_cfg = model_config(cfg)
         host = int(args.host_memory_gb * GIB) if args.host_memory_gb else host_memory_bytes()
         # On the CPU the ranks get what is free now (MemAvailable), unless told the node's memory.
         per_rank_host = (int(args.host_memory_gb * GIB) if args.host_memory_gb else available_host_bytes()) // args.gpus
+        memory = per_rank_host
+        if args.device == "cuda":
+            memory = int(args.gpu_memory_gb * GIB) if args.gpu_memory_gb else gpu.memory
         hw = Hardware(
             gpus_per_node=args.gpus,
             nodes=args.nodes,
             device=args.device,
-            device_memory=int(args.gpu_memory_gb * GIB) if args.device == "cuda" else per_rank_host,
+            device_memory=memory,
             host_memory=host,
             runtime=runtime_bytes(args.device, args.runtime_gb),
+            headroom=default_headroom(args.device, memory, args.headroom),
+            gpu=gpu,
         )
         run = resolve_plan(cfg, hw.world_size, model_cfg.image_size, model_cfg.num_patches)
         sizing = make_plan(
@@ -66,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
             micro_batch=run.micro_batch_size,
             checkpointing=cfg.model.grad_checkpointing,
             mfu=args.mfu,
-            peak_flops=args.peak_tflops * 1e12,
+            peak_flops=args.peak_tflops * 1e12 if args.peak_tflops else None,
+            steps=run.total_steps,
         )
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)

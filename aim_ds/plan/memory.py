@@ -21,30 +21,40 @@ Per GPU (per rank on the CPU accelerator, where everything lives in host memory)
   for their reuse, plus the prefetch bucket) and the gradient reduce bucket (doubled with
   ``overlap_comm``). Measured on CPU ranks at aim-0.6B widths with the shipped 1e9 knobs: from the
   second step on, every one of the 861M parameters stays gathered through the forward, so the reuse
-  window is counted once, not halved (BENCHMARKS.md, "Memory planner").
+  window is counted once, not halved (BENCHMARKS.md, "Memory planner"). Parameter offload does not
+  change them: the gathered copies and buckets live on the GPU either way (about 2 GiB at 7B).
 - optimizer step: each sub group's gradients flattened into fp32 before the step (up to
   ``sub_group_size`` elements). Activations and gathered parameters are released by then, so the
   peak is model states + runtime + the larger of (activations + buffers) and the step.
 - runtime: the process's own footprint (torch + DeepSpeed imported; measured in this process on
   the CPU, ``--runtime-gb`` on a GPU, where the CUDA context and allocator slack live).
 
-Step time is ``train_flops_per_image`` (:mod:`aim_ds.flops`, forward + backward) times the batch,
-plus a trunk forward per image when blocks are recomputed, over ``world x peak x MFU``.
+On a GPU the peak must stay under the card's memory less a headroom for the caching allocator's
+fragmentation (:data:`HEADROOM_FRACTION`, 8%); the card's memory, peak FLOP/s and bandwidths come
+from :mod:`aim_ds.devices`.
+
+Step time (a prediction): compute is ``train_flops_per_image`` (:mod:`aim_ds.flops`, forward +
+backward) times the batch, plus a trunk forward per image when blocks are recomputed, over
+``world x peak x MFU``; the ZeRO-3 collectives (:func:`traffic`: bytes over NVLink and each node's
+network per micro-step) overlap it, so the step takes the longer of the two; offload transfers over
+PCIe are added in series (:func:`step_time`).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import resource
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..config import ConfigError
+from ..devices import DEFAULT_GPU, GPUS, GPUSpec
 from ..flops import matmul_params, train_flops_per_image
 from ..model import AIM, AIMConfig, Block
 
@@ -70,11 +80,19 @@ class EngineSettings:
     prefetch_bucket_size: int = 50_000_000  # elements gathered ahead of use (DeepSpeed's default)
     grad_bytes: int = 2  # per gradient element: 4 when gradients accumulate in fp32 (data_types.grad_accum_dtype)
     sub_group_size: int = 1_000_000_000  # elements the optimizer steps at a time (DeepSpeed's default)
+    comm_bytes: int = 4  # per gradient element reduce-scattered (communication_data_type; fp32 as shipped)
+    hpz_partition_size: int = 1  # ZeRO++ hpZ: a secondary weight partition over this many ranks (1: off)
+    quantized_weights: bool = False  # ZeRO++ qwZ: weight all-gathers in int8
+    quantized_gradients: bool = False  # ZeRO++ qgZ: gradient reduction in int4 (hierarchical all-to-all)
 
 
 @dataclass(frozen=True)
 class Hardware:
-    """Where the run goes. ``device_memory`` is per GPU (per rank on the CPU: host memory / ranks)."""
+    """Where the run goes. ``device_memory`` is per GPU (per rank on the CPU: host memory / ranks).
+
+    ``headroom`` is memory a plan must leave free on the device for what it does not count: the
+    caching allocator's fragmentation above the bytes it hands out (:func:`default_headroom`). ``gpu``
+    gives the peak FLOP/s and the PCIe, NVLink and network bandwidths (:mod:`aim_ds.devices`)."""
 
     gpus_per_node: int
     nodes: int
@@ -82,10 +100,17 @@ class Hardware:
     device_memory: int  # bytes
     host_memory: int  # bytes per node
     runtime: int  # bytes per rank outside the model (CUDA context, or torch + DeepSpeed in host memory)
+    headroom: int = 0  # bytes per device kept free (allocator fragmentation)
+    gpu: GPUSpec = field(default_factory=lambda: GPUS[DEFAULT_GPU])
 
     @property
     def world_size(self) -> int:
         return self.gpus_per_node * self.nodes
+
+    @property
+    def usable(self) -> int:
+        """Bytes a plan's peak may reach."""
+        return self.device_memory - self.headroom
 
 
 @dataclass(frozen=True)
@@ -167,9 +192,21 @@ def engine_settings(ds: dict[str, Any], *, device: str) -> EngineSettings:
         prefetch_bucket_size=number("stage3_prefetch_bucket_size", 5e7),
         overlap_comm=bool(zero.get("overlap_comm", False)),
         sub_group_size=number("sub_group_size", 1e9),
+        comm_bytes=_dtype_bytes(ds.get("communication_data_type"), 2 if half else 4),
+        hpz_partition_size=max(int(zero.get("zero_hpz_partition_size", 1)), 1),
+        quantized_weights=bool(zero.get("zero_quantized_weights", False)),
+        quantized_gradients=bool(zero.get("zero_quantized_gradients", False)),
     )
 
 
+def _dtype_bytes(name: Any, default: int) -> int:
+    """Bytes per element of a DeepSpeed dtype name ("fp32", "bf16", ...); ``default`` when unset."""
+    if name is None:
+        return default
+    return 4 if str(name).lower() in ("fp32", "float32", "float") else 2
+
+
+@functools.lru_cache(maxsize=32)
 def count_parameters(model_cfg: AIMConfig) -> Parameters:
     """Parameter counts of the model built on the meta device (no memory)."""
     with torch.device("meta"):
@@ -197,6 +234,7 @@ def saved_bytes(run: Callable[[], Any], exclude: list[Tensor]) -> int:
     return sum(seen.values())
 
 
+@functools.lru_cache(maxsize=32)  # pure in its arguments; the bench's tables ask for each model many times
 def measure_activations(model_cfg: AIMConfig, dtype: torch.dtype, batch: int = 2) -> Activations:
     """Saved bytes per image of one block and of the rest of the model, measured under
     ``FakeTensorMode`` at the model's true width and token count (2 images, divided by 2).
@@ -271,19 +309,30 @@ def model_state_bytes(params: Parameters, engine: EngineSettings, hw: Hardware) 
         device += param_extra
     if not engine.offload_optimizer:  # offloaded gradients are fp32 in host memory whatever the config
         device += per_rank(engine.grad_bytes - 4)
+    if engine.hpz_partition_size > 1:  # ZeRO++ hpZ: a secondary 16-bit partition over the node's ranks
+        device += math.ceil(engine.bytes_per_param * params.total / engine.hpz_partition_size)
     return device, host
 
 
 def buffer_bytes(params: Parameters, engine: EngineSettings) -> int:
     """Gathered parameters beyond the largest layer (those kept within the reuse distance, plus the
     prefetch bucket gathered ahead, all capped by ``stage3_max_live_parameters``) and the gradient
-    reduce bucket(s) in the gradients' dtype, per rank."""
-    if engine.offload_param:
-        return 0  # gathered one layer at a time from host memory (in the estimator's largest layer)
-    kept = engine.max_reuse_distance + params.largest_layer + engine.prefetch_bucket_size
-    gathered = min(params.total, engine.max_live_parameters, kept)
+    reduce bucket(s) in the gradients' dtype, per rank, with or without parameter offload."""
+    gathered = gathered_parameters(params, engine)
     reduce = engine.reduce_bucket_size * (2 if engine.overlap_comm else 1)
     return max(gathered - params.largest_layer, 0) * engine.bytes_per_param + reduce * engine.grad_bytes
+
+
+def gathered_parameters(params: Parameters, engine: EngineSettings) -> int:
+    """Parameters ZeRO-3 holds gathered on the device at once (elements): the reuse window, the
+    largest layer and the prefetch bucket, capped by ``stage3_max_live_parameters`` and the model.
+
+    Parameter offload changes where the *partitions* live (host memory), not this: the parameter
+    coordinator gathers into device memory and keeps and prefetches exactly as without offload, so
+    at 7B with the shipped knobs (1e9 live) about 2 GiB of gathered bf16 weights and reduce buckets
+    sit on the GPU under ``zero3_offload.json`` too."""
+    kept = engine.max_reuse_distance + params.largest_layer + engine.prefetch_bucket_size
+    return min(params.total, engine.max_live_parameters, kept)
 
 
 def optimizer_step_bytes(params: Parameters, engine: EngineSettings, hw: Hardware) -> int:
@@ -327,7 +376,19 @@ def plan_memory(
 
 def fits(plan: MemoryPlan, hw: Hardware) -> bool:
     host_ok = hw.device == "cpu" or plan.host_per_node <= hw.host_memory
-    return plan.peak <= hw.device_memory and host_ok
+    return plan.peak <= hw.usable and host_ok
+
+
+# Fraction of a GPU's memory a plan leaves free for PyTorch's caching allocator: under ZeRO-3 it
+# serves buffers of many sizes (gathered layers, reduce buckets, activations), and the memory it has
+# reserved but cannot hand out typically runs at 5-10% of the card. The CUDA context, NCCL's
+# communicator buffers and cuBLAS workspaces are the separate runtime term (2 GiB, --runtime-gb).
+HEADROOM_FRACTION = 0.08
+
+
+def default_headroom(device: str, device_memory: int, fraction: float = HEADROOM_FRACTION) -> int:
+    """Bytes kept free on a GPU (none on the CPU accelerator, where the runtime term is measured)."""
+    return int(fraction * device_memory) if device == "cuda" else 0
 
 
 def micro_batch_choices(batch_size: int, world_size: int) -> list[int]:
@@ -370,6 +431,156 @@ def step_seconds(
         trunk, _ = matmul_params(model_cfg)
         flops += 2 * trunk * model_cfg.num_patches + 4 * model_cfg.depth * model_cfg.width * model_cfg.num_patches**2
     return flops * batch_size / (world_size * peak_flops * mfu)
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """Bytes ZeRO-3 moves for one rank, per micro-step and once per optimizer step (see :func:`traffic`)."""
+
+    pcie_per_micro: float  # host <-> this GPU, both directions summed
+    pcie_per_step: float  # host <-> this GPU at the accumulation boundary
+    intra_per_micro: float  # this GPU's collective bytes over NVLink (ring: S x (ranks - 1) / ranks)
+    inter_per_micro: float  # its node's collective bytes over the network (0 on one node)
+
+
+def traffic(params: Parameters, engine: EngineSettings, hw: Hardware) -> Traffic:
+    """What crosses PCIe, NVLink and the network per rank, counted from DeepSpeed 0.19.8's stage 3.
+
+    Collectives (per micro-step; a ring moves ``S x (n - 1) / n`` bytes through every rank and, across
+    nodes, through every node's NICs for a collective of ``S`` bytes over ``n`` ranks):
+
+    - forward: every parameter all-gathered in its dtype (int8 with ZeRO++ ``zero_quantized_weights``);
+    - backward: all-gathered again, except those still gathered from the forward (the window of
+      :func:`gathered_parameters`); with ZeRO++ hpZ (``zero_hpz_partition_size`` > 1) from the
+      secondary copy inside the node, over NVLink only;
+    - gradients reduce-scattered in ``communication_data_type`` (4 bytes as shipped; int4 with
+      ``zero_quantized_gradients``).
+
+    So with bf16 weights and fp32 reduction: ``2 + 2 + 4 = 8`` bytes a parameter per micro-step,
+    less the backward's reused window.
+
+    PCIe with ``offload_optimizer`` (``partition_grads``): the fp32 gradient partition lives in pinned
+    host memory (``grad_partitions_flat_buffer``). The first micro-step copies each reduced partition
+    there and back to the GPU (``copy_`` then ``.to(device)``); every later one brings the host
+    buffer to the GPU, adds, and copies it back: two crossings of the partition per micro-step in the
+    accumulation dtype. At the accumulation boundary the partition crosses once more, into the
+    optimizer's fp32 gradients (``_offload_grad_partition_at_boundary``); without parameter offload
+    the updated 16-bit partition then returns to the GPU. With ``offload_param`` every gather first
+    brings the rank's partition from host memory: forward and backward, less the reused window."""
+    world, nodes = hw.world_size, hw.nodes
+    partition = params.total / world
+    reused = gathered_parameters(params, engine)
+    weight = 1 if engine.quantized_weights else engine.bytes_per_param
+    grad = 0.5 if engine.quantized_gradients else engine.comm_bytes
+    ring = (world - 1) / world
+    forward = weight * params.total
+    backward = weight * max(params.total - reused, 0)
+    hpz = min(engine.hpz_partition_size, hw.gpus_per_node)
+    if nodes > 1 and hpz > 1:  # hpZ: the backward gathers from a copy held within the node
+        inter = (forward + grad * params.total) * ring
+        secondary = engine.bytes_per_param * max(params.total - reused, 0) * (hpz - 1) / hpz
+        intra = inter + secondary
+    else:
+        intra = (forward + backward + grad * params.total) * ring
+        inter = intra if nodes > 1 else 0.0
+    pcie_micro = pcie_step = 0.0
+    if hw.device == "cuda":  # on the CPU accelerator "offloaded" states stay where they are
+        if engine.offload_optimizer:
+            pcie_micro += 2 * engine.grad_bytes * partition
+            pcie_step += 4 * partition + (0 if engine.offload_param else engine.bytes_per_param * partition)
+        if engine.offload_param:
+            pcie_micro += engine.bytes_per_param * (2 * params.total - reused) / world
+    return Traffic(pcie_micro, pcie_step, intra, inter)
+
+
+@dataclass(frozen=True)
+class StepTime:
+    """Predicted seconds per optimizer step and what bounds it (see :func:`step_time`)."""
+
+    compute: float
+    network: float  # collectives over NVLink and the network, all micro-steps
+    pcie: float  # offload transfers, all micro-steps and the boundary
+    overlap_comm: bool
+
+    @property
+    def total(self) -> float:
+        comm = max(self.compute, self.network) if self.overlap_comm else self.compute + self.network
+        return comm + self.pcie
+
+    @property
+    def communication_bound(self) -> bool:
+        """The collectives take longer than the arithmetic they should hide behind."""
+        return self.network > self.compute
+
+    @property
+    def bound(self) -> str:
+        terms = {"compute": self.compute, "communication": self.network, "PCIe (offload)": self.pcie}
+        return max(terms, key=lambda key: terms[key])
+
+
+def step_time(
+    model_cfg: AIMConfig,
+    params: Parameters,
+    engine: EngineSettings,
+    hw: Hardware,
+    *,
+    batch_size: int,
+    micro_batch: int,
+    checkpointing: bool,
+    peak_flops: float,
+    mfu: float,
+) -> StepTime:
+    """Compute (:func:`step_seconds`), collectives and offload transfers of one optimizer step.
+
+    Collectives overlap the arithmetic when ``overlap_comm`` is on (ZeRO-3 prefetches the gathers and
+    reduces on a side stream): the step takes the longer of the two. Offload transfers are added in
+    series, an upper bound: each gradient partition's host round trip is chained with its
+    accumulation, and every backward waits for the reduce stream at its end."""
+    accumulation = max(batch_size // (micro_batch * hw.world_size), 1)
+    moved = traffic(params, engine, hw)
+    links = [moved.intra_per_micro / hw.gpu.nvlink] if hw.world_size > 1 else [0.0]
+    if hw.nodes > 1:
+        links.append(moved.inter_per_micro / hw.gpu.network)
+    pcie = (accumulation * moved.pcie_per_micro + moved.pcie_per_step) / hw.gpu.pcie
+    return StepTime(
+        compute=step_seconds(model_cfg, batch_size, hw.world_size, checkpointing, peak_flops, mfu),
+        network=accumulation * max(links),
+        pcie=pcie,
+        overlap_comm=engine.overlap_comm,
+    )
+
+
+def fastest_that_fits(
+    model_cfg: AIMConfig,
+    params: Parameters,
+    acts: Activations,
+    engine: EngineSettings,
+    hw: Hardware,
+    batch_size: int,
+    *,
+    peak_flops: float,
+    mfu: float,
+) -> tuple[MemoryPlan, StepTime] | None:
+    """Of every (micro-batch, checkpointing) that fits, the one with the shortest predicted step
+    (ties: the larger micro-batch, then no checkpointing); None when nothing fits. Under offload the
+    transfers scale with the number of micro-steps, so this is usually the largest micro-batch,
+    with checkpointing when that is what makes it fit."""
+    found = []
+    for checkpointing in (False, True):
+        for micro in micro_batch_choices(batch_size, hw.world_size):
+            plan = plan_memory(
+                params, acts, engine, hw, batch_size=batch_size, micro_batch=micro, checkpointing=checkpointing
+            )
+            if fits(plan, hw):
+                timing = step_time(
+                    model_cfg, params, engine, hw, batch_size=batch_size, micro_batch=micro,
+                    checkpointing=checkpointing, peak_flops=peak_flops, mfu=mfu,
+                )  # fmt: skip
+                found.append((round(timing.total, 6), -micro, checkpointing, plan, timing))
+    if not found:
+        return None
+    best = min(found, key=lambda item: item[:3])
+    return best[3], best[4]
 
 
 def runtime_bytes(device: str, runtime_gb: float | None) -> int:

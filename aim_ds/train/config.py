@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import ConfigError
-from ..flops import H100_BF16_DENSE_FLOPS
 from ..optim import resolve_warmup_steps, steps_from_patches
 from ..registry import PAPER_RECIPE
 
@@ -93,7 +92,7 @@ class LogSection:
     wandb: bool = False  # offline unless WANDB_MODE is set
     wandb_project: str = "aim-ds"
     wandb_run_name: str = ""  # empty: the out_dir's name
-    peak_flops_per_device: float = H100_BF16_DENSE_FLOPS  # FLOP/s, for MFU
+    peak_flops_per_device: float = 0.0  # FLOP/s, for MFU; 0: the device's bf16 dense peak (aim_ds.devices)
     shard_report: bool = False  # debug: write out_dir/shards_rank{r}.json (ZeRO-3 partition sizes)
 
 

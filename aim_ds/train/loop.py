@@ -22,7 +22,7 @@ from ..config import ConfigError, save_config, to_dict
 from ..distributed import all_reduce_, init_distributed, is_main, world_size
 from ..flops import train_flops_per_image
 from ..io import atomic_write_json
-from ..metrics import MetricsLogger, flops_per_second_per_device, model_flops_utilisation
+from ..metrics import MetricsLogger, device_peak_flops, flops_per_second_per_device, model_flops_utilisation
 from ..model import AIMConfig
 from ..optim import lr_at_step, set_lr
 from .config import NonFiniteLossError, PretrainConfig, RunPlan, resolve_plan, resolved_config
@@ -149,7 +149,8 @@ def _check_memory(
         batch_size=cfg.train.batch_size,
         micro_batch=plan.micro_batch_size,
         checkpointing=cfg.model.grad_checkpointing,
-        peak_flops=cfg.log.peak_flops_per_device,
+        peak_flops=cfg.log.peak_flops_per_device or None,  # 0: the detected GPU's (aim_ds.devices)
+        steps=plan.total_steps,
     )
     if is_main():
         log.info("%s", sizing.text)
@@ -418,8 +419,9 @@ def _log_step(
     )
     if job.device.type == "cuda":  # FLOP/s and MFU mean little on CPU
         flops = flops_per_second_per_device(flops_per_image, images_per_second, job.world)
-        mfu = model_flops_utilisation(flops, job.cfg.log.peak_flops_per_device)
-        values.update(tflops_per_device=flops / 1e12, mfu=mfu)
+        peak = device_peak_flops(job.cfg.log.peak_flops_per_device, job.device)
+        mfu = model_flops_utilisation(flops, peak)
+        values.update(tflops_per_device=flops / 1e12, mfu=mfu, peak_tflops=peak / 1e12)
         line += f" {flops / 1e12:.1f} TFLOP/s/GPU MFU {mfu:.1%}"
     job.logger.log("train", step, values)
     if job.is_main:

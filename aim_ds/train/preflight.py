@@ -86,7 +86,7 @@ def check_fields(cfg: PretrainConfig) -> None:
     for key in ("every_steps", "batch_size", "max_batches", "patch_grid_images"):
         _at_least(f"val.{key}", getattr(cfg.val, key), 0)
     _at_least("log.every_steps", cfg.log.every_steps, 0)
-    _finite("log.peak_flops_per_device", cfg.log.peak_flops_per_device, low=0.0, low_open=True)
+    _finite("log.peak_flops_per_device", cfg.log.peak_flops_per_device, low=0.0)  # 0: from the device
     _at_least("checkpoint.every_steps", cfg.checkpoint.every_steps, 0)
     if not cfg.out_dir:
         raise _bad("out_dir", cfg.out_dir, "is empty")
