@@ -40,6 +40,7 @@ from aim_ds.train.config import NonFiniteLossError, PretrainConfig  # noqa: E402
 from aim_ds.train.engine import load_ds_config  # noqa: E402
 from aim_ds.train.lock import RunLock, RunLockedError  # noqa: E402
 from aim_ds.train.loop import run  # noqa: E402
+from aim_ds.train.preflight import check_config  # noqa: E402
 from aim_ds.train.stopping import (  # noqa: E402
     EXIT_BAD_INPUT,
     EXIT_FINISHED,
@@ -48,7 +49,6 @@ from aim_ds.train.stopping import (  # noqa: E402
     STOP_FILE,
     StopRequest,
 )
-from aim_ds.train.preflight import check_config  # noqa: E402
 from aim_ds.zero_shards import ShardError  # noqa: E402
 
 

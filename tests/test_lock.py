@@ -115,11 +115,13 @@ def test_fifo_named_run_lock_is_refused_not_waited_on(tmp_path: Path) -> None:
 
 
 _RACER = """
-import sys, time
+import os, sys, time
 from aim_ds.train.lock import RunLock, RunLockedError
-run, go = sys.argv[1], float(sys.argv[2])
+run, go = sys.argv[1], sys.argv[2]
 lock = RunLock(run, stale_after_s=30)
-time.sleep(max(0.0, go - time.time()))
+print("ready", flush=True)
+while not os.path.exists(go):
+    time.sleep(0.001)
 try:
     lock.acquire()
 except RunLockedError:
@@ -131,17 +133,21 @@ time.sleep(3)  # hold it while the others decide
 
 
 def test_take_over_is_atomic(tmp_path: Path, monkeypatch) -> None:
-    """Eight processes take over one stale lock at the same instant: exactly one holds it, the
+    """Four processes take over one stale lock at the same instant: exactly one holds it, the
     others are refused naming a live holder (the old protocol let a late unlink remove a fresh lock)."""
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
-    _foreign(tmp_path, age_s=1000)
-    go = time.time() + 2.0
+    run = tmp_path / "run"
+    _foreign(run, age_s=1000)
+    go = tmp_path / "go"
     racers = [
-        subprocess.Popen([sys.executable, "-c", _RACER, str(tmp_path), str(go)], env=_env(), stdout=subprocess.PIPE)
-        for _ in range(8)
+        subprocess.Popen([sys.executable, "-c", _RACER, str(run), str(go)], env=_env(), stdout=subprocess.PIPE)
+        for _ in range(4)
     ]
+    for racer in racers:
+        assert racer.stdout.readline().strip() == b"ready"
+    go.touch()
     outcomes = [r.communicate(timeout=120)[0].decode().strip() for r in racers]
-    assert sorted(outcomes) == ["held"] + ["refused"] * 7, outcomes
+    assert sorted(outcomes) == ["held"] + ["refused"] * 3, outcomes
 
 
 # ----------------------------------------------------------------------------- fuzzing the record
@@ -196,7 +202,13 @@ def test_any_record_gives_a_decision(raw: bytes, age: float, here: bool) -> None
     if holder is not None and here:
         holder = Holder(host=socket.gethostname(), pid=holder.pid, slurm_job=holder.slurm_job)
     verdict, why = judge(
-        holder, age, host=socket.gethostname(), slurm_job="5", slurm_restart=0, stale_after_s=60, job_state=lambda j: None
+        holder,
+        age,
+        host=socket.gethostname(),
+        slurm_job="5",
+        slurm_restart=0,
+        stale_after_s=60,
+        job_state=lambda j: None,
     )
     assert verdict in ("live", "stale", "watch") and why
     if holder is not None and holder.pid is None and verdict == "live":

@@ -11,8 +11,8 @@ import os
 import socket
 import stat
 import subprocess
-import threading
 import sys
+import threading
 import time
 from pathlib import Path
 
