@@ -1,5 +1,5 @@
 """scripts/slurm/pretrain.sbatch under a real SLURM (slurm-wlm + munge, brought up by
-scripts/slurm/testcluster.sh in a private folder; KillWait 5 s), 2 CPU ranks of real DeepSpeed on
+scripts/slurm/testcluster.sh in a private folder; KillWait 10 s), 2 CPU ranks of real DeepSpeed on
 real images. Each job must come back by itself and end COMPLETED, with every step's loss equal to
 the uninterrupted job's:
 

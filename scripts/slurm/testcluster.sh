@@ -6,8 +6,8 @@
 #   scripts/slurm/testcluster.sh down DIR   # stop the three daemons started by `up DIR`
 #
 # Everything (key, socket, state, spool, logs, PID files) lives under DIR, and the ports are free
-# ones, so the cluster leaves the host's own /etc/slurm and /etc/munge alone. KillWait is 5 s (the
-# grace between SIGTERM and SIGKILL), so a requeue test waits 5 s, not 30.
+# ones, so the cluster leaves the host's own /etc/slurm and /etc/munge alone. KillWait is 10 s (the
+# grace between SIGTERM and SIGKILL), so a requeue test waits 10 s, not 30.
 set -euo pipefail
 
 cmd=${1:?usage: testcluster.sh up|down DIR}
@@ -69,7 +69,7 @@ SelectTypeParameters=CR_CPU
 SchedulerType=sched/backfill
 MpiDefault=none
 ReturnToService=2
-KillWait=5
+KillWait=10
 MinJobAge=3600
 JobRequeue=1
 InactiveLimit=0
