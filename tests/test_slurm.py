@@ -23,6 +23,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -51,11 +52,12 @@ def _can_run() -> str | None:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+def cluster() -> dict[str, str]:
     reason = _can_run()
     if reason:
         pytest.skip(reason)
-    folder = tmp_path_factory.mktemp("slurm")
+    # Not under pytest's tmp folder: it is 0700 and munged runs as the munge user.
+    folder = Path(tempfile.mkdtemp(prefix="aim_ds_slurm_"))
     up = subprocess.run(
         ["bash", str(CLUSTER), "up", str(folder)], capture_output=True, text=True, timeout=900, check=False
     )
@@ -73,6 +75,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         yield env
     finally:
         subprocess.run(["bash", str(CLUSTER), "down", str(folder)], capture_output=True, timeout=120, check=False)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
