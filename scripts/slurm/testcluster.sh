@@ -7,7 +7,8 @@
 #
 # Everything (key, socket, state, spool, logs, PID files) lives under DIR, and the ports are free
 # ones, so the cluster leaves the host's own /etc/slurm and /etc/munge alone. KillWait is 10 s (the
-# grace between SIGTERM and SIGKILL), so a requeue test waits 10 s, not 30.
+# grace between SIGTERM and SIGKILL), so a requeue test waits 10 s, not 30; cred_expire=10 lets a
+# requeued job start again after 10 s instead of 120.
 set -euo pipefail
 
 cmd=${1:?usage: testcluster.sh up|down DIR}
@@ -51,7 +52,7 @@ SlurmctldHost=$host
 SlurmctldPort=$(free_port)
 SlurmdPort=$(free_port)
 AuthType=auth/munge
-AuthInfo=socket=$dir/munge/munge.socket
+AuthInfo=socket=$dir/munge/munge.socket,cred_expire=10
 CredType=cred/munge
 SlurmUser=root
 SlurmdUser=root
