@@ -105,13 +105,6 @@ def train(args: argparse.Namespace) -> int:
     stop.install()
     lock = RunLock(cfg.out_dir, stale_after_s=cfg.lock.stale_after_s)
     refused: RunLockedError | None = None
-    if os.environ.get("RANK", "0") == "0":
-        try:
-            lock.acquire()  # before anything is written into the run folder
-        except RunLockedError as exc:
-            if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-                raise
-            refused = exc  # told to every rank once the process group exists (below)
 
     def agree_on_lock() -> None:
         """Every rank stops at once when rank 0 was refused the lock (not only rank 0, leaving the
@@ -122,6 +115,13 @@ def train(args: argparse.Namespace) -> int:
             raise refused or RunLockedError(f"rank 0 could not take {lock.path} (its log names the holder)")
 
     try:
+        if os.environ.get("RANK", "0") == "0":
+            try:
+                lock.acquire()  # before anything is written into the run folder
+            except RunLockedError as exc:
+                if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+                    raise
+                refused = exc  # told to every rank once the process group exists (agree_on_lock)
         if refused is None:
             ckpt.check_manifest(cfg.out_dir)
             if lock.held:

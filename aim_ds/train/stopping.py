@@ -100,8 +100,8 @@ class StopRequest:
         return self._file_seen
 
     def consume_stop_file(self) -> None:
-        """Remove the stop file after the stop it asked for (rank 0), so the next start trains."""
-        if self._file_seen and self.stop_file is not None:
+        """Remove the stop file after a stop (rank 0; whichever rank saw it), so the next start trains."""
+        if self.stop_file is not None:
             with contextlib.suppress(FileNotFoundError):
                 self.stop_file.unlink()
 
