@@ -261,19 +261,27 @@ def _blocked(tmp_path: Path, repeat_after_s: float, timeout_s: float) -> subproc
 
 def test_blocked_process_ends_on_a_second_signal(tmp_path: Path) -> None:
     proc = _blocked(tmp_path, repeat_after_s=0.5, timeout_s=0)
-    proc.send_signal(signal.SIGTERM)
-    proc.send_signal(signal.SIGTERM)  # a launcher forwarding the same request: counts as one
-    time.sleep(1.0)
-    assert proc.poll() is None, "the first request (twice within the grace) must only set the flag"
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=30)
+    try:
+        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signal.SIGTERM)  # a launcher forwarding the same request: counts as one
+        time.sleep(1.0)
+        assert proc.poll() is None, "the first request (twice within the grace) must only set the flag"
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()  # only SIGKILL ends it when the watcher is broken
+        proc.wait()
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "second signal SIGTERM" in err and "unblocked" not in out
 
 
 def test_blocked_process_ends_by_the_watchdog(tmp_path: Path) -> None:
     proc = _blocked(tmp_path, repeat_after_s=1000, timeout_s=1.0)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=30)
+    try:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+        proc.wait()
     assert proc.returncode == 128 + signal.SIGINT, err
     assert "no stop within stop.timeout_s=1 s after signal SIGINT" in err and "unblocked" not in out
