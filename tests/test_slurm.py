@@ -208,7 +208,9 @@ def test_hard_killed_job_on_another_host_is_taken_over(
     out = straight["out"].parent / "killed"
     job = _submit(cluster, run_config, out, overrides=("checkpoint.every_steps=4",))
     _wait_step(cluster, job, out, 6)
-    subprocess.run(["scancel", "-s", "KILL", "--full", job], env=cluster, check=True, timeout=30)
+    # SIGKILL to every process of the job's steps at once (launcher and ranks): nothing can clean up.
+    # (--full also signals the batch shell, whose srun then ends the step with SIGTERM first.)
+    subprocess.run(["scancel", "-s", "KILL", job], env=cluster, check=True, timeout=30)
     _wait(cluster, job, _done, "the kill")
     lock = out / LOCK_FILE
     assert lock.exists(), "a SIGKILLed job leaves its lock"
