@@ -6,12 +6,21 @@
         --config run/configs/aim-tiny.yaml    # CPU, two ranks, fp32, gloo
     python run/pretrain.py --export-only runs/aim-tiny   # safetensors from the newest checkpoint
 
+    sbatch [--nodes N] scripts/slurm/pretrain.sbatch --config C --deepspeed D [key=value ...]
+
 A run started again with the same out_dir resumes from its newest complete checkpoint that loads.
 Before anything is built, every field and path of the config is checked (exit 2 naming the key)
-and rank 0 takes the run folder's lock (exit 2 naming the holder when another job has it).
-Exit codes: 0 finished or stopped cleanly (signal / train.stop_after_steps / launcher gone,
-checkpoint saved), 2 bad configuration, locked or unresumable run folder, damaged weights,
-3 non-finite loss.
+and rank 0 takes the run folder's lock (every rank exits 2 naming the holder when another live
+job has it; a holder that stopped beating for lock.stale_after_s is taken over, wherever it ran).
+A stop request (SIGTERM, SIGINT, SIGUSR1, the file <out_dir>/stop.request, the launcher gone)
+checkpoints at the next step boundary; a second SIGTERM/SIGINT stop.repeat_after_s later, or
+stop.timeout_s without the stop ending, ends the process at once (exit 128 + signal).
+
+Exit codes (for requeue loops; scripts/slurm/pretrain.sbatch reads them):
+   0  finished (or already finished), or stopped at train.stop_after_steps as configured
+  75  stopped on request with a checkpoint: start the same command again to resume
+   2  bad input: configuration, locked or unresumable run folder, damaged weights
+   3  non-finite loss or gradient norm (nothing saved)
 """
 
 from __future__ import annotations
@@ -32,6 +41,14 @@ from aim_ds.train.engine import load_ds_config  # noqa: E402
 from aim_ds.train.lock import RunLock, RunLockedError  # noqa: E402
 from aim_ds.train.loop import run  # noqa: E402
 from aim_ds.train.preflight import check_config  # noqa: E402
+from aim_ds.train.stopping import (  # noqa: E402
+    EXIT_BAD_INPUT,
+    EXIT_FINISHED,
+    EXIT_NON_FINITE,
+    EXIT_STOPPED,
+    STOP_FILE,
+    StopRequest,
+)
 from aim_ds.zero_shards import ShardError  # noqa: E402
 
 
@@ -48,9 +65,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--skip-memory-check", action="store_true", help="start even when the memory plan (aim_ds.plan) does not fit"
     )
+    parser.add_argument(
+        "--print-out-dir", action="store_true", help="print the run folder the config and overrides give, and exit"
+    )
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=40")
     args = parser.parse_args(argv)
-    if not args.export_only and (not args.config or not args.deepspeed):
+    if args.print_out_dir and not args.config:
+        parser.error("--print-out-dir needs --config")
+    if not args.export_only and not args.print_out_dir and (not args.config or not args.deepspeed):
         parser.error("--config and --deepspeed are required (or --export-only OUT_DIR)")
     return args
 
@@ -76,18 +98,45 @@ def train(args: argparse.Namespace) -> int:
     cfg = load_config(PretrainConfig, args.config, overrides=args.overrides)
     ds_base = load_ds_config(args.deepspeed)
     check_config(cfg)
-    lock = RunLock(cfg.out_dir)
-    if os.environ.get("RANK", "0") == "0":
-        lock.acquire()  # before anything is written into the run folder
+    # Installed before the slow start-up, so that a stop asked for meanwhile is a checkpoint at step 1.
+    stop = StopRequest(
+        Path(cfg.out_dir) / STOP_FILE, repeat_after_s=cfg.stop.repeat_after_s, timeout_s=cfg.stop.timeout_s
+    )
+    stop.install()
+    lock = RunLock(cfg.out_dir, stale_after_s=cfg.lock.stale_after_s)
+    refused: RunLockedError | None = None
+
+    def agree_on_lock() -> None:
+        """Every rank stops at once when rank 0 was refused the lock (not only rank 0, leaving the
+        others in a collective until the process group's timeout)."""
+        from aim_ds.distributed import max_across_ranks
+
+        if max_across_ranks(int(refused is not None)):
+            raise refused or RunLockedError(f"rank 0 could not take {lock.path} (its log names the holder)")
+
     try:
-        ckpt.check_manifest(cfg.out_dir)
-        if lock.held:
-            ckpt.write_manifest(cfg.out_dir)
-        result = run(cfg, ds_base, ds_source=args.deepspeed, check_memory=not args.skip_memory_check)
+        if os.environ.get("RANK", "0") == "0":
+            try:
+                lock.acquire()  # before anything is written into the run folder
+            except RunLockedError as exc:
+                if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+                    raise
+                refused = exc  # told to every rank once the process group exists (agree_on_lock)
+        if refused is None:
+            ckpt.check_manifest(cfg.out_dir)
+            if lock.held:
+                ckpt.write_manifest(cfg.out_dir)
+        result = run(
+            cfg, ds_base, ds_source=args.deepspeed, check_memory=not args.skip_memory_check, joined=agree_on_lock
+        )
+        if result.status == "stopped" and lock.held:
+            stop.consume_stop_file()
     finally:
         lock.release()
+        stop.restore()
     logging.getLogger("aim_ds").info("%s at step %d: %s", result.status, result.step, result.out_dir)
-    return 0
+    as_configured = 0 < cfg.train.stop_after_steps <= result.step
+    return EXIT_STOPPED if result.status == "stopped" and not as_configured else EXIT_FINISHED
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,19 +148,22 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     log = logging.getLogger("aim_ds")
     try:
+        if args.print_out_dir:
+            print(load_config(PretrainConfig, args.config, overrides=args.overrides).out_dir)
+            return EXIT_FINISHED
         return export_only(args.export_only) if args.export_only else train(args)
     except RunLockedError as exc:
         log.error("run folder locked: %s", exc)
-        return 2
+        return EXIT_BAD_INPUT
     except ConfigError as exc:
         log.error("configuration error: %s", exc)
-        return 2
+        return EXIT_BAD_INPUT
     except (ckpt.CheckpointError, ShardError) as exc:
         log.error("cannot resume or export: %s", exc)
-        return 2
+        return EXIT_BAD_INPUT
     except NonFiniteLossError as exc:
         log.error("%s", exc)
-        return 3
+        return EXIT_NON_FINITE
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -240,10 +241,22 @@ def test_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path: Path, ca
     with caplog.at_level(logging.WARNING), RunLock(run) as lock:
         assert lock.held and json.loads((run / LOCK_FILE).read_text())["pid"] == os.getpid()
     assert "taking over the stale lock" in caplog.text and not (run / LOCK_FILE).exists()
-    # A lock from another host cannot be checked: refused, naming it.
+    # A lock from another host is judged by its heartbeat (tests/test_lock.py): a beating one is refused.
     (run / LOCK_FILE).write_text(json.dumps({"host": "other-node", "pid": 1, "start_time": 0.0}))
-    with pytest.raises(RunLockedError, match="PID 1 on host other-node"):
-        RunLock(run).acquire()
+    beating = threading.Event()
+
+    def beat() -> None:
+        while not beating.wait(0.05):
+            os.utime(run / LOCK_FILE)
+
+    beater = threading.Thread(target=beat)
+    beater.start()
+    try:
+        with pytest.raises(RunLockedError, match="PID 1 on host other-node"):
+            RunLock(run, stale_after_s=5).acquire()
+    finally:
+        beating.set()
+        beater.join()
 
 
 def test_files_follow_the_umask(tmp_path: Path) -> None:

@@ -105,6 +105,23 @@ class CheckpointSection:
 
 
 @dataclass
+class LockSection:
+    # A holder (rank 0 of the job in out_dir) touches run.lock every quarter of this; a lock not
+    # touched for this long is taken over by the next job, whichever host it ran on.
+    stale_after_s: float = 120.0
+
+
+@dataclass
+class StopSection:
+    # After a first SIGTERM/SIGINT: a second one at least this much later ends the process at once
+    # (earlier ones are the same request forwarded by a launcher).
+    repeat_after_s: float = 2.0
+    # After a first signal, end the process (no checkpoint) when the stop has not ended it within this
+    # many seconds: one step plus the stop checkpoint must fit. 0: never.
+    timeout_s: float = 900.0
+
+
+@dataclass
 class ExportSection:
     enabled: bool = True  # consolidated fp32 safetensors in out_dir/export at the end
     ml_aim: bool = False  # also trunk_ml_aim.safetensors in the released ml-aim layout
@@ -134,6 +151,8 @@ class PretrainConfig:
     val: ValSection = field(default_factory=ValSection)
     log: LogSection = field(default_factory=LogSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    lock: LockSection = field(default_factory=LockSection)
+    stop: StopSection = field(default_factory=StopSection)
     export: ExportSection = field(default_factory=ExportSection)
     probe: LiveProbeSection = field(default_factory=LiveProbeSection)
     out_dir: str = "runs/aim"

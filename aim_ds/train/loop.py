@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,7 @@ from .evaluate import validate
 from .finish import finish
 from .job import Job
 from .live_probe import check_live_probe, live_probe, live_probe_due
-from .stopping import StopRequest, save_or_stop
+from .stopping import STOP_FILE, StopRequest, active, save_or_stop
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +55,20 @@ class RunResult:
 
 
 def run(
-    cfg: PretrainConfig, ds_base: dict[str, Any], *, ds_source: str = "the DeepSpeed config", check_memory: bool = True
+    cfg: PretrainConfig,
+    ds_base: dict[str, Any],
+    *,
+    ds_source: str = "the DeepSpeed config",
+    check_memory: bool = True,
+    joined: Callable[[], None] | None = None,
 ) -> RunResult:
     """Train (or resume) the run described by ``cfg`` on every rank of the launched job.
     ``check_memory``: print the memory plan (ZeRO-3) and stop before building anything when it
-    does not fit (:class:`aim_ds.plan.PlanError`, a ConfigError)."""
+    does not fit (:class:`aim_ds.plan.PlanError`, a ConfigError). ``joined``: called on every rank
+    once the process group exists (the driver agrees on the run lock there)."""
     rank, world, device = init_distributed()
+    if joined is not None:
+        joined()
     model_cfg = model_config(cfg)  # the one resolution of the architecture; passed down from here
     cfg, plan = _plan(cfg, model_cfg, world)
     ds, notes = build_ds_config(ds_base, cfg, plan, model_cfg, source=ds_source)
@@ -318,8 +327,11 @@ def _train_loop(job: Job, step: int, epoch: int, batch_in_epoch: int) -> tuple[s
     batches = iterate_batches(job.train_loader, epoch, batch_in_epoch, per_epoch)
     flops_per_image = train_flops_per_image(job.model_cfg)
     probe_settings = check_live_probe(cfg, Path(__file__).resolve().parents[2])
-    stop = StopRequest()
-    stop.install()
+    stop = active()  # the driver's (installed before the engine was built), else this loop's own
+    own_stop = stop is None
+    if stop is None:
+        stop = StopRequest(Path(cfg.out_dir) / STOP_FILE, repeat_after_s=cfg.stop.repeat_after_s)
+        stop.install()
     window = _LogWindow(job.device)
     pending: _StepStats | None = None  # the previous step's stats, not yet read
     last_saved = step
@@ -369,7 +381,8 @@ def _train_loop(job: Job, step: int, epoch: int, batch_in_epoch: int) -> tuple[s
             job.save(step, epoch, batch_in_epoch)
         return "finished", step
     finally:
-        stop.restore()
+        if own_stop:
+            stop.restore()
 
 
 def _optimizer_step(job: Job, step: int, batches: Any, stop: StopRequest) -> tuple[Tensor, Tensor, int, int]:

@@ -88,6 +88,9 @@ def check_fields(cfg: PretrainConfig) -> None:
     _at_least("log.every_steps", cfg.log.every_steps, 0)
     _finite("log.peak_flops_per_device", cfg.log.peak_flops_per_device, low=0.0)  # 0: from the device
     _at_least("checkpoint.every_steps", cfg.checkpoint.every_steps, 0)
+    _finite("lock.stale_after_s", cfg.lock.stale_after_s, low=0.0, low_open=True)
+    _finite("stop.repeat_after_s", cfg.stop.repeat_after_s, low=0.0)
+    _finite("stop.timeout_s", cfg.stop.timeout_s, low=0.0)
     if not cfg.out_dir:
         raise _bad("out_dir", cfg.out_dir, "is empty")
 

@@ -1,0 +1,287 @@
+"""The run lock and the stop request, with real files, processes and signals.
+
+- a lock whose holder is gone on another host is taken over once it stops beating, a beating one is
+  refused; a record of an earlier run of the same SLURM job is stale at once;
+- take-over is atomic: many processes taking over one stale lock at once, exactly one holds it;
+- a record that is valid JSON with a non-numeric PID, or any mutation of a record (hypothesis), is a
+  decision, never a traceback; a FIFO named run.lock is refused without blocking;
+- a process blocked where no step boundary comes ends on a second signal, or by the watchdog.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from aim_ds.train.lock import LOCK_FILE, Holder, RunLock, RunLockedError, judge, parse_record
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    return dict(env, PYTHONPATH=str(ROOT))
+
+
+def _foreign(run: Path, *, age_s: float = 0.0, **extra: object) -> bytes:
+    """A lock as a job on another host writes it, last touched ``age_s`` ago."""
+    run.mkdir(parents=True, exist_ok=True)
+    raw = json.dumps({"host": "other-node", "pid": 4242, "start_time": time.time() - age_s, **extra}).encode()
+    (run / LOCK_FILE).write_bytes(raw)
+    past = time.time() - age_s
+    os.utime(run / LOCK_FILE, (past, past))
+    return raw
+
+
+def test_other_host_dead_heartbeat_is_taken_over_at_once(tmp_path: Path, monkeypatch, caplog) -> None:
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    _foreign(tmp_path, age_s=100)
+    with caplog.at_level("INFO"), RunLock(tmp_path, stale_after_s=30) as lock:
+        assert lock.held and json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
+    # Decided on the heartbeat already missed, not by watching for another 30 s.
+    assert "not touched for 100 s" in caplog.text and "deciding by its heartbeat" not in caplog.text
+    assert not (tmp_path / LOCK_FILE).exists()
+
+
+def test_other_host_lock_that_stops_beating_is_taken_over(tmp_path: Path, monkeypatch) -> None:
+    """A lock touched just now on another host (the job was SIGKILLed a moment ago): watched, no
+    beat comes, taken over after stale_after_s."""
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    _foreign(tmp_path)
+    with RunLock(tmp_path, stale_after_s=1.0) as lock:
+        assert lock.held
+
+
+def test_live_holder_beats_and_is_refused(tmp_path: Path) -> None:
+    """A real holder process with a heartbeat every 0.25 s, pretending to run on another host
+    (its record names other-node): refused within about one beat, naming it."""
+    code = (
+        "import socket, sys, time\n"
+        "socket.gethostname = lambda: 'other-node'\n"
+        "from aim_ds.train.lock import RunLock\n"
+        "lock = RunLock(sys.argv[1], stale_after_s=1.0); lock.acquire(); print('held', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code, str(tmp_path)], env=_env(), stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunLockedError, match=f"PID {holder.pid} on host other-node.*heartbeat is beating"):
+            RunLock(tmp_path, stale_after_s=1.0).acquire()
+    finally:
+        holder.kill()
+        holder.wait()
+    # SIGKILLed: no beat any more, taken over.
+    with RunLock(tmp_path, stale_after_s=1.0) as lock:
+        assert lock.held
+
+
+def test_earlier_run_of_the_same_slurm_job_is_stale_at_once(tmp_path: Path, monkeypatch, caplog) -> None:
+    monkeypatch.setenv("SLURM_JOB_ID", "777")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    _foreign(tmp_path, slurm_job="777", slurm_restart=0)  # touched just now: only the job id can tell
+    with caplog.at_level("INFO"), RunLock(tmp_path, stale_after_s=60) as lock:
+        assert lock.held
+        record = json.loads((tmp_path / LOCK_FILE).read_text())
+        assert (record["slurm_job"], record["slurm_restart"]) == ("777", 1)
+    assert "an earlier run of this SLURM job 777" in caplog.text
+
+
+def test_non_numeric_pid_is_a_decision(tmp_path: Path, monkeypatch) -> None:
+    """Valid JSON, PID "abc", this host: no PID to check, so the heartbeat decides (old: taken over)."""
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    (tmp_path / LOCK_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": "abc", "start_time": "x"}))
+    past = time.time() - 100
+    os.utime(tmp_path / LOCK_FILE, (past, past))
+    with RunLock(tmp_path, stale_after_s=10) as lock:
+        assert lock.held
+
+
+def test_fifo_named_run_lock_is_refused_not_waited_on(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / LOCK_FILE)
+    with pytest.raises(RunLockedError, match="not a regular file"):
+        RunLock(tmp_path).acquire()
+
+
+_RACER = """
+import os, sys, time
+from aim_ds.train.lock import RunLock, RunLockedError
+run, go = sys.argv[1], sys.argv[2]
+lock = RunLock(run, stale_after_s=30)
+print("ready", flush=True)
+while not os.path.exists(go):
+    time.sleep(0.001)
+try:
+    lock.acquire()
+except RunLockedError:
+    print("refused", flush=True)
+    sys.exit(0)
+print("held", flush=True)
+time.sleep(3)  # hold it while the others decide
+"""
+
+
+def test_take_over_is_atomic(tmp_path: Path, monkeypatch) -> None:
+    """Four processes take over one stale lock at the same instant: exactly one holds it, the
+    others are refused naming a live holder (the old protocol let a late unlink remove a fresh lock)."""
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    run = tmp_path / "run"
+    _foreign(run, age_s=1000)
+    go = tmp_path / "go"
+    racers = [
+        subprocess.Popen([sys.executable, "-c", _RACER, str(run), str(go)], env=_env(), stdout=subprocess.PIPE)
+        for _ in range(4)
+    ]
+    for racer in racers:
+        assert racer.stdout.readline().strip() == b"ready"
+    go.touch()
+    outcomes = [r.communicate(timeout=120)[0].decode().strip() for r in racers]
+    assert sorted(outcomes) == ["held"] + ["refused"] * 3, outcomes
+
+
+# ----------------------------------------------------------------------------- fuzzing the record
+
+_VALID = {
+    "host": "node7",
+    "pid": 4242,
+    "start_time": 1.7e9,
+    "proc_start": "12345",
+    "slurm_job": "99",
+    "slurm_restart": 0,
+    "nonce": "ab",
+}
+_values = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=300),
+    st.lists(st.integers(), max_size=3),
+    st.dictionaries(st.text(max_size=5), st.integers(), max_size=3),
+)
+
+
+@st.composite
+def _mutated_records(draw: st.DrawFn) -> bytes:
+    record = dict(_VALID)
+    for key in draw(st.lists(st.sampled_from(sorted(_VALID)), max_size=len(_VALID))):
+        if draw(st.booleans()):
+            record.pop(key, None)
+        else:
+            record[key] = draw(_values)
+    raw = json.dumps(record).encode()
+    how = draw(st.sampled_from(["json", "truncate", "flip", "junk"]))
+    if how == "truncate":
+        raw = raw[: draw(st.integers(0, len(raw)))]
+    elif how == "flip":
+        at = draw(st.integers(0, len(raw) - 1))
+        raw = raw[:at] + bytes([raw[at] ^ draw(st.integers(1, 255))]) + raw[at + 1 :]
+    elif how == "junk":
+        raw = draw(st.binary(max_size=200))
+    return raw
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(raw=_mutated_records(), age=st.floats(0, 1e6), here=st.booleans())
+def test_any_record_gives_a_decision(raw: bytes, age: float, here: bool) -> None:
+    """Parse and judge any mutation of a record: a Holder (or None) and one of three verdicts,
+    never an exception; a holder on this host with an unusable PID is never judged live."""
+    holder = parse_record(raw)
+    assert holder is None or isinstance(holder, Holder)
+    if holder is not None and here:
+        holder = Holder(host=socket.gethostname(), pid=holder.pid, slurm_job=holder.slurm_job)
+    verdict, why = judge(
+        holder,
+        age,
+        host=socket.gethostname(),
+        slurm_job="5",
+        slurm_restart=0,
+        stale_after_s=60,
+        job_state=lambda j: None,
+    )
+    assert verdict in ("live", "stale", "watch") and why
+    if holder is not None and holder.pid is None and verdict == "live":
+        pytest.fail("a holder without a usable PID was judged live")
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(raw=_mutated_records())
+def test_any_lock_file_is_taken_or_refused_cleanly(raw: bytes, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The whole acquire path on a real file holding the mutation (an old one: no heartbeat)."""
+    run = tmp_path_factory.mktemp("fuzz")
+    (run / LOCK_FILE).write_bytes(raw)
+    past = time.time() - 1000
+    os.utime(run / LOCK_FILE, (past, past))
+    try:
+        with RunLock(run, stale_after_s=0.2) as lock:
+            assert lock.held
+    except RunLockedError as exc:
+        assert str(run) in str(exc)
+
+
+# ----------------------------------------------------------------------------- a blocked process
+
+_BLOCKED = """
+import os, sys, time
+from aim_ds.train.stopping import StopRequest
+stop = StopRequest(None, repeat_after_s=float(sys.argv[2]), timeout_s=float(sys.argv[3]))
+stop.install()
+print("blocked", flush=True)
+with open(sys.argv[1], "rb") as f:  # a FIFO nobody writes: blocked in open(2), as on a stuck mount
+    f.read()
+print("unblocked", flush=True)
+"""
+
+
+def _blocked(tmp_path: Path, repeat_after_s: float, timeout_s: float) -> subprocess.Popen:
+    fifo = tmp_path / "stuck"
+    os.mkfifo(fifo)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _BLOCKED, str(fifo), str(repeat_after_s), str(timeout_s)],
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout.readline().strip() == "blocked"
+    time.sleep(0.3)  # inside open(2)
+    return proc
+
+
+def test_blocked_process_ends_on_a_second_signal(tmp_path: Path) -> None:
+    proc = _blocked(tmp_path, repeat_after_s=0.5, timeout_s=0)
+    try:
+        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signal.SIGTERM)  # a launcher forwarding the same request: counts as one
+        time.sleep(1.0)
+        assert proc.poll() is None, "the first request (twice within the grace) must only set the flag"
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()  # only SIGKILL ends it when the watcher is broken
+        proc.wait()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "second signal SIGTERM" in err and "unblocked" not in out
+
+
+def test_blocked_process_ends_by_the_watchdog(tmp_path: Path) -> None:
+    proc = _blocked(tmp_path, repeat_after_s=1000, timeout_s=1.0)
+    try:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 128 + signal.SIGINT, err
+    assert "no stop within stop.timeout_s=1 s after signal SIGINT" in err and "unblocked" not in out
