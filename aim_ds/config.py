@@ -110,16 +110,18 @@ def _expanded_size(root: yaml.Node, source: str) -> int:
 def parse_yaml(text: str, source: str) -> Any:
     """``text`` read as YAML (safe types only) with :class:`_StrictLoader`'s limits; every problem
     is one :class:`ConfigError` naming ``source``."""
-    loader = _StrictLoader(text)
-    loader.source = source
+    loader = None
     try:
+        loader = _StrictLoader(text)  # reads the text's characters already: may raise too
+        loader.source = source
         return loader.get_single_data()
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source} is not valid YAML: {' '.join(str(exc).split())[:300]}") from None
     except RecursionError:
         raise ConfigError(f"{source}: nested too deeply") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def load_json(path: str | os.PathLike, what: str) -> Any:
