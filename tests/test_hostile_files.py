@@ -1,12 +1,12 @@
 """Hostile files through the real drivers: nothing handed to DeepSpeed is unpickled unchecked, and
 bad configs, DeepSpeed JSONs and weights end in one line, exit 2, before anything is built.
 
-One tiny real checkpoint (aim-test, ZeRO-3 on two launched CPU ranks, 2 steps) is written once and
-copied per case. A crafted file is a pickle whose payload creates a marker file when unpickled by
+One tiny real checkpoint (aim-test, ZeRO-3, 2 steps, by the driver as a plain process: a DeepSpeed
+world of one) is written once and copied per case; its ``COMPLETE`` marker claims two ranks. A crafted file is a pickle whose payload creates a marker file when unpickled by
 ``torch.load(weights_only=False)``: in every case the run exits 2 naming the file and the marker
 never appears.
 
-- Resume on another world size (the ``COMPLETE`` marker says 2 ranks, a plain process is one): the
+- Resume on another world size (the ``COMPLETE`` marker says 2 ranks, the plain process is one): the
   newest checkpoint is checked before DeepSpeed's converter runs, and the converter itself runs
   weights-only (:mod:`aim_ds.safe_universal`), checked here on its own too.
 - A planted ``<tag>/universal/`` folder, reached with ``checkpoint.load_universal: true`` and no
@@ -27,10 +27,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from test_pretrain_deepspeed import DEEPSPEED, LAUNCH_TIMEOUT_S, PERSISTENCE_THRESHOLD, ROOT, VENV_BIN
+from test_pretrain_deepspeed import LAUNCH_TIMEOUT_S, PERSISTENCE_THRESHOLD, ROOT, VENV_BIN
 
 from aim_ds import checkpoint as ckpt
-from aim_ds.distributed import free_port
 from aim_ds.metrics import read_metrics
 from aim_ds.train.lock import LOCK_FILE
 
@@ -84,13 +83,15 @@ def _driver(files: dict[str, Path], out: Path, *overrides: str, ds: Path | None 
 
 @pytest.fixture(scope="module")
 def trained(files: dict[str, Path]) -> Path:
-    """The tiny real checkpoint: 2 steps of aim-test on two launched ZeRO-3 ranks."""
-    assert DEEPSPEED, "the deepspeed launcher is not installed next to this Python"
+    """The tiny real checkpoint: 2 steps of aim-test, ZeRO-3, by the driver as a plain process (a
+    DeepSpeed world of one). Its ``COMPLETE`` marker is then made to claim 2 ranks, as a checkpoint
+    written by two would: a resume by one rank converts it to DeepSpeed's universal form."""
     out = files["root"] / "trained"
-    command = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), *_driver(files, out)]
-    done = subprocess.run(command, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
+    done = _plain(_driver(files, out))
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    assert ckpt.saved_world_size(out / "checkpoints" / ckpt.tag_for_step(STEPS)) == 2
+    tag = out / "checkpoints" / ckpt.tag_for_step(STEPS)
+    assert ckpt.saved_world_size(tag) == 1
+    ckpt.mark_complete(tag, {"step": STEPS, "world_size": 2})
     return out
 
 
@@ -103,7 +104,7 @@ def _copy(trained: Path, tmp_path: Path) -> tuple[Path, Path]:
 def _plain(command: list[str]) -> subprocess.CompletedProcess:
     """The real driver as a plain process: a DeepSpeed world of one rank."""
     return subprocess.run(
-        [sys.executable, *command], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S
+        [sys.executable, *command], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=2 * LAUNCH_TIMEOUT_S
     )
 
 
@@ -158,7 +159,7 @@ def test_planted_universal_folder_runs_nothing(files: dict[str, Path], trained: 
     _craft(crafted, marker)
     ds = None
     if how == "load_universal":
-        ckpt.mark_complete(tag, {"step": STEPS, "world_size": 1})  # a world of one wrote it: no conversion
+        ckpt.mark_complete(tag, {"step": STEPS, "world_size": 1})  # the world it is resumed on: no conversion
         ds = files["root"] / "zero3_universal.json"
     proc = _plain(_driver(files, out, f"train.steps={STEPS + 2}", ds=ds))
     _one_error(proc, str(crafted))
@@ -168,14 +169,16 @@ def test_planted_universal_folder_runs_nothing(files: dict[str, Path], trained: 
 
 @pytest.mark.deepspeed
 def test_clean_checkpoint_resumes_on_another_world_size(files: dict[str, Path], trained: Path, tmp_path: Path) -> None:
-    """The weights-only converter and loads still do the job: two ranks' checkpoint, one rank resumes
-    from its universal form and trains on; the universal files pass the weights-only check."""
+    """The weights-only converter and loads still do the job: a checkpoint said to be two ranks', one
+    rank resumes from its universal form and trains on; the universal files pass the weights-only
+    check."""
     out, tag = _copy(trained, tmp_path)
     proc = _plain(_driver(files, out, f"train.steps={STEPS + 1}"))
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert ckpt.verify_tag(tag) is None and list((tag / ckpt.UNIVERSAL).rglob("*.pt"))
     steps = [r["step"] for r in read_metrics(out / "metrics.jsonl", "train")]
-    assert steps == [1, 2, 3], steps  # steps 1-2 from the 2-rank run, step 3 after the resume only
+    assert steps == [1, 2, 3], steps  # steps 1-2 from the first run, step 3 after the resume only
+    assert "resumed from step_0000002" in proc.stderr, proc.stderr[-3000:]
 
 
 def test_verify_tag_refuses_links_out_and_fifos(trained: Path, tmp_path: Path) -> None:
