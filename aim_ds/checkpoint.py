@@ -421,7 +421,9 @@ def convert_to_universal(path: str | os.PathLike) -> Path:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
         done = subprocess.run(command, capture_output=True, text=True, env=env)
         if done.returncode != 0:
-            last = (done.stderr.strip().splitlines() or ["no message"])[-1][:500]
+            lines = done.stderr.strip().splitlines() or ["no message"]
+            raised = [line for line in lines if re.match(r"^[\w.]+(Error|Exception)\b", line)]
+            last = (raised or lines)[-1][:500]  # the exception line, not a hint printed after it
             raise CheckpointError(
                 f"converting {path} to a universal checkpoint failed ({last}); "
                 f"the command was: {' '.join(universal_command(path))}"
