@@ -42,7 +42,7 @@ import torch.distributed as dist
 
 from .distributed import barrier, min_across_ranks, rank, world_size
 from .io import PARTIAL_SUFFIX, atomic_dir, atomic_write_json, partial_path, remove_if_exists, replace_dir
-from .zero_shards import ShardError, load_shard, weights_only_loads
+from .zero_shards import ShardError, read_weights_only, weights_only_loads
 
 COMPLETE_MARKER = "COMPLETE"
 UNIVERSAL = "universal"  # <tag>/universal/: DeepSpeed's universal form of that checkpoint, any world size
@@ -231,8 +231,8 @@ def verify_tag(path: str | os.PathLike, root: str | os.PathLike | None = None) -
     otherwise the first problem, naming the file. Walked recursively (``universal/**`` included),
     symlinks resolved: every entry must stay inside ``root`` (default: the run folder, two levels
     up), be a folder or a regular file (a FIFO would block the open), and every ``*.pt`` file must
-    read with the weights-only reader (:func:`aim_ds.zero_shards.load_shard`, memory-mapped: the
-    tensor bytes are not read)."""
+    read with the weights-only reader (:func:`aim_ds.zero_shards.read_weights_only`, memory-mapped:
+    the tensor bytes are not read)."""
     path = Path(path)
     top = path.resolve()
     root = Path(root).resolve() if root is not None else top.parent.parent
@@ -260,7 +260,7 @@ def verify_tag(path: str | os.PathLike, root: str | os.PathLike | None = None) -
                 return f"{entry}: not a regular file (a FIFO, socket or device is never opened)"
             elif entry.suffix == ".pt":
                 try:
-                    load_shard(entry)
+                    read_weights_only(entry)
                 except ShardError as exc:
                     return str(exc)
     return None

@@ -109,21 +109,29 @@ def weights_only_loads() -> Iterator[None]:
         torch.load = original  # type: ignore[assignment]
 
 
-def load_shard(path: str | os.PathLike) -> dict[str, Any]:
-    """One shard file as plain data, read with ``weights_only=True`` (memory-mapped). Raises
-    :class:`ShardError` naming ``path`` when it is refused (a non-allow-listed global), truncated,
-    not a torch zip file, or not a regular file (a FIFO would block the open)."""
+def read_weights_only(path: str | os.PathLike) -> Any:
+    """Whatever the torch file ``path`` holds (a dict of shards, or a bare tensor as in DeepSpeed's
+    universal checkpoints), read with ``weights_only=True`` and the :func:`allowed_globals`,
+    memory-mapped (tensor bytes are not read). Raises :class:`ShardError` naming ``path`` when it is
+    refused (a non-allow-listed global), truncated, not a torch zip file, or not a regular file (a
+    FIFO would block the open)."""
     path = Path(path)
     check_regular_file(path, "checkpoint file", ShardError)
     try:
         with torch.serialization.safe_globals(allowed_globals()):
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as exc:
         raise ShardError(f"{path}: {refusal(exc)}") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
         raise ShardError(
             f"{path}: damaged or not a torch checkpoint ({str(exc).strip().splitlines()[0][:200]})"
         ) from None
+
+
+def load_shard(path: str | os.PathLike) -> dict[str, Any]:
+    """One shard file as plain data (:func:`read_weights_only`); :class:`ShardError` naming ``path``
+    also when it does not hold a dict."""
+    obj = read_weights_only(path)
     if not isinstance(obj, dict):
         raise ShardError(f"{path}: expected a dict, found {type(obj).__name__}")
     return obj
@@ -465,6 +473,7 @@ __all__ = [
     "consolidate_fp32",
     "refusal",
     "load_shard",
+    "read_weights_only",
     "parameter_shapes",
     "read_zero_checkpoint",
     "stream_shards",
