@@ -29,6 +29,7 @@ import logging
 import os
 import random
 import re
+import stat
 import subprocess
 import sys
 import time
@@ -41,7 +42,7 @@ import torch.distributed as dist
 
 from .distributed import barrier, min_across_ranks, rank, world_size
 from .io import PARTIAL_SUFFIX, atomic_dir, atomic_write_json, partial_path, remove_if_exists, replace_dir
-from .zero_shards import ShardError, load_shard
+from .zero_shards import ShardError, read_weights_only, weights_only_loads
 
 COMPLETE_MARKER = "COMPLETE"
 UNIVERSAL = "universal"  # <tag>/universal/: DeepSpeed's universal form of that checkpoint, any world size
@@ -225,18 +226,43 @@ def check_manifest(run_dir: str | os.PathLike) -> None:
         )
 
 
-def verify_tag(path: str | os.PathLike) -> str | None:
-    """None when every ``*.pt`` file of the checkpoint folder ``path`` reads with the weights-only
-    reader (:func:`aim_ds.zero_shards.load_shard`, memory-mapped: the tensor bytes are not read);
-    otherwise the first problem, naming the file."""
-    files = sorted(Path(path).glob("*.pt"))
-    if not files:
+def verify_tag(path: str | os.PathLike, root: str | os.PathLike | None = None) -> str | None:
+    """None when every file DeepSpeed may open in the checkpoint folder ``path`` is safe to hand it;
+    otherwise the first problem, naming the file. Walked recursively (``universal/**`` included),
+    symlinks resolved: every entry must stay inside ``root`` (default: the run folder, two levels
+    up), be a folder or a regular file (a FIFO would block the open), and every ``*.pt`` file must
+    read with the weights-only reader (:func:`aim_ds.zero_shards.read_weights_only`, memory-mapped:
+    the tensor bytes are not read)."""
+    path = Path(path)
+    top = path.resolve()
+    root = Path(root).resolve() if root is not None else top.parent.parent
+    if not list(path.glob("*.pt")):
         return f"{path}: no *.pt files"
-    for file in files:
-        try:
-            load_shard(file)
-        except ShardError as exc:
-            return str(exc)
+    seen: set[Path] = set()
+    pending = [path]
+    while pending:
+        folder = pending.pop()
+        real = folder.resolve()
+        if real in seen:
+            continue
+        seen.add(real)
+        for entry in sorted(folder.iterdir()):
+            target = entry.resolve()
+            if not target.is_relative_to(root):
+                return f"{entry}: points outside the run folder {root} (to {target})"
+            try:
+                mode = target.stat().st_mode
+            except OSError as exc:
+                return f"{entry}: cannot be read ({exc.strerror or exc})"
+            if stat.S_ISDIR(mode):
+                pending.append(entry)
+            elif not stat.S_ISREG(mode):
+                return f"{entry}: not a regular file (a FIFO, socket or device is never opened)"
+            elif entry.suffix == ".pt":
+                try:
+                    read_weights_only(entry)
+                except ShardError as exc:
+                    return str(exc)
     return None
 
 
@@ -308,30 +334,65 @@ def _load_tag(engine: Any, folder: Path) -> tuple[str | None, dict[str, Any]]:
     ``(what went wrong, {})``. A failed load may leave the engine half-loaded; the next tag's load
     overwrites every parameter and optimizer state."""
     try:
-        if engine.load_universal_checkpoint():  # written by another world size: its universal form
-            load_path, client_state = engine.load_checkpoint(str(folder), tag=UNIVERSAL)
-        else:
-            load_path, client_state = engine.load_checkpoint(str(folder.parent), tag=folder.name)
+        # Every file was checked by verify_tag; the loads are weights-only as well, so a file
+        # swapped in since then cannot run code either.
+        with weights_only_loads():
+            if engine.load_universal_checkpoint():  # written by another world size: its universal form
+                load_path, client_state = engine.load_checkpoint(str(folder), tag=UNIVERSAL)
+            else:
+                load_path, client_state = engine.load_checkpoint(str(folder.parent), tag=folder.name)
     except Exception as exc:  # noqa: BLE001 - any failure means: try the previous checkpoint
         return f"{folder}: DeepSpeed could not load it ({type(exc).__name__}: {str(exc)[:200]})", {}
     if load_path is None:
         return f"{folder}: DeepSpeed could not load it", {}
-    return None, dict(client_state or {})
+    problem = client_state_problem(client_state)
+    if problem:
+        return f"{folder}: {problem}", {}
+    return None, dict(client_state)
+
+
+def client_state_problem(state: Any) -> str | None:
+    """None when ``state`` (the client state DeepSpeed hands back) holds the position a resume
+    needs: ``epoch`` and ``images_in_epoch`` (or the older ``batch_in_epoch``) as integers >= 0 and,
+    when present, ``config`` as a mapping of sections; otherwise what is wrong, in one line."""
+    if not isinstance(state, dict):
+        return f"the client state is a {type(state).__name__}, not a mapping"
+
+    def count(key: str) -> bool:
+        value = state.get(key)
+        return type(value) is int and value >= 0
+
+    if not count("epoch"):
+        return f"the client state's 'epoch' is {str(state.get('epoch'))[:80]!r}, not an integer >= 0"
+    if not (count("images_in_epoch") or ("images_in_epoch" not in state and count("batch_in_epoch"))):
+        return "the client state has no position in its epoch ('images_in_epoch', an integer >= 0)"
+    config = state.get("config", {})
+    if not isinstance(config, dict) or not all(isinstance(k, str) for k in config):
+        return "the client state's 'config' is not a mapping of sections"
+    return None
 
 
 def saved_world_size(path: str | os.PathLike) -> int | None:
-    """The world size a complete checkpoint was written with (from its ``COMPLETE`` marker)."""
+    """The world size a complete checkpoint was written with (from its ``COMPLETE`` marker); None
+    when the marker does not say (an older marker, or one that is not a small JSON object with a
+    positive integer ``world_size``)."""
+    marker = Path(path) / COMPLETE_MARKER
     try:
-        return int(json.loads((Path(path) / COMPLETE_MARKER).read_text())["world_size"])
-    except (OSError, ValueError, KeyError, TypeError):
+        if not stat.S_ISREG(marker.stat().st_mode) or marker.stat().st_size > 1 << 16:
+            return None
+        info = json.loads(marker.read_bytes().decode("utf-8"))
+    except (OSError, ValueError, RecursionError):
         return None
+    world = info.get("world_size") if isinstance(info, dict) else None
+    return world if type(world) is int and world >= 1 else None
 
 
 def universal_command(path: str | os.PathLike) -> list[str]:
-    """DeepSpeed's converter of the ZeRO checkpoint ``path`` into ``path/universal``."""
+    """DeepSpeed's converter of the ZeRO checkpoint ``path`` into ``path/universal``, run through
+    :mod:`aim_ds.safe_universal` (every ``torch.load`` weights-only, so it cannot run code)."""
     path = Path(path)
     return [
-        sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+        sys.executable, "-m", "aim_ds.safe_universal",
         "--input_folder", str(path), "--output_folder", str(path / UNIVERSAL),
         "--num_extract_workers", "1", "--num_merge_workers", "1",
     ]  # fmt: skip
@@ -339,19 +400,32 @@ def universal_command(path: str | os.PathLike) -> list[str]:
 
 def convert_to_universal(path: str | os.PathLike) -> Path:
     """Convert the ZeRO checkpoint ``path`` into ``path/universal`` (once; published whole through
-    :func:`aim_ds.io.atomic_dir`). Runs DeepSpeed's converter in a child process, so that its
-    worker pool never forks a rank that holds a process group. Returns the universal folder."""
+    :func:`aim_ds.io.atomic_dir`). Every file is checked first (:func:`verify_tag`, an existing
+    ``universal/`` included), and DeepSpeed's converter runs in a child process through
+    :mod:`aim_ds.safe_universal`, so neither the check nor the conversion runs code from the files;
+    the child process also keeps the converter's worker pool from forking a rank that holds a
+    process group. Returns the universal folder; :class:`CheckpointError` naming the file or the
+    converter's last words when it cannot."""
     path = Path(path)
     out = path / UNIVERSAL
+    problem = verify_tag(path)
+    if problem:
+        raise CheckpointError(f"cannot convert {path} for another world size: {problem}")
     if out.is_dir():
         return out
     with atomic_dir(out) as tmp:
         command = universal_command(path)
         command[command.index("--output_folder") + 1] = str(tmp)
-        done = subprocess.run(command, capture_output=True, text=True)
+        # The child imports aim_ds from wherever this process did (a checkout run without installing).
+        root = str(Path(__file__).resolve().parents[1])
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
+        done = subprocess.run(command, capture_output=True, text=True, env=env)
         if done.returncode != 0:
-            raise RuntimeError(
-                f"converting {path} to a universal checkpoint failed ({done.stderr.strip()[-2000:]}); "
+            lines = done.stderr.strip().splitlines() or ["no message"]
+            raised = [line for line in lines if re.match(r"^[\w.]+(Error|Exception)\b", line)]
+            last = (raised or lines)[-1][:500]  # the exception line, not a hint printed after it
+            raise CheckpointError(
+                f"converting {path} to a universal checkpoint failed ({last}); "
                 f"the command was: {' '.join(universal_command(path))}"
             )
     return out
@@ -375,5 +449,5 @@ def prepare_resume(ckpt_dir: str | os.PathLike, world: int) -> Path | None:
     if world_size() > 1:
         dist.broadcast_object_list(error, src=0)
     if error[0] is not None:
-        raise RuntimeError(error[0])
+        raise CheckpointError(error[0])
     return latest[1] / UNIVERSAL

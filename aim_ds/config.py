@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import os
+import reprlib
 import types
 import typing
 from pathlib import Path
@@ -18,13 +20,129 @@ from typing import Any, TypeVar
 
 import yaml
 
-from .io import atomic_write_text
+from .io import atomic_write_text, read_regular_file
 
 T = TypeVar("T")
+
+MAX_CONFIG_BYTES = 1 << 20  # a run config is a few kB; anything near this is not one
+MAX_CONFIG_NODES = 100_000  # values a YAML document may expand to, aliases counted at each use
 
 
 class ConfigError(ValueError):
     """A config file or override that does not fit the config's schema."""
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxstring, _SHORT.maxother, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxlevel = 80, 80, 8, 8, 3
+
+
+def short(value: Any) -> str:
+    """``repr(value)`` cut to a line: an error message must not print a whole expanded value."""
+    return _SHORT.repr(value)
+
+
+def read_text(path: str | os.PathLike, what: str) -> str:
+    """The UTF-8 text of the user's file ``path`` (a config): only a regular file of at most
+    :data:`MAX_CONFIG_BYTES` is opened; anything else is one :class:`ConfigError` naming it."""
+    data = read_regular_file(path, what, ConfigError, limit=MAX_CONFIG_BYTES)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{what} '{path}' is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start})"
+        ) from None
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (YAML would keep the last
+    silently) and a document whose aliases expand past :data:`MAX_CONFIG_NODES` values."""
+
+    source = "the config"
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise ConfigError(f"{self.source}: key {short(key)} appears twice (lines {seen[key]} and {line})")
+            seen.setdefault(key, line)
+        return super().construct_mapping(node, deep=deep)
+
+    def compose_document(self) -> yaml.Node:
+        node = super().compose_document()
+        _expanded_size(node, self.source)
+        return node
+
+
+def _expanded_size(root: yaml.Node, source: str) -> int:
+    """The number of values ``root`` stands for once every alias is expanded (each node counted
+    once per use), without expanding anything; :class:`ConfigError` past the budget or for an
+    alias that contains itself."""
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in active:
+            raise ConfigError(f"{source}: a YAML alias refers to a value that contains it")
+        active.add(key)
+        total = 1
+        if isinstance(node, yaml.SequenceNode):
+            total += sum(size(child) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            total += sum(size(k) + size(v) for k, v in node.value)
+        active.discard(key)
+        if total > MAX_CONFIG_NODES:
+            raise ConfigError(
+                f"{source}: expands to more than {MAX_CONFIG_NODES} values (YAML aliases used over and over?)"
+            )
+        sizes[key] = total
+        return total
+
+    return size(root) if root is not None else 0
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """``text`` read as YAML (safe types only) with :class:`_StrictLoader`'s limits; every problem
+    is one :class:`ConfigError` naming ``source``."""
+    loader = None
+    try:
+        loader = _StrictLoader(text)  # reads the text's characters already: may raise too
+        loader.source = source
+        return loader.get_single_data()
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source} is not valid YAML: {' '.join(str(exc).split())[:300]}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: nested too deeply") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+def load_json(path: str | os.PathLike, what: str) -> Any:
+    """A JSON file a user hands us (a DeepSpeed config): a regular UTF-8 file of bounded size whose
+    keys appear once; every problem is one :class:`ConfigError` naming ``what`` and ``path``."""
+    text = read_text(path, what)
+
+    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in out:
+                raise ConfigError(f"{what} '{path}': key {short(key)} appears twice in one object")
+            out[key] = value
+        return out
+
+    try:
+        return json.loads(text, object_pairs_hook=no_duplicates)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{what} '{path}' is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{what} '{path}': nested too deeply") from None
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -59,29 +177,29 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, arg, key)
             except ConfigError as exc:
                 errors.append(str(exc))
-        raise ConfigError(f"config key '{key}': cannot read {value!r} as {tp}")
+        raise ConfigError(f"config key '{key}': cannot read {short(value)} as {tp}")
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):
-            raise ConfigError(f"config key '{key}' is a section; expected a mapping, got {value!r}")
+            raise ConfigError(f"config key '{key}' is a section; expected a mapping, got {short(value)}")
         return _from_dict(tp, value, key)
     if isinstance(value, str) and (origin in (list, tuple, dict) or tp in (list, tuple, dict)):
         # Overrides arrive as strings; YAML syntax lets `data.scale=[0.4,1.0]` through.
-        value = yaml.safe_load(value)
+        value = parse_yaml(value, f"config key '{key}'")
     if origin in (list, tuple) or tp in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
+            raise ConfigError(f"config key '{key}': expected a list, got {short(value)}")
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(args) != len(value):
-                raise ConfigError(f"config key '{key}': expected {len(args)} values, got {value!r}")
+                raise ConfigError(f"config key '{key}': expected {len(args)} values, got {short(value)}")
             return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
         item = args[0] if args else Any
         items = [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if (origin is tuple or tp is tuple) else items
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"config key '{key}': expected a mapping, got {value!r}")
+            raise ConfigError(f"config key '{key}': expected a mapping, got {short(value)}")
         return dict(value)
     if tp is bool:
         if isinstance(value, bool):
@@ -92,10 +210,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return False
         if isinstance(value, int) and value in (0, 1):
             return bool(value)
-        raise ConfigError(f"config key '{key}': expected true or false, got {value!r}")
+        raise ConfigError(f"config key '{key}': expected true or false, got {short(value)}")
     if tp is int:
         if isinstance(value, bool):
-            raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+            raise ConfigError(f"config key '{key}': expected an integer, got {short(value)}")
         if isinstance(value, int):
             return value
         if isinstance(value, float) and value.is_integer():
@@ -107,7 +225,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 number = None
             if number is not None and number.is_integer():
                 return int(number)
-        raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+        raise ConfigError(f"config key '{key}': expected an integer, got {short(value)}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
@@ -116,10 +234,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
+        raise ConfigError(f"config key '{key}': expected a number, got {short(value)}")
     if tp is str:
         if isinstance(value, (dict, list)):
-            raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
+            raise ConfigError(f"config key '{key}': expected a string, got {short(value)}")
         return str(value)
     return value
 
@@ -187,7 +305,10 @@ def _set_dotted(tree: dict[str, Any], cls: type, dotted: str, raw: str) -> None:
             # One key inside a mapping field (model.overrides.depth=16), its value read as YAML reads it;
             # the field's own consumer (e.g. AIMConfig) validates the key.
             mapping = node.get(part)
-            node[part] = {**(mapping if isinstance(mapping, dict) else {}), parts[-1]: yaml.safe_load(raw)}
+            node[part] = {
+                **(mapping if isinstance(mapping, dict) else {}),
+                parts[-1]: parse_yaml(raw, f"override '{dotted}'"),
+            }
             return
         else:
             if not dataclasses.is_dataclass(tp):
@@ -216,13 +337,7 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: 
     tree: dict[str, Any] = to_dict(cls()) if _all_defaults(cls) else {}
     if path is not None:
         p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file '{p}' does not exist")
-        with open(p) as f:
-            try:
-                loaded = yaml.safe_load(f) or {}
-            except yaml.YAMLError as exc:
-                raise ConfigError(f"config file '{p}' is not valid YAML: {exc}") from None
+        loaded = parse_yaml(read_text(p, "config file"), f"config file '{p}'") or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file '{p}' must hold a mapping at the top level")
         _check_keys(cls, loaded, "", str(p))

@@ -217,7 +217,7 @@ def export_latest(
     run_dir = Path(run_dir)
     latest = ckpt.latest_complete(run_dir / "checkpoints")
     if latest is None:
-        raise FileNotFoundError(f"no complete checkpoint under {run_dir / 'checkpoints'}")
+        raise ckpt.CheckpointError(f"{run_dir / 'checkpoints'}: no complete checkpoint to export")
     step, path = latest
     return export_checkpoint(
         path.parent,

@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import shutil
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,59 @@ def remove_if_exists(*paths: str | os.PathLike) -> None:
         else:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
+
+
+def _kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISDIR, "a folder"),
+    ):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def check_regular_file(path: str | os.PathLike, what: str, error: type[Exception] = ValueError) -> Path:
+    """``path`` (symlinks followed) when it is a regular file; otherwise raise ``error`` naming
+    ``what`` and ``path``. Opening a FIFO blocks until a writer comes and a device may never end,
+    so nothing a user hands us is opened before this says it is a plain file. Returns ``path``."""
+    path = Path(path)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise error(f"{what} '{path}' does not exist") from None
+    except OSError as exc:
+        raise error(f"{what} '{path}' cannot be read ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(mode):
+        raise error(f"{what} '{path}' is {_kind(mode)}, not a regular file") from None
+    return path
+
+
+def read_regular_file(
+    path: str | os.PathLike, what: str, error: type[Exception] = ValueError, *, limit: int | None = None
+) -> bytes:
+    """The bytes of the regular file ``path``, refusing anything else without blocking: the file is
+    opened non-blocking and checked on the open descriptor, so a FIFO swapped in after a check cannot
+    hang the read. ``limit``: refuse a file larger than this many bytes (a config is small)."""
+    path = Path(path)
+    check_regular_file(path, what, error)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        raise error(f"{what} '{path}' cannot be read ({exc.strerror or exc})") from None
+    with os.fdopen(fd, "rb") as f:
+        mode, size = os.fstat(fd).st_mode, os.fstat(fd).st_size
+        if not stat.S_ISREG(mode):
+            raise error(f"{what} '{path}' is {_kind(mode)}, not a regular file")
+        if limit is not None and size > limit:
+            raise error(f"{what} '{path}' is {size} bytes, more than the {limit} a {what} may have")
+        data = f.read() if limit is None else f.read(limit + 1)
+    if limit is not None and len(data) > limit:  # grew since fstat
+        raise error(f"{what} '{path}' is more than the {limit} bytes a {what} may have")
+    return data
 
 
 def _read_umask() -> int:

@@ -46,6 +46,7 @@ from .backbone import (
 )
 from .export import EXPORT_DIR, META_FILE, WEIGHTS_FILE
 from .interop import map_ml_aim_keys, strip_wrappers
+from .io import check_regular_file
 from .zero_shards import (
     ShardError,
     ZeroCheckpoint,
@@ -131,6 +132,7 @@ def read_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
     ``weights_only=True``; a ``{"model": ...}``/``{"state_dict": ...}``/``{"module": ...}`` wrapper
     is unwrapped), with the wrapper key prefixes (``module.``, ``_orig_mod.``, ``model.``) stripped."""
     path = Path(path)
+    check_regular_file(path, "weights file", WeightsError)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -229,6 +231,7 @@ def detect_source(path: str | os.PathLike) -> Source:
         raise WeightsError(f"weights path {path} does not exist")
     if path.is_dir():
         return _folder_source(path)
+    check_regular_file(path, "weights file", WeightsError)  # a FIFO or a device would block the read
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 

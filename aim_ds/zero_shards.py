@@ -32,6 +32,7 @@ once are one rank's, not every rank's.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
 import os
@@ -45,6 +46,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from .io import check_regular_file
 
 _MODEL_STATES = "*model_states.pt"
 _OPTIM_STATES = "*optim_states.pt"
@@ -85,20 +88,50 @@ def refusal(exc: BaseException) -> str:
     return f"damaged or not a torch checkpoint ({detail})"
 
 
-def load_shard(path: str | os.PathLike) -> dict[str, Any]:
-    """One shard file as plain data, read with ``weights_only=True`` (memory-mapped). Raises
-    :class:`ShardError` naming ``path`` when it is refused (a non-allow-listed global), truncated,
-    or not a torch zip file."""
+@contextlib.contextmanager
+def weights_only_loads() -> Iterator[None]:
+    """Within the block, every ``torch.load`` in this process (DeepSpeed's included, which ask for
+    ``weights_only=False``) reads with ``weights_only=True`` and the :func:`allowed_globals` only:
+    a pickle that names anything else raises ``UnpicklingError`` before it is called. Used around
+    DeepSpeed's checkpoint loading and by the universal converter (:mod:`aim_ds.safe_universal`);
+    not thread-safe (it swaps ``torch.load``), like the loads it guards."""
+    original = torch.load
+
+    def load(*args: Any, **kwargs: Any) -> Any:
+        kwargs["weights_only"] = True
+        with torch.serialization.safe_globals(allowed_globals()):
+            return original(*args, **kwargs)
+
+    torch.load = load  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        torch.load = original  # type: ignore[assignment]
+
+
+def read_weights_only(path: str | os.PathLike) -> Any:
+    """Whatever the torch file ``path`` holds (a dict of shards, or a bare tensor as in DeepSpeed's
+    universal checkpoints), read with ``weights_only=True`` and the :func:`allowed_globals`,
+    memory-mapped (tensor bytes are not read). Raises :class:`ShardError` naming ``path`` when it is
+    refused (a non-allow-listed global), truncated, not a torch zip file, or not a regular file (a
+    FIFO would block the open)."""
     path = Path(path)
+    check_regular_file(path, "checkpoint file", ShardError)
     try:
         with torch.serialization.safe_globals(allowed_globals()):
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as exc:
         raise ShardError(f"{path}: {refusal(exc)}") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
         raise ShardError(
             f"{path}: damaged or not a torch checkpoint ({str(exc).strip().splitlines()[0][:200]})"
         ) from None
+
+
+def load_shard(path: str | os.PathLike) -> dict[str, Any]:
+    """One shard file as plain data (:func:`read_weights_only`); :class:`ShardError` naming ``path``
+    also when it does not hold a dict."""
+    obj = read_weights_only(path)
     if not isinstance(obj, dict):
         raise ShardError(f"{path}: expected a dict, found {type(obj).__name__}")
     return obj
@@ -142,9 +175,14 @@ def _flat_groups(file: Path) -> tuple[int, int, list[Tensor]]:
     """``(stage, world size, flat fp32 partitions)`` of one rank's optimizer shard (memory-mapped:
     the partitions' bytes are not read here)."""
     optim = _get(load_shard(file), "optimizer_state_dict", file)
-    stage = int(_get(optim, "zero_stage", file))
-    counts = _get(optim, "partition_count", file)
-    world = max(counts) if isinstance(counts, (list, tuple)) else int(counts)
+    if not isinstance(optim, dict):
+        raise ShardError(f"{file}: 'optimizer_state_dict' is a {type(optim).__name__}, not a mapping")
+    try:
+        stage = int(_get(optim, "zero_stage", file))
+        counts = _get(optim, "partition_count", file)
+        world = max(int(c) for c in counts) if isinstance(counts, (list, tuple)) else int(counts)
+    except (TypeError, ValueError, OverflowError):
+        raise ShardError(f"{file}: 'zero_stage' or 'partition_count' is not a number") from None
     key = "fp32_flat_groups" if stage == 3 else "single_partition_of_fp32_groups"
     groups = _get(optim, key, file)
     if not isinstance(groups, (list, tuple)) or not all(isinstance(g, Tensor) for g in groups):
@@ -163,31 +201,82 @@ def read_zero_checkpoint(folder: str | os.PathLike) -> ZeroCheckpoint:
     first = load_shard(first_file)
     for file in model_files[1:]:
         load_shard(file)
-    buffer_names = set(_get(first, "buffer_names", first_file))
+    buffer_names = _get(first, "buffer_names", first_file)
     module = _get(first, "module", first_file)
+    if not isinstance(buffer_names, (list, tuple, set)) or not isinstance(module, dict):
+        raise ShardError(f"{first_file}: 'buffer_names' or 'module' is not what a ZeRO save writes")
+    buffer_names = {name for name in buffer_names if isinstance(name, str)}
+    if not all(isinstance(module[name], Tensor) for name in buffer_names if name in module):
+        raise ShardError(f"{first_file}: a buffer in 'module' is not a tensor")
     # Cloned: the (small) buffers must not keep the first model file mapped.
     buffers = {k: (v.float() if v.is_floating_point() else v).clone() for k, v in module.items() if k in buffer_names}
     group_numels, stage, world = [], 0, 0
     for file in optim_files:
         stage, world, groups = _flat_groups(file)
         group_numels.append([g.numel() for g in groups])
-    if world != len(optim_files):
+    if world < 1 or world != len(optim_files):
         raise ShardError(
             f"{folder}: the shards say {world} ranks but {len(optim_files)} {_OPTIM_STATES} files are here "
             "(a rank's save is missing or another save's file was left behind)"
         )
-    return ZeroCheckpoint(
+    param_shapes = _get(first, "param_shapes", first_file)
+    if not isinstance(param_shapes, (list, tuple)):
+        param_shapes = [param_shapes]
+    ckpt = ZeroCheckpoint(
         folder=folder,
         stage=stage,
         world_size=world,
-        param_shapes=list(_get(first, "param_shapes", first_file)),
+        param_shapes=[_shapes(group, first_file, "param_shapes") for group in param_shapes],
         buffers=buffers,
-        shared_params=dict(first.get("shared_params") or {}),
-        frozen_shapes=dict(first.get("frozen_param_shapes") or {}),
+        shared_params=_names(first.get("shared_params") or {}, first_file),
+        frozen_shapes=_shapes(first.get("frozen_param_shapes") or {}, first_file, "frozen_param_shapes"),
         model_files=model_files,
         optim_files=optim_files,
         group_numels=group_numels,
     )
+    # Before any caller allocates a tensor of these shapes: they must fit what the files hold.
+    _check_layout(ckpt)
+    _check_frozen(ckpt, model_files)
+    return ckpt
+
+
+def _shapes(group: Any, file: Path, key: str) -> dict[str, torch.Size]:
+    """``{name: shape}`` from a shard's metadata, every dimension a non-negative integer; anything
+    else (a negative or non-integer size, a name that is not a string) is a :class:`ShardError`."""
+    if not isinstance(group, dict):
+        raise ShardError(f"{file}: {key!r} holds a {type(group).__name__}, not a {{name: shape}} mapping")
+    out = {}
+    for name, shape in group.items():
+        dims = list(shape) if isinstance(shape, (list, tuple, torch.Size)) else None
+        if not isinstance(name, str) or dims is None or not all(type(d) is int and d >= 0 for d in dims):
+            raise ShardError(f"{file}: {key!r}: {str(name)[:80]!r} has the shape {str(shape)[:80]}, not sizes >= 0")
+        out[name] = torch.Size(dims)
+    return out
+
+
+def _names(mapping: Any, file: Path) -> dict[str, str]:
+    if not isinstance(mapping, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in mapping.items()):
+        raise ShardError(f"{file}: 'shared_params' is not a {{alias: name}} mapping of strings")
+    return dict(mapping)
+
+
+def _check_frozen(ckpt: ZeroCheckpoint, model_files: list[Path]) -> None:
+    """Each frozen parameter's size against the fragments the model files hold (ZeRO-3: one per
+    rank; ZeRO-1/2: whole, in the one file), so that no frozen tensor larger than its data is made."""
+    if not ckpt.frozen_shapes:
+        return
+    files = model_files if ckpt.stage == 3 else model_files[:1]
+    held = dict.fromkeys(ckpt.frozen_shapes, 0)
+    for file in files:
+        fragments = load_shard(file).get("frozen_param_fragments") or {}
+        for name in held:
+            value = fragments.get(name) if isinstance(fragments, dict) else None
+            held[name] += value.numel() if isinstance(value, Tensor) else 0
+    for name, shape in ckpt.frozen_shapes.items():
+        if math.prod(shape) > held[name]:
+            raise ShardError(
+                f"{ckpt.folder}: frozen {name} {list(shape)} is larger than the {held[name]} elements saved for it"
+            )
 
 
 def _take(groups: list[Tensor], start: int, length: int) -> list[Tensor]:
@@ -384,6 +473,7 @@ __all__ = [
     "consolidate_fp32",
     "refusal",
     "load_shard",
+    "read_weights_only",
     "parameter_shapes",
     "read_zero_checkpoint",
     "stream_shards",

@@ -9,13 +9,11 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
-from ..config import ConfigError, load_config
+from ..config import ConfigError, load_config, parse_yaml, read_text, short
 from ..registry import get_model_spec
 
 HEAD_TYPES = ("attentive", "linear")
@@ -118,7 +116,7 @@ def _check_old_spelling(tree: dict[str, Any], where: str) -> None:
         raise ConfigError(f"model_overrides was renamed: use model.overrides (in {where})")
     if "model" in tree and not isinstance(tree["model"], dict):
         raise ConfigError(
-            f"model: {tree['model']!r} as a plain name was renamed: use model.name={tree['model']} "
+            f"model: {short(tree['model'])} as a plain name was renamed: use model.name={tree['model']} "
             f"(YAML: 'model: {{name: {tree['model']}}}') (in {where})"
         )
 
@@ -126,12 +124,10 @@ def _check_old_spelling(tree: dict[str, Any], where: str) -> None:
 def load_probe_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> ProbeConfig:
     """:func:`aim_ds.config.load_config` for :class:`ProbeConfig`, with a clear ``ConfigError`` for
     the old spelling (``model: aim-tiny``, ``model_overrides:``) in the file or in an override."""
-    if path is not None and Path(path).is_file():
-        with open(path) as f:
-            try:
-                tree = yaml.safe_load(f) or {}
-            except yaml.YAMLError:
-                tree = {}  # load_config reports the YAML error itself
+    if path is not None:
+        # Read through the same guarded reader as load_config (regular UTF-8 file, no duplicate keys,
+        # bounded alias expansion), so this early look cannot hang or explode either.
+        tree = parse_yaml(read_text(path, "config file"), f"config file '{path}'") or {}
         if isinstance(tree, dict):
             _check_old_spelling(tree, f"'{path}'")
     for item in overrides or []:

@@ -11,13 +11,12 @@ import json
 import math
 import os
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..config import ConfigError
+from ..config import ConfigError, load_json, short
 from ..model import AIM, AIMConfig
 from ..optim import build_optimizer, lr_at_step, param_groups
 from ..registry import get_model_spec
@@ -25,14 +24,40 @@ from .config import _BATCH_KEYS, BatchConfigError, PretrainConfig, RunPlan
 
 
 def load_ds_config(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a DeepSpeed JSON config into a dict."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"DeepSpeed config '{path}' does not exist")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"DeepSpeed config '{path}' is not valid JSON: {exc}") from None
+    """Read a DeepSpeed JSON config into a dict: a regular UTF-8 file (:func:`aim_ds.config.load_json`)
+    of the shape :func:`check_ds_shape` asks for; otherwise one :class:`ConfigError` naming it."""
+    ds = load_json(path, "DeepSpeed config")
+    check_ds_shape(ds, f"DeepSpeed config '{path}'")
+    return ds
+
+
+# Sections of a DeepSpeed config that are JSON objects wherever DeepSpeed documents them.
+_DS_OBJECTS = (
+    "zero_optimization", "bf16", "fp16", "amp", "data_types", "checkpoint", "activation_checkpointing",
+    "aio", "flops_profiler", "comms_logger", "tensorboard", "wandb", "csv_monitor", "compile",
+)  # fmt: skip
+
+
+def check_ds_shape(ds: Any, source: str) -> None:
+    """The parts of a DeepSpeed config this project reads have the JSON type they must have (an
+    object for a section, an integer or "auto" for a batch size, a ZeRO stage 0-3), so that a list
+    or a string where an object belongs is one :class:`ConfigError` here, not an AttributeError later."""
+    if not isinstance(ds, dict):
+        raise ConfigError(f"{source} must hold a JSON object at the top level, not a {type(ds).__name__}")
+    for key in _DS_OBJECTS:
+        if key in ds and not isinstance(ds[key], dict):
+            raise ConfigError(f"{source}: '{key}' must be a JSON object, not {short(ds[key])}")
+    zero = ds.get("zero_optimization", {})
+    for key in ("offload_optimizer", "offload_param"):
+        if key in zero and not isinstance(zero[key], dict):
+            raise ConfigError(f"{source}: 'zero_optimization.{key}' must be a JSON object, not {short(zero[key])}")
+    stage = zero.get("stage", 0)
+    if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
+        raise ConfigError(f"{source}: 'zero_optimization.stage' must be 0, 1, 2 or 3, not {short(stage)}")
+    for key in _BATCH_KEYS:
+        value = ds.get(key, "auto")
+        if value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"{source}: '{key}' must be a positive integer or \"auto\", not {short(value)}")
 
 
 # zero_optimization knobs that may say "auto", filled from the model's shape (in elements). The

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .. import checkpoint as ckpt
-from ..config import ConfigError, save_config, to_dict
+from ..config import ConfigError, save_config, short, to_dict
 from ..distributed import all_reduce_, init_distributed, is_main, world_size
 from ..flops import train_flops_per_image
 from ..io import atomic_write_json
@@ -229,12 +229,14 @@ def _warn_config_changes(saved: dict[str, Any], current: dict[str, Any]) -> None
         if section in ignored:
             continue
         if isinstance(values, dict):
+            prior = saved.get(section)
+            prior = prior if isinstance(prior, dict) else {}  # a checkpoint's config is read, not trusted
             for key, value in values.items():
                 name = f"{section}.{key}"
-                if name not in ignored and saved.get(section, {}).get(key) != value:
-                    changed.append(f"{name}: {saved.get(section, {}).get(key)!r} -> {value!r}")
+                if name not in ignored and prior.get(key) != value:
+                    changed.append(f"{name}: {short(prior.get(key))} -> {value!r}")
         elif saved.get(section) != values:
-            changed.append(f"{section}: {saved.get(section)!r} -> {values!r}")
+            changed.append(f"{section}: {short(saved.get(section))} -> {values!r}")
     if changed:
         log.warning("resuming with a changed config: %s", "; ".join(changed))
 

@@ -17,6 +17,8 @@ from typing import Any
 from ..config import ConfigError
 from .config import PretrainConfig, resolve_plan
 
+MAX_SEED = 2**32 - 1
+
 
 def _bad(key: str, value: Any, why: str) -> ConfigError:
     return ConfigError(f"{key}={value!r}: {why}")
@@ -57,7 +59,8 @@ def check_fields(cfg: PretrainConfig) -> None:
     _at_least("data.resize_size", d.resize_size, 0)
     _check_pair("data.scale", d.scale, low=0.0, high=1.0)
     _check_pair("data.ratio", d.ratio, low=0.0, high=math.inf)
-    _at_least("data.num_workers", d.num_workers, 0)
+    # The loaders decode in worker threads: 0 would build a loader with nothing to decode.
+    _at_least("data.num_workers", d.num_workers, 1)
     if d.color_jitter:
         from ..data.color_jitter import ColorJitter
 
@@ -71,6 +74,8 @@ def check_fields(cfg: PretrainConfig) -> None:
     _at_least("train.steps", t.steps, 0)
     _finite("train.patches_seen", t.patches_seen, low=0.0)
     _at_least("train.seed", t.seed, 0)
+    if t.seed > MAX_SEED:  # numpy and the loaders' generators take 32-bit seeds
+        raise _bad("train.seed", t.seed, f"must be <= {MAX_SEED}")
     _at_least("train.stop_after_steps", t.stop_after_steps, 0)
     _finite("optim.peak_lr", o.peak_lr, low=0.0, low_open=True)
     _finite("optim.min_lr", o.min_lr, low=0.0, high=o.peak_lr)
@@ -95,13 +100,30 @@ def check_fields(cfg: PretrainConfig) -> None:
         raise _bad("out_dir", cfg.out_dir, "is empty")
 
 
+def _existing_parent(folder: Path) -> Path:
+    """``folder`` or its nearest parent that exists (where it would be created)."""
+    probe = folder
+    while True:
+        try:
+            if probe.exists() or probe.parent == probe:
+                return probe
+        except OSError:  # a name too long, a loop of links: look further up
+            pass
+        probe = probe.parent
+
+
 def _writable(key: str, folder: Path) -> None:
     """``folder`` (or its nearest existing parent, where it will be created) accepts a new file."""
-    probe = folder
-    while not probe.exists():
-        if probe.parent == probe:
-            break
-        probe = probe.parent
+    try:
+        limit = os.pathconf(_existing_parent(folder), "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    for part in folder.parts:
+        if len(os.fsencode(part)) > limit:
+            raise _bad(
+                key, str(folder), f"the name {part[:40]!r}... is longer than the {limit} bytes a file name may have"
+            )
+    probe = _existing_parent(folder)
     if not probe.is_dir():
         raise _bad(key, str(folder), f"{probe} exists and is not a folder")
     try:
@@ -126,6 +148,10 @@ def check_paths(cfg: PretrainConfig) -> None:
             raise _bad("data.val_path", cfg.data.val_path, "no such file")
         if not os.access(val, os.R_OK):
             raise _bad("data.val_path", cfg.data.val_path, "not readable")
+    for key in ("train_path", "val_path"):
+        value = getattr(cfg.probe, key)
+        if cfg.probe.every_steps > 0 and value and not Path(value).is_file():
+            raise _bad(f"probe.{key}", value, "no such file (a labelled .beton)")
     out_dir = Path(cfg.out_dir)
     _writable("out_dir", out_dir)
     ckpt_dir = out_dir / "checkpoints"
@@ -138,12 +164,21 @@ def check_config(cfg: PretrainConfig, world_size: int | None = None) -> None:
     (default: the launcher's ``WORLD_SIZE``, 1 for a plain process), then paths: the first problem
     raises :class:`ConfigError` naming its key and value."""
     from .engine import model_config
+    from .live_probe import check_live_probe
 
     check_fields(cfg)
     model_cfg = model_config(cfg)
     image_size = cfg.data.image_size or model_cfg.image_size
     if image_size != model_cfg.image_size:
         raise _bad("data.image_size", image_size, f"differs from the model's image_size={model_cfg.image_size}")
+    if 0 < cfg.data.resize_size < image_size:
+        raise _bad(
+            "data.resize_size",
+            cfg.data.resize_size,
+            f"must be 0 (image_size * 256 / 224) or >= the image size {image_size}: the centre crop needs it",
+        )
+    # The live probe's settings, here rather than after the engine is built.
+    check_live_probe(cfg, Path(__file__).resolve().parents[2])
     world = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
     resolve_plan(cfg, world, image_size, model_cfg.num_patches)
     check_paths(cfg)
