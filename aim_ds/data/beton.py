@@ -307,11 +307,20 @@ def read_sidecar(beton_path: str | os.PathLike[str]) -> dict[str, Any] | None:
     except FileNotFoundError:
         return None
     try:
-        with file as f:
-            content = json.loads(f.read(MAX_JSON_BYTES + 1).decode("utf-8"))
+        content = json.loads(read_small(file, path))
     except (OSError, ValueError, RecursionError):
         return None
     return content if isinstance(content, dict) else None
+
+
+def read_small(file: Any, path: str | os.PathLike[str]) -> str:
+    """The UTF-8 text of an opened JSON companion (closed after), refusing one over :data:`MAX_JSON_BYTES`:
+    ours are KBs, and the size is checked before anything is allocated for it."""
+    with file as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > MAX_JSON_BYTES:
+            raise BetonError(f"{path}: {size} bytes, too large for a sidecar, class list or shard index")
+        return f.read(size).decode("utf-8")
 
 
 #: A sidecar or index larger than this is not ours (ours are KBs; a sidecar lists at most its skipped files).
@@ -441,11 +450,12 @@ def read_class_names(beton_path: str | os.PathLike[str]) -> list[str]:
     path = classes_path(beton_path)
     if not path.exists():
         raise FileNotFoundError(f"no class list beside {beton_path} (expected {path})")
-    with open_regular(path) as f:
-        try:
-            names = json.loads(f.read(MAX_JSON_BYTES + 1).decode("utf-8"))
-        except (ValueError, RecursionError) as error:
-            raise ValueError(f"{path}: not a JSON list of class names ({error})") from None
+    try:
+        names = json.loads(read_small(open_regular(path), path))
+    except BetonError:
+        raise
+    except (ValueError, RecursionError) as error:
+        raise ValueError(f"{path}: not a JSON list of class names ({error})") from None
     if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
         raise ValueError(f"{path}: expected a JSON list of strings")
     return names
@@ -555,11 +565,11 @@ def _read_columns(path: Path) -> tuple[dict[str, str], int, dict[str, np.ndarray
     contents = read_beton(path)
     check_jpeg_sizes(path, contents)
     columns: dict[str, np.ndarray] = {}
-    if "image" in contents.metadata:
+    if contents.fields.get("image") == "RGBImageField":
         image = contents.metadata["image"]
         for key in ("width", "height", "mode"):
             columns[key] = image[key].astype(np.int64)
-    if "label" in contents.metadata:
+    if contents.fields.get("label") == "IntField":
         columns["label"] = contents.metadata["label"].astype(np.int64)
     return contents.fields, int(contents.header["num_samples"]), columns
 
@@ -627,19 +637,24 @@ def format_inspection(info: dict[str, Any]) -> str:
     lines.append(f"complete:     {info['num_files'] - len(incomplete)} of {info['num_files']} have a matching sidecar")
     for path in incomplete[:10]:
         lines.append(f"  no matching sidecar: {path}")
+    # A sidecar is a user's file like any other: values of the wrong type are shown as they are, not trusted.
     sidecars = [f["sidecar"] for f in info["files"] if f["sidecar"]]
     if sidecars:
         first = sidecars[0]
-        options = first.get("options", {})
-        lines.append("written with: " + ", ".join(f"{k}={v}" for k, v in options.items()))
+        options = first.get("options")
+        if isinstance(options, dict):
+            lines.append("written with: " + ", ".join(f"{k}={v!r:.80}" for k, v in options.items()))
         lines.append(
-            f"aim_ds:       {first.get('aim_ds_version')}  kind: {first.get('kind')}  at {first.get('written_utc')}"
+            f"aim_ds:       {first.get('aim_ds_version')!s:.40}  kind: {first.get('kind')!s:.40}  "
+            f"at {first.get('written_utc')!s:.40}"
         )
         if len(sidecars) == 1:
-            lines.append(f"source:       {first.get('source')}")
-        skipped = sum(int(s.get("num_skipped", 0)) for s in sidecars)
-        lines.append(f"skipped:      {skipped}")
+            lines.append(f"source:       {first.get('source')!s:.200}")
+        counts = [s.get("num_skipped", 0) for s in sidecars]
+        lines.append(f"skipped:      {sum(c for c in counts if type(c) is int)}")
         for sidecar in sidecars:
-            for entry in sidecar.get("skipped", [])[:20]:
-                lines.append(f"  {entry.get('file')}: {entry.get('reason')}")
+            entries = sidecar.get("skipped")
+            for entry in entries[:20] if isinstance(entries, list) else []:
+                if isinstance(entry, dict):
+                    lines.append(f"  {entry.get('file')!s:.200}: {entry.get('reason')!s:.200}")
     return "\n".join(lines)

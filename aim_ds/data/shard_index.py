@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..io import atomic_write_json
-from .beton import INDEX_NAME, MAX_JSON_BYTES, BetonError, beton_num_samples, open_regular, read_sidecar
+from .beton import INDEX_NAME, BetonError, beton_num_samples, open_regular, read_sidecar, read_small
 
 INDEX_FORMAT = "aim-ds-shard-index/1"
 
@@ -34,8 +34,7 @@ def _load(folder: Path) -> dict[str, dict[str, int]]:
     except FileNotFoundError:
         return {}
     try:
-        with file as f:
-            content = json.loads(f.read(MAX_JSON_BYTES + 1).decode("utf-8"))
+        content = json.loads(read_small(file, index_path(folder)))
     except (OSError, ValueError, RecursionError):
         return {}
     if not isinstance(content, dict) or content.get("format") != INDEX_FORMAT:
