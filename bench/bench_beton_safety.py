@@ -4,8 +4,8 @@ checks on a million rows.
     python bench/bench_beton_safety.py --baseline /path/to/checkout/without/the/checks
 
 Builds one beton of 256 real-photo JPEGs (500x375, the writer's defaults), then alternates child processes
-running the train loader (224 px crops, batch 64, 2 threads) from this checkout and from --baseline, three
-rounds each, and reports images/s and the ratio. Then times :func:`aim_ds.data.beton.check_rows` on 1M
+running the train loader (224 px crops, batch 64, 2 threads) from this checkout and from --baseline, alternating
+rounds (4 x 6 epochs each), and reports images/s and the ratio. Then times :func:`aim_ds.data.beton.check_rows` on 1M
 synthetic rows (what opening a shard of that size adds).
 """
 
@@ -32,7 +32,7 @@ loader = build_train_loader(sys.argv[1], batch_size=64, image_size=224, num_work
 for _ in loader.iter_epoch_uint8(0):  # warm-up: numba cache load, page cache
     pass
 start, images = time.perf_counter(), 0
-for epoch in range(1, 4):
+for epoch in range(1, 7):
     for batch, _ in loader.iter_epoch_uint8(epoch):
         images += len(batch)
 print(json.dumps({"images_per_s": images / (time.perf_counter() - start)}))
@@ -87,7 +87,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         beton = _write_beton(Path(tmp))
         ours, theirs = [], []
-        for _ in range(3):
+        for _ in range(4):
             theirs.append(_throughput(args.baseline, beton))
             ours.append(_throughput(ROOT, beton))
     print(f"loader images/s, baseline: {' '.join(f'{v:.0f}' for v in theirs)} (median {np.median(theirs):.0f})")

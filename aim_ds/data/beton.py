@@ -89,7 +89,7 @@ def read_beton(beton_path: str | os.PathLike[str]) -> BetonContents:
     """Everything but the stored bytes, as FFCV's ``Reader`` reads it, with every row checked.
 
     The header is checked by :func:`read_header`; then :func:`check_rows` checks every row and the
-    allocation table against the file (vectorised: ~1 ms per 10k rows), so that nothing past this point can
+    allocation table against the file (vectorised: ~0.1 s per million rows), so that nothing past this point can
     read outside the file or decode into a buffer of the wrong size. Raises :class:`BetonError` naming the
     file (and the row) on the first problem.
     """
@@ -201,33 +201,48 @@ def check_rows(path: str, contents: BetonContents, metadata_end: int, file_size:
 def _check_image_rows(
     path: str, name: str, image: np.ndarray, owners: np.ndarray, sizes: np.ndarray, ptrs: np.ndarray, side_limit: int
 ) -> np.ndarray:
-    """The rows of one RGBImageField (see :func:`check_rows`); returns each row's blob size, int64."""
-    modes, widths, heights = image["mode"], image["width"].astype(np.int64), image["height"].astype(np.int64)
+    """The rows of one RGBImageField (see :func:`check_rows`); returns each row's blob size, int64.
+
+    Compares the stored columns as they are (uint8 / uint16 / uint64 views, no copies); the common layout,
+    a table in row order, skips the search.
+    """
+    modes, widths, heights = image["mode"], image["width"], image["height"]
 
     def fail(mask: np.ndarray, why: str) -> None:
         if mask.any():
             i = _first(mask)
-            size = f"{widths[i]}x{heights[i]}"
+            size = f"{int(widths[i])}x{int(heights[i])}"
             raise BetonError(f"{path}: row {i} ({name!r}): " + why.format(size=size, mode=int(modes[i])))
 
-    fail(~np.isin(modes, list(IMAGE_MODE_NAMES)), "mode {mode} is not jpg (0) or raw (1): corrupt beton")
-    fail((widths < 1) | (heights < 1), "image size {size}: each side must be >= 1: corrupt beton")
-    fail((widths > side_limit) | (heights > side_limit), f"image size {{size}} exceeds the stored maximum {side_limit}")
-    order = np.argsort(ptrs, kind="stable")
-    data_ptr = image["data_ptr"].astype(np.int64)
-    if not len(order):
+    fail(modes > 1, "mode {mode} is not jpg (0) or raw (1): corrupt beton")
+    fail((widths == 0) | (heights == 0), "image size {size}: each side must be >= 1: corrupt beton")
+    if side_limit < np.iinfo(widths.dtype).max:
+        fail(
+            (widths > side_limit) | (heights > side_limit),
+            f"image size {{size}} exceeds the stored maximum {side_limit}",
+        )
+    data_ptr = image["data_ptr"]
+    rows = np.arange(len(image))
+    if len(ptrs) == len(image) and np.array_equal(ptrs, data_ptr):
+        entry = rows  # the table lists the rows' allocations in row order
+    elif len(ptrs):
+        order = np.argsort(ptrs, kind="stable")
+        slot = np.minimum(np.searchsorted(ptrs[order], data_ptr), len(order) - 1)
+        entry = order[slot]
+        fail(ptrs[entry] != data_ptr, "its data pointer is not an allocation of the beton's allocation table: corrupt")
+    else:
         fail(np.ones(len(image), bool), "no allocation in the table for its data: corrupt beton")
         return np.zeros(0, np.int64)
-    slot = np.minimum(np.searchsorted(ptrs[order], data_ptr), len(order) - 1)
-    entry = order[slot]
-    fail(ptrs[entry] != data_ptr, "its data pointer is not an allocation of the beton's allocation table: corrupt")
     fail(
-        owners[entry].astype(np.int64) != np.arange(len(image)),
+        owners[entry] != rows.astype(owners.dtype),
         "its data pointer is allocated to another sample: corrupt beton (a header claiming more samples than "
         "were written?)",
     )
     blob = sizes[entry]
-    fail((modes == 1) & (blob < widths * heights * 3), "raw image {size} is larger than its allocation: corrupt")
+    raw = modes == 1
+    if raw.any():
+        need = widths.astype(np.int64) * heights.astype(np.int64) * 3
+        fail(raw & (blob < need), "raw image {size} is larger than its allocation: corrupt")
     return blob
 
 
