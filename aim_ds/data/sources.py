@@ -16,6 +16,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -224,8 +225,6 @@ def check_betons(paths: Sequence[str | os.PathLike[str]]) -> int:
     headers of their first :data:`CHECK_JPEG_BYTES` of stored bytes (:func:`check_jpeg_sizes`). Raises
     :class:`BetonError` naming the file (and the row) on the first problem.
     """
-    from pathlib import Path
-
     shards = [Path(p) for p in paths]
     counts = shard_counts(shards, save=False)
     budget = CHECK_JPEG_BYTES
