@@ -10,11 +10,14 @@ uninitialised or zero rows, and a FIFO hung ``inspect`` and every rank.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -208,31 +211,61 @@ def _one_error(proc: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
-def test_hostile_sources_stop_the_real_driver(good: Path, crafted: dict[str, Path], tmp_path: Path) -> None:
-    """Through ``python run/pretrain.py`` (a world of one fails at preflight, so no launcher is needed): a
-    zero-width row, a FIFO named .beton (would hang every rank), a JPEG renamed .beton, a truncated beton."""
+def test_hostile_sources_stop_the_real_driver(
+    good: Path, crafted: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A zero-width row (it crashed the loader) and a FIFO named .beton (it hung every rank) through
+    ``python run/pretrain.py`` (a world of one fails at preflight, so no launcher is needed); a JPEG renamed
+    .beton, a truncated beton and a FIFO as ``data.val_path`` through the same driver's main() in-process."""
     fifo = tmp_path / "fifo.beton"
     os.mkfifo(fifo)
+    for k, (source, expected) in enumerate(
+        {crafted["zero_width"]: "row 2 ('image'): image size 0x40", fifo: "a FIFO, not a regular file"}.items()
+    ):
+        line = _one_error(_driver_subprocess(source, good, tmp_path / f"run{k}"))
+        assert f"data.sources[0].path='{source}'" in line and expected in line, line
     renamed = tmp_path / "photo.beton"
     renamed.write_bytes(jpeg_bytes(photo_variant(0, (64, 48))))
     truncated = tmp_path / "cut.beton"
     truncated.write_bytes(good.read_bytes()[: 2097152 + 3000])
-    cases = {
-        crafted["zero_width"]: "row 2 ('image'): image size 0x40",
-        fifo: "a FIFO, not a regular file",
-        renamed: "not an FFCV beton (header version 55551, expected 2; the file looks like a JPEG image)",
-        truncated: "truncated or corrupt beton",
-    }
-    for k, (source, expected) in enumerate(cases.items()):
-        line = _one_error(_driver_subprocess(source, good, tmp_path / f"run{k}"))
-        assert f"data.sources[0].path='{source}'" in line and expected in line, line
-    line = _one_error(_driver_subprocess(good, fifo, tmp_path / "run_val"))
-    assert f"data.val_path='{fifo}'" in line and "a FIFO, not a regular file" in line, line
+    cases = [
+        (renamed, good, "data.sources[0].path", "not an FFCV beton (header version 55551, expected 2; the file looks like a JPEG image)"),
+        (truncated, good, "data.sources[0].path", "truncated or corrupt beton"),
+        (good, fifo, "data.val_path", "a FIFO, not a regular file"),
+    ]  # fmt: skip
+    for k, (source, val, key, expected) in enumerate(cases):
+        caplog.clear()
+        with _deadline(120), caplog.at_level(logging.INFO):
+            code = _driver().main(_args(source, tmp_path / f"in{k}", val))
+        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert code == 2 and len(errors) == 1, caplog.text
+        assert f"{key}='{val if key == 'data.val_path' else source}'" in errors[0] and expected in errors[0], errors
+
+
+@contextlib.contextmanager
+def _deadline(seconds: int):
+    """Fail (TimeoutError) instead of hanging: SIGALRM interrupts a blocking open or read of a FIFO."""
+
+    def expire(signum, frame):
+        raise TimeoutError(f"still blocked after {seconds} s: something waits on a FIFO")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def _run(args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "data_prep", *args], cwd=ROOT, env=ENV, capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
+    """``python -m data_prep ARGS`` in this process (its main(), output captured), within a deadline."""
+    from data_prep.__main__ import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with _deadline(300), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(args)
+    return subprocess.CompletedProcess(["data_prep", *args], code, out.getvalue(), err.getvalue())
 
 
 def test_fifo_beton_inspect_refused(tmp_path: Path) -> None:
