@@ -108,10 +108,17 @@ class _BicubicCropDecoder(SimpleRGBImageDecoder):
                 height, width = np.uint32(field["height"]), np.uint32(field["width"])
                 if field["mode"] == jpg:
                     buffer = scratch[dst_ix][: 3 * height * width]
-                    decode_c(data, np.int64(width), np.int64(height), 1, buffer)
+                    # The JPEG's own header is checked against the metadata before anything is written.
+                    if decode_c(data, np.int64(width), np.int64(height), 1, buffer) != 0:
+                        raise ValueError(
+                            "a stored JPEG does not decode or disagrees with the beton's metadata on its size "
+                            "(python -m data_prep inspect names the row)"
+                        )
                     image = buffer.reshape(height, width, 3)
                 else:
-                    image = data.reshape(height, width, 3)
+                    if data.size < 3 * height * width:
+                        raise ValueError("a stored raw image has fewer bytes than the beton's metadata says")
+                    image = data[: 3 * height * width].reshape(height, width, 3)
                 x0, y0, x1, y1 = box_c(height, width)
                 mirror = flip and np.random.uniform(0.0, 1.0) < 0.5
                 resize_c(image, x0, y0, x1, y1, destination[dst_ix], mirror)

@@ -16,6 +16,8 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
+from .beton import open_regular
+
 # A truncated image must be an error we can count, never silently padded with grey.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 # Pillow's default cap (89.5 M pixels, ~9500 x 9500) stays: above it Pillow warns, and we treat the warning as
@@ -37,8 +39,9 @@ class ImageRef:
     name: str = ""  # what the sidecar calls it: the file path, or "shard.tar:key.jpg"
 
     def read(self) -> bytes:
-        """The encoded bytes; raises OSError when a tar member is cut short."""
-        with open(self.path, "rb") as f:
+        """The encoded bytes; raises OSError when a tar member is cut short, and BetonError naming the path
+        when it is not a regular file (a FIFO or socket in an image folder would block the read forever)."""
+        with open_regular(self.path) as f:
             if self.size < 0:
                 return f.read()
             f.seek(self.offset)

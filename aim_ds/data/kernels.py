@@ -25,6 +25,24 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 TJPF_RGB = 0
 TJ_ACCURATE = 0  # flags: accurate (islow) IDCT, fancy upsampling: what Pillow's libjpeg-turbo does
 
+# Per-image status of the kernels (0: decoded). Anything else leaves the image black and is raised by the
+# caller as an error naming the beton and the row (numba code cannot build that message itself).
+STATUS_OK = 0
+STATUS_DECODE_FAILED = -1  # TurboJPEG could not decode the bytes (corrupt JPEG, or unsupported colour space)
+STATUS_BAD_SIZE = -2  # a side < 1 in the metadata
+STATUS_NO_JPEG_HEADER = -3  # the bytes have no readable JPEG header
+STATUS_SIZE_MISMATCH = -4  # the JPEG's own header gives other sides than the beton's metadata
+STATUS_BUFFER_TOO_SMALL = -5  # the output buffer cannot hold the decoded image
+STATUS_RAW_TOO_SHORT = -6  # a raw image has fewer bytes than its sides need
+STATUS_MESSAGES = {
+    STATUS_DECODE_FAILED: "TurboJPEG could not decode the stored JPEG (corrupt data?)",
+    STATUS_BAD_SIZE: "the metadata gives a side < 1",
+    STATUS_NO_JPEG_HEADER: "the stored bytes have no readable JPEG header",
+    STATUS_SIZE_MISMATCH: "the JPEG's own header gives other sides than the beton's metadata",
+    STATUS_BUFFER_TOO_SMALL: "the decode buffer is smaller than the image",
+    STATUS_RAW_TOO_SHORT: "the stored raw image has fewer bytes than its sides need",
+}
+
 # numba's default (workqueue) threading layer must not run two parallel regions at once; two loaders in one
 # process (tests build rank 0 and rank 1 side by side) would do exactly that from their prefetch threads.
 KERNEL_LOCK = threading.Lock()
@@ -52,6 +70,11 @@ TURBOJPEG = _load_turbojpeg()
 # Pointers and handles travel as uintp (same width and ABI as void* on the 64-bit platforms FFCV supports).
 _tj_init = nb.types.ExternalFunction("tjInitDecompress", nb.types.uintp())
 _tj_destroy = nb.types.ExternalFunction("tjDestroy", nb.types.intc(nb.types.uintp))
+_tj_header = nb.types.ExternalFunction(
+    "tjDecompressHeader3",
+    nb.types.intc(nb.types.uintp, nb.types.uintp, nb.types.ulong, nb.types.uintp, nb.types.uintp, nb.types.uintp,
+                  nb.types.uintp),
+)  # fmt: skip
 _tj_decompress = nb.types.ExternalFunction(
     "tjDecompress2",
     nb.types.intc(
@@ -65,15 +88,55 @@ _tj_decompress = nb.types.ExternalFunction(
 def decode_jpeg(payload: np.ndarray, width: int, height: int, denominator: int, out: np.ndarray) -> int:
     """Decode JPEG bytes into out[: h' * w' * 3] at scale 1/denominator (1, 2, 4 or 8).
 
-    The output is ceil(width / d) x ceil(height / d) RGB, as libjpeg's scaled IDCT produces it.
-    Returns 0 on success. A handle per call costs ~0.4 us and keeps the function thread-safe.
+    The output is ceil(width / d) x ceil(height / d) RGB, as libjpeg's scaled IDCT produces it. width and
+    height are what the beton's metadata says; the JPEG's own header (``tjDecompressHeader3``) must say the
+    same, and ``out`` must hold the result, or nothing is decoded: TurboJPEG writes as many pixels as the
+    JPEG has, whatever buffer it is handed, so a wrong size in the metadata would be a heap overwrite.
+    Returns STATUS_OK (0) or one of the STATUS_* codes. A handle per call costs ~0.4 us and keeps the
+    function thread-safe.
     """
-    handle = _tj_init()
+    if width < 1 or height < 1 or denominator < 1:
+        return STATUS_BAD_SIZE
     scaled_w = (width + denominator - 1) // denominator
     scaled_h = (height + denominator - 1) // denominator
-    result = _tj_decompress(
-        handle, payload.ctypes.data, payload.size, out.ctypes.data, scaled_w, 0, scaled_h, TJPF_RGB, TJ_ACCURATE
-    )
+    if out.size < scaled_w * scaled_h * 3:
+        return STATUS_BUFFER_TOO_SMALL
+    handle = _tj_init()
+    if handle == 0:
+        return STATUS_DECODE_FAILED
+    info = np.zeros(4, dtype=np.int32)  # width, height, subsampling, colour space
+    address = info.ctypes.data
+    result = _tj_header(handle, payload.ctypes.data, payload.size, address, address + 4, address + 8, address + 12)
+    if result != 0:
+        result = STATUS_NO_JPEG_HEADER
+    elif info[0] != width or info[1] != height:
+        result = STATUS_SIZE_MISMATCH
+    else:
+        result = _tj_decompress(
+            handle, payload.ctypes.data, payload.size, out.ctypes.data, scaled_w, 0, scaled_h, TJPF_RGB, TJ_ACCURATE
+        )
+        if result != 0:
+            result = STATUS_DECODE_FAILED
+    _tj_destroy(handle)
+    return result
+
+
+@nb.njit(nogil=True, cache=True)
+def jpeg_header_sizes(payload: np.ndarray, offsets: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """(width, height) from the JPEG header of each blob payload[offsets[i] : offsets[i] + sizes[i]], int64
+    [B, 2]; (-1, -1) where TurboJPEG finds no readable header. Parses headers only (no decoding)."""
+    count = offsets.shape[0]
+    result = np.full((count, 2), -1, dtype=np.int64)
+    info = np.zeros(4, dtype=np.int32)
+    address = info.ctypes.data
+    handle = _tj_init()
+    if handle == 0:
+        return result
+    for i in range(count):
+        data = payload[offsets[i] : offsets[i] + sizes[i]]
+        if _tj_header(handle, data.ctypes.data, data.size, address, address + 4, address + 8, address + 12) == 0:
+            result[i, 0] = info[0]
+            result[i, 1] = info[1]
     _tj_destroy(handle)
     return result
 
@@ -98,7 +161,8 @@ def decode_crop_batch(
     flips: bool [B]; out: uint8 [B, S_h, S_w, 3], written.
     dct_min_shrink: 0 disables scaled decoding; else a JPEG is decoded at 1/2, 1/4 or 1/8 scale (the
     largest that leaves the bicubic step a shrink of at least this factor on both axes).
-    Returns int32 [B] status (0 ok; otherwise the image is left black, which the caller reports).
+    Returns int32 [B] status (STATUS_OK, else a STATUS_* code: the image is left black and the caller
+    raises).
     """
     count = offsets.shape[0]
     out_h = out.shape[1]
@@ -109,6 +173,10 @@ def decode_crop_batch(
         width = widths[i]
         data = payload[offsets[i] : offsets[i] + sizes[i]]
         x0, y0, x1, y1 = boxes[i, 0], boxes[i, 1], boxes[i, 2], boxes[i, 3]
+        if height < 1 or width < 1:
+            status[i] = STATUS_BAD_SIZE
+            out[i] = 0
+            continue
         if modes[i] == JPEG_MODE:
             denominator = 1
             if dct_min_shrink > 0.0:
@@ -131,7 +199,7 @@ def decode_crop_batch(
             x0, y0, x1, y1 = x0 / denominator, y0 / denominator, x1 / denominator, y1 / denominator
         else:
             if data.size < height * width * 3:
-                status[i] = -1
+                status[i] = STATUS_RAW_TOO_SHORT
                 out[i] = 0
                 continue
             image = data[: height * width * 3].reshape(height, width, 3)

@@ -22,8 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from .beton import BetonError
 from .color_jitter import ColorJitter, apply_color_jitter, sample_color_jitter
-from .kernels import IMAGENET_MEAN, IMAGENET_STD, KERNEL_LOCK, decode_crop_batch, normalize_batch
+from .kernels import IMAGENET_MEAN, IMAGENET_STD, KERNEL_LOCK, STATUS_MESSAGES, decode_crop_batch, normalize_batch
 from .sampling import MixtureSchedule, StepPlan, center_crop_boxes, sample_crop_boxes
 from .sources import Source, SourceSpec, gather, open_source, parse_sources
 
@@ -120,10 +121,10 @@ def _decode(
         )
     if status.any():
         bad = np.flatnonzero(status)
-        raise RuntimeError(
-            f"{len(bad)} images failed to decode (first: source {source_ids[bad[0]]}, "
-            f"index {indices[bad[0]]}, status {status[bad[0]]})"
-        )
+        first = int(bad[0])
+        reason = STATUS_MESSAGES.get(int(status[first]), f"status {int(status[first])}")
+        more = f" (and {len(bad) - 1} more in this batch)" if len(bad) > 1 else ""
+        raise BetonError(f"{batch.paths[first]}: row {int(batch.rows[first])}: cannot decode: {reason}{more}")
     return out, batch.labels
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..io import atomic_write_json
-from .beton import INDEX_NAME, BetonError, beton_num_samples, read_sidecar
+from .beton import INDEX_NAME, BetonError, beton_num_samples, open_regular, read_sidecar, read_small
 
 INDEX_FORMAT = "aim-ds-shard-index/1"
 
@@ -27,10 +27,15 @@ def index_path(folder: str | os.PathLike[str]) -> Path:
 
 
 def _load(folder: Path) -> dict[str, dict[str, int]]:
+    """The folder's index; {} when missing or unreadable (the headers are then read). One that is not a
+    regular file raises :class:`BetonError` naming it (a FIFO would block the read forever)."""
     try:
-        with open(index_path(folder)) as f:
-            content = json.load(f)
-    except (OSError, ValueError):
+        file = open_regular(index_path(folder))
+    except FileNotFoundError:
+        return {}
+    try:
+        content = json.loads(read_small(file, index_path(folder)))
+    except (OSError, ValueError, RecursionError):
         return {}
     if not isinstance(content, dict) or content.get("format") != INDEX_FORMAT:
         return {}
@@ -45,15 +50,18 @@ def _entry(path: Path) -> dict[str, int]:
     sidecar = read_sidecar(path)
     # A beton without a sidecar (written elsewhere, or a killed run's last rename missing) is whole, since it
     # was published atomically, and is read; one whose sidecar disagrees with it is not.
-    if sidecar is not None and int(sidecar.get("num_images", count)) != count:
-        raise BetonError(
-            f"{path}: holds {count} images but its sidecar says {sidecar['num_images']}; re-run data_prep for it"
-        )
+    said = sidecar.get("num_images", count) if sidecar is not None else count
+    if said != count:
+        raise BetonError(f"{path}: holds {count} images but its sidecar says {said!r}; re-run data_prep for it")
     return {"num_images": count, "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
 def _matches(entry: Any, stat: os.stat_result) -> bool:
-    return isinstance(entry, dict) and entry.get("bytes") == stat.st_size and entry.get("mtime_ns") == stat.st_mtime_ns
+    """An entry counts while the shard's size and mtime match it and its count is a plain int >= 0."""
+    if not isinstance(entry, dict) or entry.get("bytes") != stat.st_size or entry.get("mtime_ns") != stat.st_mtime_ns:
+        return False
+    count = entry.get("num_images")
+    return type(count) is int and count >= 0
 
 
 def _save(folder: Path, shards: dict[str, dict[str, int]]) -> None:

@@ -16,11 +16,12 @@ import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
-from .beton import read_beton, read_header, resolve_betons
-from .shard_index import shard_counts
+from .beton import BetonError, check_jpeg_sizes, open_regular_fd, read_beton, read_header, resolve_betons
+from .shard_index import index_path, shard_counts
 
 SourceSpec = str | os.PathLike | Sequence[tuple[str | os.PathLike, float]]
 
@@ -43,7 +44,7 @@ class _OpenFiles:
         with self._lock:
             fd = self._fds.pop(path, None)
             if fd is None:
-                fd = os.open(path, os.O_RDONLY)
+                fd = open_regular_fd(path)  # a FIFO swapped in is refused, not waited on
                 while len(self._fds) >= self.limit:
                     os.close(self._fds.popitem(last=False)[1])
             self._fds[path] = fd
@@ -73,25 +74,23 @@ class BetonShard:
         self._opened = False
 
     def _open(self) -> None:
-        contents = read_beton(self.path)  # the header checked again: replaced or cut short since start-up?
+        # read_beton checks the header again (replaced or cut short since start-up?) and every row.
+        contents = read_beton(self.path)
         if int(contents.header["num_samples"]) != self.num_images:
-            raise ValueError(
-                f"{self.path}: holds {int(contents.header['num_samples'])} images, {self.num_images} expected"
+            raise BetonError(
+                f"{self.path}: holds {int(contents.header['num_samples'])} images, {self.num_images} expected "
+                f"(from {index_path(os.path.dirname(self.path))}: delete that index if it is stale or edited)"
             )
-        if "image" not in contents.metadata or "label" not in contents.metadata:
-            raise ValueError(f"{self.path}: expected fields 'image' and 'label', found {list(contents.fields)}")
+        if contents.fields.get("image") != "RGBImageField" or "label" not in contents.metadata:
+            raise BetonError(f"{self.path}: expected fields 'image' and 'label', found {list(contents.fields)}")
         image = contents.metadata["image"]
         self.modes = np.ascontiguousarray(image["mode"]).astype(np.uint8)
         self.heights = np.ascontiguousarray(image["height"]).astype(np.int64)
         self.widths = np.ascontiguousarray(image["width"]).astype(np.int64)
         self.pointers = np.ascontiguousarray(image["data_ptr"]).astype(np.int64)
         self.labels = np.ascontiguousarray(contents.metadata["label"]).astype(np.int64)
-        # Only the image field allocates, so the allocation table maps each data pointer to its byte count.
-        table = contents.alloc_table
-        order = np.argsort(table["ptr"])
-        table_ptrs = table["ptr"][order].astype(np.int64)
-        table_sizes = table["size"][order].astype(np.int64)
-        self.sizes = table_sizes[np.searchsorted(table_ptrs, self.pointers)]
+        # Each data pointer is an allocation of its own row, inside the file (checked by read_beton).
+        self.sizes = contents.blob_sizes["image"]
         self._opened = True
 
     def read(self, index: int) -> np.ndarray:
@@ -171,6 +170,8 @@ class Gathered:
     widths: np.ndarray  # int64 [B]
     modes: np.ndarray  # uint8 [B]
     labels: np.ndarray  # int64 [B]
+    paths: list[str]  # [B] the beton each image came from
+    rows: np.ndarray  # int64 [B] its row in that beton (what an error names)
 
 
 def gather(sources: Sequence[Source], source_ids: np.ndarray, indices: np.ndarray) -> Gathered:
@@ -181,6 +182,8 @@ def gather(sources: Sequence[Source], source_ids: np.ndarray, indices: np.ndarra
     modes = np.empty(count, np.uint8)
     labels = np.empty(count, np.int64)
     sizes = np.empty(count, np.int64)
+    rows = np.empty(count, np.int64)
+    paths: list[str] = []
     pieces: list[np.ndarray] = []
     for i in range(count):
         source = sources[int(source_ids[i])]
@@ -189,6 +192,8 @@ def gather(sources: Sequence[Source], source_ids: np.ndarray, indices: np.ndarra
         j = int(local[0])
         size = int(shard.sizes[j])
         pieces.append(shard.read(j))
+        paths.append(shard.path)
+        rows[i] = j
         heights[i], widths[i], modes[i], labels[i], sizes[i] = (
             shard.heights[j],
             shard.widths[j],
@@ -200,4 +205,40 @@ def gather(sources: Sequence[Source], source_ids: np.ndarray, indices: np.ndarra
     if count > 1:
         offsets[1:] = np.cumsum(sizes)[:-1]
     payload = np.concatenate(pieces) if pieces else np.zeros(0, np.uint8)
-    return Gathered(payload, offsets, sizes, heights, widths, modes, labels)
+    return Gathered(payload, offsets, sizes, heights, widths, modes, labels, paths, rows)
+
+
+#: Up to this many shards of a source have every row checked before training starts; beyond it, every
+#: shard's header is still checked against the index, and the rows of the others on first use.
+CHECK_ALL_ROWS_UP_TO = 64
+#: Stored JPEG bytes per source whose headers are compared with their rows before training starts (the decode
+#: kernel checks every image it decodes anyway; this finds a bad beton before the engine is built).
+CHECK_JPEG_BYTES = 256 << 20
+
+
+def check_betons(paths: Sequence[str | os.PathLike[str]]) -> int:
+    """What preflight checks of a source before any rank builds anything; returns its image count.
+
+    Every shard's header is read and compared with the count its folder's ``shards.index.json`` gives
+    (an index that lies would otherwise fail the first read of that shard, possibly hours in), and the rows
+    of the first :data:`CHECK_ALL_ROWS_UP_TO` shards are checked whole (:func:`read_beton`), with the JPEG
+    headers of their first :data:`CHECK_JPEG_BYTES` of stored bytes (:func:`check_jpeg_sizes`). Raises
+    :class:`BetonError` naming the file (and the row) on the first problem.
+    """
+    shards = [Path(p) for p in paths]
+    counts = shard_counts(shards, save=False)
+    budget = CHECK_JPEG_BYTES
+    for k, (shard, count) in enumerate(zip(shards, counts, strict=True)):
+        held = int(read_header(shard)["num_samples"])
+        if held != count:
+            raise BetonError(
+                f"{index_path(shard.parent)} says {shard.name} holds {count} images, its header says {held}: "
+                "the index is stale or edited (delete it; it is rebuilt from the headers)"
+            )
+        if k < CHECK_ALL_ROWS_UP_TO:
+            contents = read_beton(shard)
+            if contents.fields.get("image") != "RGBImageField" or "label" not in contents.metadata:
+                raise BetonError(f"{shard}: expected fields 'image' and 'label', found {list(contents.fields)}")
+            if budget > 0:
+                budget -= check_jpeg_sizes(shard, contents, budget)
+    return sum(counts)

@@ -14,7 +14,7 @@ import tarfile
 from collections.abc import Iterable
 from pathlib import Path
 
-from .beton import ConversionError, expand_shards, is_complete
+from .beton import BetonError, ConversionError, check_regular_file, expand_shards, is_complete
 from .images import IMAGE_EXTENSIONS, ImageRef
 from .shard_index import refresh_shard_index
 from .writers import UNLABELED, WriteOptions, WriteResult, check_writable, write_beton
@@ -28,6 +28,10 @@ def scan_tar(tar_path: str) -> tuple[list[ImageRef], list[dict[str, str]]]:
     """
     samples: dict[str, dict[str, tarfile.TarInfo]] = {}
     problems: list[dict[str, str]] = []
+    try:
+        check_regular_file(tar_path)  # a FIFO matched by the pattern would block tarfile forever
+    except BetonError as error:
+        raise ConversionError(str(error)) from None
     try:
         with tarfile.open(tar_path, "r:") as archive:
             for member in archive:

@@ -133,21 +133,36 @@ def _writable(key: str, folder: Path) -> None:
         raise _bad(key, str(folder), f"not writable ({exc.strerror or exc})") from None
 
 
+def _check_betons(key: str, value: str, paths: list[Path]) -> None:
+    """Every beton's header (against its folder's index) and its rows (see
+    :func:`aim_ds.data.sources.check_betons`): a FIFO, a JPEG renamed ``.beton``, a truncated or corrupt
+    beton fails here, not when the loaders are built after the engine (or on every rank, hung)."""
+    from ..data.beton import BetonError
+    from ..data.sources import check_betons
+
+    try:
+        check_betons(paths)
+    except (BetonError, OSError) as exc:
+        raise _bad(key, value, str(exc)) from None
+
+
 def check_paths(cfg: PretrainConfig) -> None:
     """Every source and the val beton exist; ``out_dir`` and its checkpoint folder are writable."""
     from ..data.beton import resolve_betons
 
     for i, source in enumerate(cfg.data.sources):
         try:
-            resolve_betons(source.path)
+            paths = resolve_betons(source.path)
         except (FileNotFoundError, OSError, ValueError) as exc:
             raise _bad(f"data.sources[{i}].path", source.path, f"no beton there ({exc})") from None
+        _check_betons(f"data.sources[{i}].path", source.path, paths)
     if cfg.data.val_path:
         val = Path(cfg.data.val_path)
-        if not val.is_file():
+        if not val.exists():
             raise _bad("data.val_path", cfg.data.val_path, "no such file")
         if not os.access(val, os.R_OK):
             raise _bad("data.val_path", cfg.data.val_path, "not readable")
+        _check_betons("data.val_path", cfg.data.val_path, [val])
     for key in ("train_path", "val_path"):
         value = getattr(cfg.probe, key)
         if cfg.probe.every_steps > 0 and value and not Path(value).is_file():
