@@ -1,0 +1,75 @@
+"""run/pretrain.py with one fault put in on purpose, for tests/test_promises.py (launched per rank by
+the ``deepspeed`` launcher exactly as the real driver is).
+
+``python tests/promises_driver.py <run/pretrain.py arguments>`` with ``PROMISES_EXITS`` and
+``PROMISES_FAULT`` in the environment (the launcher puts ``--local_rank`` first among the arguments):
+each rank writes its exit code to ``$PROMISES_EXITS/rank<r>.txt`` (so that the test sees every
+rank's code, not only the launcher's). ``PROMISES_FAULT`` is one of:
+
+- ``none``: the driver as it ships;
+- ``inf_grad``: the pixel head's last LayerNorm scales by 1e37 and its output layer is zero: the
+  prediction is the output bias, so the loss stays finite, while the output layer's gradient (the
+  head's activations times the error) squares past fp32's range in the gradient norm;
+- ``kill_in_swap``: rank 0 dies by SIGKILL inside the swap that publishes a re-saved checkpoint,
+  after the old complete folder was moved aside and before the new one took its name (the worst
+  moment for a kill).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _inf_grad() -> None:
+    import torch
+
+    from aim_ds.train import loop
+
+    build = loop.build_model
+
+    def build_with_huge_norm(*args, **kwargs):
+        model = build(*args, **kwargs)
+        with torch.no_grad():
+            model.head.norm.weight.fill_(1e37)
+            model.head.out.weight.zero_()
+        return model
+
+    loop.build_model = build_with_huge_norm
+
+
+def _kill_in_swap() -> None:
+    from aim_ds import checkpoint
+
+    def replace_then_die(tmp: Path, path: Path) -> Path:
+        path = Path(path)
+        if path.exists():
+            os.replace(path, path.with_name(path.name + ".old"))
+            os.kill(os.getpid(), signal.SIGKILL)
+        os.replace(tmp, path)
+        return path
+
+    checkpoint.replace_dir = replace_then_die
+
+
+def main() -> int:
+    fault, exit_dir, argv = os.environ["PROMISES_FAULT"], os.environ["PROMISES_EXITS"], sys.argv[1:]
+    {"none": lambda: None, "inf_grad": _inf_grad, "kill_in_swap": _kill_in_swap}[fault]()
+    spec = importlib.util.spec_from_file_location("pretrain_driver", ROOT / "run" / "pretrain.py")
+    driver = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(driver)
+    code = 1
+    try:
+        code = driver.main(argv)
+    finally:
+        Path(exit_dir, f"rank{os.environ.get('RANK', '0')}.txt").write_text(str(code))
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
