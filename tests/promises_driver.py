@@ -7,9 +7,9 @@ each rank writes its exit code to ``$PROMISES_EXITS/rank<r>.txt`` (so that the t
 rank's code, not only the launcher's). ``PROMISES_FAULT`` is one of:
 
 - ``none``: the driver as it ships;
-- ``inf_grad``: the pixel head's last LayerNorm scales by 1e37 and its output layer is zero: the
-  prediction is the output bias, so the loss stays finite, while the output layer's gradient (the
-  head's activations times the error) squares past fp32's range in the gradient norm;
+- ``inf_grad``: the pixel head's last LayerNorm scales by 1e37, its output weights are zero and its
+  bias 1e18: the prediction is the bias, so the loss (about 1e36) stays finite, while the output
+  weights' gradient (the head's activations times the error, about 1e53) is past fp32's range;
 - ``kill_in_swap``: rank 0 dies by SIGKILL inside the swap that publishes a re-saved checkpoint,
   after the old complete folder was moved aside and before the new one took its name (the worst
   moment for a kill).
@@ -38,6 +38,7 @@ def _inf_grad() -> None:
         with torch.no_grad():
             model.head.norm.weight.fill_(1e37)
             model.head.out.weight.zero_()
+            model.head.out.bias.fill_(1e18)
         return model
 
     loop.build_model = build_with_huge_norm
