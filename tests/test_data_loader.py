@@ -264,7 +264,10 @@ def test_ffcv_decoders_inside_ffcv_loader(data: dict) -> None:
         batch_size=40,
         num_workers=2,
         order=OrderOption.SEQUENTIAL,
-        pipelines={"image": [BicubicRandomResizedCropDecoder(48, (1.0, 1.0), (4 / 3, 4 / 3), flip=False)], "label": None},
+        pipelines={
+            "image": [BicubicRandomResizedCropDecoder(48, (1.0, 1.0), (4 / 3, 4 / 3), flip=False)],
+            "label": None,
+        },
     )
     crops = np.concatenate([np.asarray(batch[0]) for batch in whole])
     errors = []

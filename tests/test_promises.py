@@ -55,7 +55,9 @@ def _args(beton: Path, out_dir: Path, *overrides: str) -> list[str]:
     ]  # fmt: skip
 
 
-def _launch(beton: Path, out_dir: Path, *overrides: str, fault: str = "none") -> tuple[subprocess.CompletedProcess, dict]:
+def _launch(
+    beton: Path, out_dir: Path, *overrides: str, fault: str = "none"
+) -> tuple[subprocess.CompletedProcess, dict]:
     """Two ranks under the ``deepspeed`` launcher; returns the launcher's result and each rank's exit code."""
     assert DEEPSPEED, "the deepspeed launcher is not installed next to this Python"
     exits = out_dir.parent / f"{out_dir.name}.exits"

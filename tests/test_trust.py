@@ -9,7 +9,6 @@ import json
 import logging
 import os
 import socket
-import stat
 import subprocess
 import sys
 import time
@@ -96,7 +95,11 @@ def test_plain_process_bad_resume_keeps_config_yaml(beton: Path, tmp_path: Path)
     ckpt.mark_complete(tag, {"step": 2, "world_size": 1})  # this world size: no universal conversion
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT))
-    command = [sys.executable, str(ROOT / "run" / "pretrain.py"), *_args(beton, out, "train.batch_size=2", "train.micro_batch_size=2")]
+    command = [
+        sys.executable,
+        str(ROOT / "run" / "pretrain.py"),
+        *_args(beton, out, "train.batch_size=2", "train.micro_batch_size=2"),
+    ]
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "parameters; world 1" in proc.stderr, proc.stderr[-3000:]  # the engine was built: the resume ran
