@@ -27,19 +27,22 @@ def build_loaders(cfg: PretrainConfig, plan: RunPlan, rank: int, world: int, dev
         raise ConfigError("data.sources is empty: give at least one {path, prob}")
     sources = [(s.path, s.prob) for s in cfg.data.sources]
     loader_device = device if device.type == "cuda" else None
-    train = build_train_loader(
-        sources,
-        batch_size=plan.micro_batch_size,
-        image_size=plan.image_size,
-        scale=tuple(cfg.data.scale),
-        ratio=tuple(cfg.data.ratio),
-        flip=cfg.data.flip,
-        seed=cfg.train.seed,
-        rank=rank,
-        world_size=world,
-        num_workers=cfg.data.num_workers,
-        device=loader_device,
-    )
+    try:
+        train = build_train_loader(
+            sources,
+            batch_size=plan.micro_batch_size,
+            image_size=plan.image_size,
+            scale=tuple(cfg.data.scale),
+            ratio=tuple(cfg.data.ratio),
+            flip=cfg.data.flip,
+            seed=cfg.train.seed,
+            rank=rank,
+            world_size=world,
+            num_workers=cfg.data.num_workers,
+            device=loader_device,
+        )
+    except ValueError as exc:  # too few images for one micro-batch on every rank: the user's numbers
+        raise ConfigError(f"data.sources: {exc}; lower train.micro_batch_size or add images") from None
     val = None
     if cfg.data.val_path:
         val = build_eval_loader(
