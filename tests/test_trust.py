@@ -346,3 +346,27 @@ def test_ranks_notice_their_launcher_is_gone(tmp_path: Path) -> None:
     )
     assert plain.stdout.strip() == "not watching None", plain.stdout + plain.stderr
     assert (tmp_path / "plain.txt").read_text() == "None"
+
+
+def test_complete_folder_moved_aside_by_a_killed_swap_is_restored(tmp_path: Path) -> None:
+    """The folder state a kill inside aim_ds.io.replace_dir leaves (the old complete step_4 moved to
+    step_4.old, the new complete one still step_4.partial): step 4 is invisible to the resume until
+    restore_interrupted_swaps puts it back; the next save's prune removes the leftover. (The real
+    kill, with DeepSpeed ranks: tests/test_promises.py.)"""
+    root = tmp_path / "checkpoints"
+    for step in (2, 4):
+        (root / ckpt.tag_for_step(step)).mkdir(parents=True)
+        ckpt.mark_complete(root / ckpt.tag_for_step(step), {"step": step})
+    os.replace(root / "step_0000004", root / "step_0000004.old")
+    (root / "step_0000004.partial").mkdir()
+    ckpt.mark_complete(root / "step_0000004.partial", {"step": 4})
+    assert [s for s, _ in ckpt.list_complete(root)] == [2]
+    assert ckpt.restore_interrupted_swaps(root) == [root / "step_0000004"]
+    assert [s for s, _ in ckpt.list_complete(root)] == [2, 4]
+    assert ckpt.restore_interrupted_swaps(root) == []  # nothing left to restore
+    ckpt.prune(root, 3)
+    assert sorted(p.name for p in root.iterdir()) == ["step_0000002", "step_0000004"]
+    # A finished swap whose .old removal was cut short: the new folder stays, nothing is restored.
+    (root / "step_0000004.old").mkdir()
+    ckpt.mark_complete(root / "step_0000004.old", {"step": 4})
+    assert ckpt.restore_interrupted_swaps(root) == [] and ckpt.is_complete(root / "step_0000004")
