@@ -132,7 +132,7 @@ def test_resume_where_no_checkpoint_loads(beton: Path, base: Path, tmp_path: Pat
     assert {name: (out / name).read_bytes() for name in kept} == kept
 
 
-def test_reresave_killed_in_the_swap_keeps_the_complete_folder(beton: Path, base: Path, tmp_path: Path) -> None:
+def test_resave_killed_in_the_swap_keeps_the_complete_folder(beton: Path, base: Path, tmp_path: Path) -> None:
     """A resumed run that stops at once re-saves its step through ``<tag>.partial``; rank 0 is killed
     (SIGKILL) inside the swap, after the old complete folder was moved aside and before the new one
     took its name. The next launch still resumes from that step, from a complete folder, and the
