@@ -9,17 +9,13 @@ rank's code, not only the launcher's). ``PROMISES_FAULT`` is one of:
 - ``none``: the driver as it ships;
 - ``inf_grad``: the pixel head's last LayerNorm scales by 1e37, its output weights are zero and its
   bias 1e18: the prediction is the bias, so the loss (about 1e36) stays finite, while the output
-  weights' gradient (the head's activations times the error, about 1e53) is past fp32's range;
-- ``kill_in_swap``: rank 0 dies by SIGKILL inside the swap that publishes a re-saved checkpoint,
-  after the old complete folder was moved aside and before the new one took its name (the worst
-  moment for a kill).
+  weights' gradient (the head's activations times the error, about 1e53) is past fp32's range.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
-import signal
 import sys
 from pathlib import Path
 
@@ -44,23 +40,9 @@ def _inf_grad() -> None:
     loop.build_model = build_with_huge_norm
 
 
-def _kill_in_swap() -> None:
-    from aim_ds import checkpoint
-
-    def replace_then_die(tmp: Path, path: Path) -> Path:
-        path = Path(path)
-        if path.exists():
-            os.replace(path, path.with_name(path.name + ".old"))
-            os.kill(os.getpid(), signal.SIGKILL)
-        os.replace(tmp, path)
-        return path
-
-    checkpoint.replace_dir = replace_then_die
-
-
 def main() -> int:
     fault, exit_dir, argv = os.environ["PROMISES_FAULT"], os.environ["PROMISES_EXITS"], sys.argv[1:]
-    {"none": lambda: None, "inf_grad": _inf_grad, "kill_in_swap": _kill_in_swap}[fault]()
+    {"none": lambda: None, "inf_grad": _inf_grad}[fault]()
     spec = importlib.util.spec_from_file_location("pretrain_driver", ROOT / "run" / "pretrain.py")
     driver = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(driver)
