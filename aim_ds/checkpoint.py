@@ -278,6 +278,7 @@ def load_latest(engine: Any, ckpt_dir: str | os.PathLike) -> tuple[int, dict[str
     """
     choice: list[Any] = [None]
     if rank() == 0:
+        restore_interrupted_swaps(ckpt_dir)
         choice[0] = [path.name for _, path in reversed(list_complete(ckpt_dir))]
     if world_size() > 1:
         dist.broadcast_object_list(choice, src=0)
@@ -306,6 +307,23 @@ def load_latest(engine: Any, ckpt_dir: str | os.PathLike) -> tuple[int, dict[str
     if skipped:
         raise CheckpointError("no complete checkpoint loads:\n  " + "\n  ".join(skipped))
     return None
+
+
+def restore_interrupted_swaps(ckpt_dir: str | os.PathLike) -> list[Path]:
+    """Put back complete checkpoints that a re-save moved aside (``<tag>.old``, see
+    :func:`aim_ds.io.replace_dir`) and was killed before the new folder took their name: without
+    this the newest complete checkpoint would be invisible to the resume. Rank 0, before listing.
+    Returns the restored folders."""
+    root = Path(ckpt_dir)
+    restored = []
+    for old in sorted(root.glob("step_*.old")) if root.is_dir() else []:
+        path = old.with_name(old.name.removesuffix(".old"))
+        if step_from_tag(path.name) is None or not is_complete(old) or path.exists():
+            continue
+        os.replace(old, path)
+        log.warning("restored %s: a save of that step was cut short after moving it aside", path)
+        restored.append(path)
+    return restored
 
 
 DAMAGED_SUFFIX = ".damaged"

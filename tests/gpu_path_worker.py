@@ -277,7 +277,25 @@ def check_runs(beton: str, out: Path, rank: int) -> dict[str, Any]:
         (out / "offload" / "checkpoints" / ckpt.tag_for_step(12) / ckpt.COMPLETE_MARKER).unlink()
     barrier()
     result["resumed_from"] = ckpt.latest_complete(out / "offload" / "checkpoints")[0]
-    result["resumed"] = _train(_run_config(beton, out / "offload", 12, 1, 4), "zero3_offload.json")
+    metrics = out / "offload" / "metrics.jsonl"
+    before = metrics.read_text().splitlines(keepends=True)
+    # The optimizer steps the resumed run really takes (1-based), and the file's lines it kept.
+    ran: list[int] = []
+    optimizer_step = loop._optimizer_step
+
+    def recorded_step(job: Any, step: int, *args: Any) -> Any:
+        ran.append(step + 1)
+        return optimizer_step(job, step, *args)
+
+    loop._optimizer_step = recorded_step
+    try:
+        result["resumed"] = _train(_run_config(beton, out / "offload", 12, 1, 4), "zero3_offload.json")
+    finally:
+        loop._optimizer_step = optimizer_step
+    after = metrics.read_text().splitlines(keepends=True)
+    result["resumed"]["steps_run"] = ran
+    result["resumed"]["kept_lines"] = next((i for i, (a, b) in enumerate(zip(before, after)) if a != b), len(before))
+    result["resumed"]["lines_before"] = len(before)
     return result
 
 

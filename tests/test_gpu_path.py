@@ -128,8 +128,16 @@ def test_offload_gives_the_same_losses_as_zero3(results: dict[str, list[dict]]) 
 
 
 def test_offloaded_checkpoint_resumes_exactly(results: dict[str, list[dict]]) -> None:
+    """The resumed offloaded run starts after step 8: it takes only steps 9-12 (a restart from step
+    0 would reproduce the same losses, so the losses alone prove nothing), keeps the metrics lines
+    of steps 1-8 as they were, and its losses equal the uninterrupted run's."""
     for rank in results["runs"]:
         assert rank["resumed_from"] == 8 and rank["resumed"]["status"] == "finished"
+        assert rank["resumed"]["steps_run"] == [9, 10, 11, 12]
+    # Rank 0 writes metrics.jsonl: the lines of steps 1-8 untouched, those of steps 9-12 written anew.
+    resumed = results["runs"][0]["resumed"]
+    assert 8 <= resumed["kept_lines"] < resumed["lines_before"]
+    for rank in results["runs"]:
         straight, resumed = rank["offload"]["losses"], rank["resumed"]["losses"]
         assert sorted(resumed, key=int) == [str(s) for s in range(1, 13)]  # one straight run in the file
         for step in range(9, 13):

@@ -4,6 +4,7 @@ the fake-tensor measurement against a real CPU forward, and the does-not-fit err
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -163,14 +164,28 @@ def test_optimizer_step_working_set() -> None:
         assert plan.peak == plan.model_states + plan.runtime + max(fwd_bwd, 4 * partition)
 
 
-def test_cpu_ranks_share_the_memory_that_is_available() -> None:
-    """On the CPU a rank's share is what the machine has free now (plus what the ranks themselves
-    already hold), not its physical memory: other processes' memory is not the run's."""
-    from aim_ds.plan import local_hardware
-    from aim_ds.plan.memory import host_memory_bytes, resident_bytes
+def test_cpu_ranks_share_the_memory_that_is_available(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the CPU a rank's share is (MemAvailable now + the resident memory of the node's ranks) /
+    ranks per node: other processes' memory is not the run's, the ranks' own is. The two readings
+    are fixed here to hand-picked numbers, so that the formula itself is checked exactly."""
+    from aim_ds.plan import local_hardware, report
+    from aim_ds.plan.memory import available_host_bytes, host_memory_bytes, resident_bytes
 
-    share = local_hardware(1, torch.device("cpu")).device_memory
-    assert resident_bytes() < share < host_memory_bytes()  # the kernel, page tables and this process's peers hold some
+    monkeypatch.setattr(report, "available_host_bytes", lambda: 10 * GIB)
+    monkeypatch.setattr(report, "resident_bytes", lambda: GIB // 2)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    hw = local_hardware(8, torch.device("cpu"))
+    assert hw.device_memory == (10 * GIB + 4 * GIB // 2) // 4 == 3 * GIB  # (10 + 4 x 0.5) / 4
+    assert (hw.gpus_per_node, hw.nodes, hw.device) == (4, 2, "cpu")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
+    assert local_hardware(3, torch.device("cpu")).device_memory == (10 * GIB + 3 * GIB // 2) // 3
+    # The readings themselves: MemAvailable as /proc/meminfo states it (it moves a little between two
+    # reads) and this process's resident set from /proc/self/statm.
+    meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+    stated = int(meminfo["MemAvailable"].split()[0]) * 1024
+    assert abs(available_host_bytes() - stated) < 256 * 2**20 and stated < host_memory_bytes()
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    assert abs(resident_bytes() - pages * os.sysconf("SC_PAGE_SIZE")) < 64 * 2**20
 
 
 def test_step_time_from_flops() -> None:

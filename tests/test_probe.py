@@ -302,3 +302,88 @@ def test_two_ranks_shard_data_and_share_heads(digits: dict[str, Path], tmp_path:
     assert results["steps"] == 8 * ((1397 // 2) // 64)  # per-rank batch 64 of the global 128
     assert best["top1"] > 0.5
     assert "probe results" in logs[0] and "probe results" not in logs[1]  # rank 0 reports
+
+
+_BANK_RANK = """
+import sys
+import torch
+import torch.distributed as dist
+from aim_ds.probe.bank import HeadBank
+from aim_ds.probe.config import TrainConfig
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+feats, labels = torch.load(sys.argv[1])
+half = labels.shape[1] // 2
+mine = slice(rank * half, (rank + 1) * half)
+bank = HeadBank.create(["attentive", "linear"], [1e-2], dim=64, num_heads=2, num_classes=10, train=TrainConfig(seed=3))
+reduce = bank._all_reduce_grads
+grads = []
+
+def recorded():
+    reduce()
+    grads.append([p.grad.clone() for s in bank.slots for p in s.head.parameters()])
+
+bank._all_reduce_grads = recorded
+for step in range(3):
+    bank.train_step(feats[step][mine], labels[step][mine], {s.name: 1e-2 for s in bank.slots})
+params = [p.detach().clone() for s in bank.slots for p in s.head.parameters()]
+torch.save({"grads": grads, "params": params}, sys.argv[2] + f"/rank{rank}.pt")
+dist.destroy_process_group()
+"""
+
+
+def test_probe_heads_average_gradients_across_ranks(tmp_path: Path) -> None:
+    """Two gloo ranks, each training the probe heads on its half of each batch: after the all-reduce
+    both hold the mean of the two halves' gradients (computed here one half at a time, each with its
+    own BatchNorm statistics as a rank has), and after 3 AdamW steps both hold the same heads as
+    that reference. A sum instead of a mean, or no all-reduce, fails."""
+    import os
+    import subprocess
+    import sys
+
+    import torch.nn.functional as F
+
+    from aim_ds.probe.bank import HeadBank
+    from aim_ds.probe.config import TrainConfig
+
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 10, (3, 32), generator=generator)
+    # Features that carry the label, so that the heads have something to learn.
+    feats = torch.randn(3, 32, 16, 64, generator=generator) + torch.nn.functional.one_hot(labels, 64)[:, :, None] * 2
+    torch.save((feats, labels), tmp_path / "batches.pt")
+    port = free_port()
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+        command = [sys.executable, "-c", _BANK_RANK, str(tmp_path / "batches.pt"), str(tmp_path)]
+        procs.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(log[-3000:] for log in logs)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+
+    reference = HeadBank.create(
+        ["attentive", "linear"], [1e-2], dim=64, num_heads=2, num_classes=10, train=TrainConfig(seed=3)
+    )
+    reference.train(True)
+    params = [p for s in reference.slots for p in s.head.parameters()]
+    for step in range(3):
+        halves = []
+        for half in (slice(0, 16), slice(16, 32)):
+            loss = sum(F.cross_entropy(s.head(feats[step][half]), labels[step][half]) for s in reference.slots)
+            grads = torch.autograd.grad(loss, params)
+            halves.append(grads)
+        mean = [(a + b) / 2 for a, b in zip(*halves, strict=True)]
+        for got in ranks:
+            for expected, actual in zip(mean, got["grads"][step], strict=True):
+                torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-7)
+        for p, g in zip(params, mean, strict=True):
+            p.grad = g.clone()
+        for slot in reference.slots:
+            torch.nn.utils.clip_grad_norm_(slot.head.parameters(), TrainConfig().grad_clip)
+            slot.optimizer.step()
+            slot.optimizer.zero_grad(set_to_none=True)
+    for got in ranks:
+        for expected, actual in zip(params, got["params"], strict=True):
+            torch.testing.assert_close(actual, expected.detach(), rtol=1e-5, atol=1e-6)

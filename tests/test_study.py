@@ -1,6 +1,6 @@
 """The study (aim_ds.study, run/study.py) and the live probe (aim_ds.train.live_probe) on a real 2-rank
-ZeRO-3 CPU run of aim-test over scikit-learn's digits: one launch with 2 checkpoints and 2 live probes,
-then the study over its checkpoints."""
+ZeRO-3 CPU run of aim-test over scikit-learn's digits: one launch with 3 checkpoints and 3 live probes
+(3 points, the fewest with a defined Spearman), then the study over its checkpoints."""
 
 from __future__ import annotations
 
@@ -29,7 +29,8 @@ from aim_ds.study import ProbeSettings, spearman, study_checkpoints, study_sizes
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 DEEPSPEED = shutil.which("deepspeed", path=str(VENV_BIN)) or shutil.which("deepspeed")
-STEPS, EVERY = 4, 2
+STEPS, EVERY = 3, 1
+STEPS_SEEN = [1, 2, 3]
 # A quick probe: one LR, one decay, one epoch (the study's code path, not its figures).
 PROBE_OVERRIDES = ["train.epochs=1", "train.lrs=[1e-2]", "train.weight_decays=[0.05]", "data.num_workers=1"]
 
@@ -69,7 +70,7 @@ def settings(digits: dict[str, Path]) -> ProbeSettings:
 
 @pytest.fixture(scope="module")
 def run(digits: dict[str, Path], settings: ProbeSettings) -> Path:
-    """aim-test for 4 steps on 2 CPU ranks: a checkpoint, a val loss and a live probe every 2 steps."""
+    """aim-test for 3 steps on 2 CPU ranks: a checkpoint, a val loss and a live probe every step."""
     root = digits["root"]
     cfg = yaml.safe_load((ROOT / "run/configs/aim-test.yaml").read_text())
     cfg["data"].update(sources=[{"path": str(digits["train"]), "prob": 1.0}], val_path=str(digits["val"]))
@@ -107,10 +108,10 @@ def run(digits: dict[str, Path], settings: ProbeSettings) -> Path:
 @pytest.mark.deepspeed
 def test_live_probe_logged_beside_val_loss(run: Path) -> None:
     probes = read_metrics(run / "metrics.jsonl", "probe")
-    assert [r["step"] for r in probes] == [2, 4]
+    assert [r["step"] for r in probes] == STEPS_SEEN
     for record in probes:
         assert 0.0 <= record["top1_attentive"] <= 1.0 and 0.0 <= record["top1_linear"] <= 1.0
-    assert {r["step"] for r in read_metrics(run / "metrics.jsonl", "val")} >= {2, 4}
+    assert {r["step"] for r in read_metrics(run / "metrics.jsonl", "val")} >= set(STEPS_SEEN)
     assert (run / "loss.png").is_file()
     assert (run / "live_probe" / "step_0000002" / "results.json").is_file()
     assert not (run / "live_probe" / "weights").exists()  # the probe's temporary export is removed
@@ -122,9 +123,9 @@ def test_study_over_checkpoints_and_sizes(run: Path, settings: ProbeSettings, di
     summary = study_checkpoints(run, settings, out)
     with open(out / "checkpoints.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [int(r["step"]) for r in rows] == [2, 4]
+    assert [int(r["step"]) for r in rows] == STEPS_SEEN
     val = {r["step"]: r["loss"] for r in read_metrics(run / "metrics.jsonl", "val")}
-    assert [float(r["val_loss"]) for r in rows] == pytest.approx([val[2], val[4]])
+    assert [float(r["val_loss"]) for r in rows] == pytest.approx([val[s] for s in STEPS_SEEN])
     top1 = {f"top1_{k}{suffix}" for k in ("attentive", "linear") for suffix in ("", "_low", "_high")}
     assert set(rows[0]) == {"step", "val_loss", "val_images", *top1}
     for row in rows:
@@ -132,8 +133,18 @@ def test_study_over_checkpoints_and_sizes(run: Path, settings: ProbeSettings, di
             low, value, high = (float(row[f"top1_{kind}{s}"]) for s in ("_low", "", "_high"))
             assert low <= value <= high and high - low > 0  # 200 val images: a real interval
         assert int(row["val_images"]) == 200
-    assert set(summary["spearman_val_loss_vs_top1"]) == {"attentive", "linear"}
-    assert set(summary["spearman_val_loss_vs_top1"]["linear"]) == {"rho", "p_value", "n"}
+    # The Spearman correlation, computed end to end: scipy's on the same logged values (NaN only
+    # where a column is constant, which scipy also answers with NaN; at least one is a number).
+    from scipy.stats import spearmanr
+
+    correlation = summary["spearman_val_loss_vs_top1"]
+    assert set(correlation) == {"attentive", "linear"}
+    for kind, value in correlation.items():
+        assert set(value) == {"rho", "p_value", "n"} and value["n"] == len(STEPS_SEEN)
+        expected = spearmanr([float(r["val_loss"]) for r in rows], [float(r[f"top1_{kind}"]) for r in rows])
+        assert value["rho"] == pytest.approx(expected.statistic, abs=1e-12, nan_ok=True), (kind, rows)
+        assert value["p_value"] == pytest.approx(expected.pvalue, abs=1e-12, nan_ok=True), (kind, rows)
+    assert any(math.isfinite(value["rho"]) for value in correlation.values()), rows
     assert (out / "loss_vs_probe.png").stat().st_size > 0 and (out / "checkpoints.json").is_file()
     # The checkpoint probe sees the weights the live probe saw (fp32 masters on the CPU): same top-1,
     # up to an image flipped by a different summation order.
@@ -146,13 +157,13 @@ def test_study_over_checkpoints_and_sizes(run: Path, settings: ProbeSettings, di
             )
 
     # Sizes: the final checkpoint, whose probe above is reused (newer than the checkpoint).
-    result = out / "probes" / run.name / "step_0000004" / "results.json"
+    result = out / "probes" / run.name / ckpt.tag_for_step(STEPS) / "results.json"
     before = result.stat().st_mtime
     sizes = study_sizes([run], dataclasses.replace(settings, seeds=(0, 1)), out)
     assert result.stat().st_mtime == before
-    assert [(r["model"], r["step"]) for r in sizes] == [("aim-test", 4)]
+    assert [(r["model"], r["step"]) for r in sizes] == [("aim-test", STEPS)]
     # A second probe seed: its own probe, and the top-1 is the mean over both seeds.
-    second = json.loads((out / "probes" / run.name / "step_0000004_seed1" / "results.json").read_text())
+    second = json.loads((out / "probes" / run.name / f"{ckpt.tag_for_step(STEPS)}_seed1" / "results.json").read_text())
     assert second["config"]["train"]["seed"] == 1
     first = json.loads(result.read_text())
     for kind in ("attentive", "linear"):
@@ -160,7 +171,7 @@ def test_study_over_checkpoints_and_sizes(run: Path, settings: ProbeSettings, di
         assert sizes[0][f"top1_{kind}"] == pytest.approx(mean)
     assert sizes[0]["params"] == trunk_parameter_count(create_model("aim-test", device="meta"))
     assert (out / "sizes.csv").is_file() and (out / "loss_vs_size.png").stat().st_size > 0
-    assert ckpt.list_complete(run / "checkpoints")[0][0] == 2  # keep_last=0 kept every checkpoint
+    assert [s for s, _ in ckpt.list_complete(run / "checkpoints")] == STEPS_SEEN  # keep_last=0 kept every one
 
     # The driver over the same folders reuses every probe and writes the summary.
     proc = subprocess.run(

@@ -9,7 +9,6 @@ import json
 import logging
 import os
 import socket
-import stat
 import subprocess
 import sys
 import threading
@@ -84,22 +83,32 @@ def test_bad_config_fails_before_anything_is_built(
 
 
 def test_plain_process_bad_resume_keeps_config_yaml(beton: Path, tmp_path: Path) -> None:
-    """The real driver as a plain process: a bad value on an existing run folder exits 2 with one
-    message, no DeepSpeed log line, and the run's config.yaml untouched."""
+    """The real driver as a plain process, with a valid config, on a run folder whose only complete
+    checkpoint is damaged: it gets as far as the engine and the resume, exits 2 with one message
+    naming the file, and leaves the run's config.yaml (and the checkpoint) untouched."""
     out = tmp_path / "run"
-    out.mkdir()
+    tag = out / "checkpoints" / ckpt.tag_for_step(2)
+    tag.mkdir(parents=True)
     ckpt.write_manifest(out)
     (out / "config.yaml").write_text("# the run's own config\n")
-    before = (out / "config.yaml").read_bytes()
+    shard = tag / "mp_rank_00_model_states.pt"
+    shard.write_bytes(b"PK\x03\x04 not a checkpoint, cut short")
+    ckpt.mark_complete(tag, {"step": 2, "world_size": 1})  # this world size: no universal conversion
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT))
-    command = [sys.executable, str(ROOT / "run" / "pretrain.py"), *_args(beton, out, "optim.peak_lr=nan")]
+    command = [
+        sys.executable,
+        str(ROOT / "run" / "pretrain.py"),
+        *_args(beton, out, "train.batch_size=2", "train.micro_batch_size=2"),
+    ]
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "parameters; world 1" in proc.stderr, proc.stderr[-3000:]  # the engine was built: the resume ran
     lines = [line for line in proc.stderr.splitlines() if " ERROR " in line]
-    assert len(lines) == 1 and "optim.peak_lr=nan" in lines[0], proc.stderr[-3000:]
-    assert "deepspeed.initialize" not in proc.stderr and "DeepSpeed info" not in proc.stderr
+    assert len(lines) == 1 and "cannot resume" in lines[0] and "no complete checkpoint loads" in lines[0], proc.stderr
+    assert f"{tag.name}: {shard}: damaged" in proc.stderr, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
-    assert (out / "config.yaml").read_bytes() == before
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
 def test_stale_extension_build_lock_is_named_not_waited_on(beton: Path, tmp_path: Path) -> None:
@@ -259,18 +268,36 @@ def test_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path: Path, ca
         beater.join()
 
 
-def test_files_follow_the_umask(tmp_path: Path) -> None:
-    """Every writer goes through aim_ds.io (mode 0666 & ~umask): the lock, the manifest, configs."""
-    from aim_ds.config import save_config
-    from aim_ds.io import _FILE_MODE
-    from aim_ds.train.config import PretrainConfig
+_WRITE_RUN_FILES = """
+import json, stat, sys
+from pathlib import Path
+from aim_ds import checkpoint as ckpt
+from aim_ds.config import save_config
+from aim_ds.train.config import PretrainConfig
+from aim_ds.train.lock import RunLock
+run = Path(sys.argv[1])
+with RunLock(run):
+    ckpt.write_manifest(run)
+    save_config(PretrainConfig(), run / "config.yaml")
+    print(json.dumps({p.name: stat.S_IMODE(p.stat().st_mode) for p in run.iterdir()}))
+"""
 
+
+@pytest.mark.parametrize("umask", [0o027, 0o077], ids=["027", "077"])
+def test_files_follow_the_umask(tmp_path: Path, umask: int) -> None:
+    """Every writer goes through aim_ds.io: the lock, the manifest, configs get 0666 & ~umask, for
+    the umask the process was started with (set here, not read from the code)."""
     run = tmp_path / "run"
-    with RunLock(run):
-        ckpt.write_manifest(run)
-        save_config(PretrainConfig(), run / "config.yaml")
-        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in run.iterdir()}
-    assert modes == {LOCK_FILE: _FILE_MODE, ckpt.MANIFEST: _FILE_MODE, "config.yaml": _FILE_MODE}
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run(
+        [sys.executable, "-c", _WRITE_RUN_FILES, str(run)], env=env, capture_output=True, text=True, timeout=120,
+        umask=umask,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    expected = 0o666 & ~umask
+    assert expected == {0o027: 0o640, 0o077: 0o600}[umask]
+    modes = json.loads(proc.stdout)  # read while the lock was held
+    assert modes == {LOCK_FILE: expected, ckpt.MANIFEST: expected, "config.yaml": expected}
 
 
 def test_probe_metrics_keep_their_history(tmp_path: Path) -> None:
@@ -332,3 +359,27 @@ def test_ranks_notice_their_launcher_is_gone(tmp_path: Path) -> None:
     )
     assert plain.stdout.strip() == "not watching None", plain.stdout + plain.stderr
     assert (tmp_path / "plain.txt").read_text() == "None"
+
+
+def test_complete_folder_moved_aside_by_a_killed_swap_is_restored(tmp_path: Path) -> None:
+    """The folder state a kill inside aim_ds.io.replace_dir leaves (the old complete step_4 moved to
+    step_4.old, the new complete one still step_4.partial): step 4 is invisible to the resume until
+    restore_interrupted_swaps puts it back; the next save's prune removes the leftover. (The real
+    kill, with DeepSpeed ranks: tests/test_promises.py.)"""
+    root = tmp_path / "checkpoints"
+    for step in (2, 4):
+        (root / ckpt.tag_for_step(step)).mkdir(parents=True)
+        ckpt.mark_complete(root / ckpt.tag_for_step(step), {"step": step})
+    os.replace(root / "step_0000004", root / "step_0000004.old")
+    (root / "step_0000004.partial").mkdir()
+    ckpt.mark_complete(root / "step_0000004.partial", {"step": 4})
+    assert [s for s, _ in ckpt.list_complete(root)] == [2]
+    assert ckpt.restore_interrupted_swaps(root) == [root / "step_0000004"]
+    assert [s for s, _ in ckpt.list_complete(root)] == [2, 4]
+    assert ckpt.restore_interrupted_swaps(root) == []  # nothing left to restore
+    ckpt.prune(root, 3)
+    assert sorted(p.name for p in root.iterdir()) == ["step_0000002", "step_0000004"]
+    # A finished swap whose .old removal was cut short: the new folder stays, nothing is restored.
+    (root / "step_0000004.old").mkdir()
+    ckpt.mark_complete(root / "step_0000004.old", {"step": 4})
+    assert ckpt.restore_interrupted_swaps(root) == [] and ckpt.is_complete(root / "step_0000004")

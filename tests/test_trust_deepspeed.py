@@ -5,8 +5,8 @@ CPU ranks (aim-test, tiny beton). Two launches shared by the assertions:
   at once naming A's host and PID. Then only the ``deepspeed`` runner gets SIGTERM (it exits at once
   and leaves its launcher and ranks behind): the ranks notice, checkpoint and stop, and release the
   lock.
-- B: A's newest checkpoint gets a truncated shard and the one before a crafted shard whose
-  unpickling would write a file; resuming skips both (naming the files), continues from the third
+- B: in a copy of A's folder, the newest checkpoint gets a truncated shard and the one before a
+  crafted shard whose unpickling would write a file; resuming skips both (naming the files), continues from the third
   and re-saves the crafted step through the temporary folder.
 
 A's checkpoints also feed the shard reader: our weights-only consolidation equals DeepSpeed's
@@ -231,8 +231,10 @@ def test_crafted_checkpoint_runs_nothing(orphaned: dict[str, object], tmp_path: 
 
 @pytest.fixture(scope="module")
 def resumed(setup: dict[str, Path], orphaned: dict[str, object]) -> dict[str, object]:
-    """Launch B: resume A with its two newest checkpoints damaged (truncated / crafted)."""
-    out = orphaned["out"]
+    """Launch B: resume a copy of A with its two newest checkpoints damaged (truncated / crafted).
+    A copy, so that the tests reading A's own folder pass in any order."""
+    out = setup["root"] / "B"
+    shutil.copytree(orphaned["out"], out)
     (oldest_step, _), (crafted_step, crafted), (_, truncated) = ckpt.list_complete(out / "checkpoints")[-3:]
     # bf16 runs name it bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt: find it whatever the prefix.
     (shard,) = truncated.glob("*zero_pp_rank_1_mp_rank_00_optim_states.pt")

@@ -34,20 +34,23 @@ def build_loaders(cfg: PretrainConfig, plan: RunPlan, rank: int, world: int, dev
             jitter = ColorJitter.from_values(cfg.data.color_jitter_values, cfg.data.color_jitter_prob)
         except ValueError as exc:
             raise ConfigError(f"data.color_jitter_values / data.color_jitter_prob: {exc}") from None
-    train = build_train_loader(
-        sources,
-        batch_size=plan.micro_batch_size,
-        image_size=plan.image_size,
-        scale=tuple(cfg.data.scale),
-        ratio=tuple(cfg.data.ratio),
-        flip=cfg.data.flip,
-        seed=cfg.train.seed,
-        rank=rank,
-        world_size=world,
-        num_workers=cfg.data.num_workers,
-        device=loader_device,
-        color_jitter=jitter,
-    )
+    try:
+        train = build_train_loader(
+            sources,
+            batch_size=plan.micro_batch_size,
+            image_size=plan.image_size,
+            scale=tuple(cfg.data.scale),
+            ratio=tuple(cfg.data.ratio),
+            flip=cfg.data.flip,
+            seed=cfg.train.seed,
+            rank=rank,
+            world_size=world,
+            num_workers=cfg.data.num_workers,
+            device=loader_device,
+            color_jitter=jitter,
+        )
+    except ValueError as exc:  # too few images for one micro-batch on every rank: the user's numbers
+        raise ConfigError(f"data.sources: {exc}; lower train.micro_batch_size or add images") from None
     val = None
     if cfg.data.val_path:
         val = build_eval_loader(
