@@ -59,7 +59,7 @@ def run(
     """Train (or resume) the run described by ``cfg`` on every rank of the launched job.
     ``check_memory``: print the memory plan (ZeRO-3) and stop before building anything when it
     does not fit (:class:`aim_ds.plan.PlanError`, a ConfigError)."""
-    rank, world, device = init_distributed()
+    rank, world, device = init_distributed(dist_cfg=cfg.dist)
     model_cfg = model_config(cfg)  # the one resolution of the architecture; passed down from here
     cfg, plan = _plan(cfg, model_cfg, world)
     ds, notes = build_ds_config(ds_base, cfg, plan, model_cfg, source=ds_source)
@@ -71,6 +71,8 @@ def run(
     model = build_model(model_cfg, cfg, ds)
     out_dir = Path(cfg.out_dir)
     if rank == 0:
+        if plan.micro_batch_note:
+            log.warning("%s", plan.micro_batch_note)
         for note in notes:
             log.info(note)
         log.info(
@@ -213,7 +215,7 @@ def batch_in_epoch_from(client: dict[str, Any], images_per_batch: int) -> int:
 
 
 def _warn_config_changes(saved: dict[str, Any], current: dict[str, Any]) -> None:
-    ignored = {"train.stop_after_steps", "checkpoint", "log", "export", "probe", "out_dir", "data.num_workers"}
+    ignored = {"train.stop_after_steps", "checkpoint", "log", "export", "probe", "dist", "out_dir", "data.num_workers"}
     changed = []
     for section, values in current.items():
         if section in ignored:

@@ -80,6 +80,10 @@ def check_fields(cfg: PretrainConfig) -> None:
     _at_least("log.every_steps", cfg.log.every_steps, 0)
     _finite("log.peak_flops_per_device", cfg.log.peak_flops_per_device, low=0.0, low_open=True)
     _at_least("checkpoint.every_steps", cfg.checkpoint.every_steps, 0)
+    _finite("dist.timeout_minutes", cfg.dist.timeout_minutes, low=0.0, low_open=True)
+    _finite("dist.rank0_wait_minutes", cfg.dist.rank0_wait_minutes, low=0.0, low_open=True)
+    _at_least("probe.max_train_images", cfg.probe.max_train_images, 0)
+    _at_least("probe.max_val_images", cfg.probe.max_val_images, 0)
     if not cfg.out_dir:
         raise _bad("out_dir", cfg.out_dir, "is empty")
 
