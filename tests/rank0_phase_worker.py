@@ -1,7 +1,6 @@
 """Two ranks under the deepspeed launcher with a process-group timeout of a few seconds, and a
 rank-0-only phase that lasts longer (tests/test_cluster.py). ``--mode phase`` waits through
-:func:`aim_ds.distributed.rank0_phase`; ``--mode barrier`` the old way, in a barrier; ``--mode fail``
-makes rank 0's work raise."""
+:func:`aim_ds.distributed.rank0_phase`; then a phase whose work raises; ``--mode barrier`` waits the old way, in a barrier."""
 
 from __future__ import annotations
 
@@ -19,7 +18,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--local_rank", type=int, default=0)  # the deepspeed launcher passes it
     parser.add_argument("--out", required=True)
-    parser.add_argument("--mode", choices=("phase", "barrier", "fail"), required=True)
+    parser.add_argument("--mode", choices=("phase", "barrier"), required=True)
     parser.add_argument("--timeout-s", type=float, default=3.0)
     parser.add_argument("--work-s", type=float, default=8.0)
     args = parser.parse_args()
@@ -29,9 +28,11 @@ def main() -> None:
 
     def slow_work() -> dict[str, float]:
         time.sleep(args.work_s)
-        if args.mode == "fail":
-            raise OSError("disk full (on purpose)")
         return {"answer": 42.0}
+
+    def failing_work() -> None:
+        time.sleep(args.work_s)
+        raise OSError("disk full (on purpose)")
 
     result = None
     error = ""
@@ -45,7 +46,14 @@ def main() -> None:
     except Exception as exc:  # noqa: BLE001 - reported to the test
         error = f"{type(exc).__name__}: {exc}"
     after = 0 if error else int(all_reduce_(torch.ones(1)).item())  # the group still works afterwards
-    (out / f"rank{rank}.json").write_text(json.dumps({"before": before, "after": after, "result": result, "error": error}))
+    fail_error = ""
+    if args.mode == "phase":  # then a rank-0 phase that fails: every rank stops with its message
+        try:
+            rank0_phase("failing", out, failing_work, poll_s=0.2)
+        except Exception as exc:  # noqa: BLE001 - reported to the test
+            fail_error = f"{type(exc).__name__}: {exc}"
+    report = {"before": before, "after": after, "result": result, "error": error, "fail_error": fail_error}
+    (out / f"rank{rank}.json").write_text(json.dumps(report))
 
 
 if __name__ == "__main__":

@@ -307,6 +307,7 @@ def run_probe(
             "epochs": 0 if eval_only else cfg.train.epochs,
             "steps": step,
             "world_size": ctx.world_size,
+            "device": str(ctx.device),
             "augment": cfg.train.augment,
             "feature_cache": {"used": features.use_cache, "persistent": cfg.features.cache, "reused": features.reused},
             "trunk_images_forwarded": sum_across_ranks(ctx.trunk.images_seen),

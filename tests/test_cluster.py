@@ -1,0 +1,251 @@
+"""A cluster job's start-up and its rank-0 phases (issue 20): no process-group cliff while rank 0
+works alone, a micro-batch that follows the world size, GPU nodes with a CPU build of PyTorch
+refused, and a live probe that runs where it fits on a bounded subset."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from aim_ds.config import load_config
+from aim_ds.data.loader import subset_indices
+from aim_ds.distributed import free_port
+from aim_ds.registry import get_model_spec
+from aim_ds.study import subprocess_device
+from aim_ds.train.config import BatchConfigError, PretrainConfig, largest_divisor_at_most, resolve_plan
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+DEEPSPEED = shutil.which("deepspeed", path=str(VENV_BIN)) or shutil.which("deepspeed")
+PAPER_CONFIGS = ["aim-0.6B", "aim-1B", "aim-3B", "aim-7B"]
+WORLD_SIZES = [8, 16, 32, 64, 128]
+GIB = 2**30
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT), **extra)
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+# ----------------------------------------------------------------------------- rank-0 phases
+
+
+def _launch_worker(out: Path, mode: str) -> dict[int, dict]:
+    assert DEEPSPEED, "the deepspeed launcher is not installed next to this Python"
+    out.mkdir(parents=True)
+    command = [
+        DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), str(ROOT / "tests/rank0_phase_worker.py"),
+        "--out", str(out), "--mode", mode, "--timeout-s", "3", "--work-s", "8",
+    ]  # fmt: skip
+    proc = subprocess.run(command, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return {r: json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)}
+
+
+@pytest.mark.deepspeed
+def test_rank0_phase_longer_than_the_timeout_does_not_kill_the_job(tmp_path: Path) -> None:
+    """Two gloo ranks with a 3 s process-group timeout; rank 0 works alone for 8 s. Waiting in
+    rank0_phase (a file poll) both ranks get its result and the group works afterwards; a failing
+    rank-0 phase stops every rank with rank 0's message. The old way, a barrier, times out."""
+    got = _launch_worker(tmp_path / "phase", "phase")
+    for rank in (0, 1):
+        assert got[rank]["error"] == "" and got[rank]["result"] == {"answer": 42.0}, got
+        assert got[rank]["before"] == got[rank]["after"] == 2
+        assert got[rank]["fail_error"].endswith("disk full (on purpose)"), got
+    assert got[0]["fail_error"].startswith("OSError") and got[1]["fail_error"].startswith("Rank0PhaseError")
+    assert not list((tmp_path / "phase").glob(".rank0-*"))  # markers are removed
+    # The broken variant: the other rank waits for rank 0 inside a barrier and the timeout fires.
+    old = _launch_worker(tmp_path / "barrier", "barrier")
+    assert "Timed out" in old[1]["error"] or "timeout" in old[1]["error"].lower(), old
+
+
+# ----------------------------------------------------------------------------- the micro-batch
+
+
+def _plan(name: str, world: int, *overrides: str):
+    cfg = load_config(PretrainConfig, ROOT / "run" / "configs" / f"{name}.yaml", overrides=list(overrides))
+    model_cfg = get_model_spec(cfg.model.name).config.replace(**cfg.model.overrides)
+    return cfg, model_cfg, resolve_plan(cfg, world, model_cfg.image_size, model_cfg.num_patches)
+
+
+def test_largest_divisor_at_most() -> None:
+    assert [largest_divisor_at_most(64, m) for m in (128, 64, 63, 48, 1, 0)] == [64, 64, 32, 32, 1, 1]
+    assert largest_divisor_at_most(100, 64) == 50 and largest_divisor_at_most(7, 6) == 1
+
+
+@pytest.mark.parametrize("name", PAPER_CONFIGS)
+def test_every_shipped_yaml_starts_on_8_to_128_gpus(name: str) -> None:
+    """The paper's batch stays 4096; the micro-batch follows the world size where the configured one
+    does not divide the per-GPU batch (0.6B's 128 on 64 GPUs: 64), and the ZeRO-3 memory plan of the
+    micro-batch used fits 8 x 80 GiB GPUs per node."""
+    from aim_ds.plan import make_plan
+    from aim_ds.plan.memory import Hardware, runtime_bytes
+    from aim_ds.train.engine import load_ds_config
+
+    ds = load_ds_config(ROOT / "ds_configs" / "zero3.json")
+    for world in WORLD_SIZES:
+        cfg, model_cfg, plan = _plan(name, world)
+        assert cfg.train.batch_size == 4096
+        assert plan.micro_batch_size * plan.grad_accum_steps * world == 4096
+        assert plan.micro_batch_size == min(cfg.train.micro_batch_size, 4096 // world)
+        if plan.micro_batch_size != cfg.train.micro_batch_size:
+            assert f"train.micro_batch_size={cfg.train.micro_batch_size} does not divide" in plan.micro_batch_note
+            assert f"using micro-batch {plan.micro_batch_size}" in plan.micro_batch_note
+        else:
+            assert plan.micro_batch_note == ""
+        hw = Hardware(8, world // 8, "cuda", 80 * GIB, 1024 * GIB, runtime_bytes("cuda", None))
+        sizing = make_plan(
+            model_cfg,
+            name,
+            ds,
+            hw,
+            batch_size=4096,
+            micro_batch=plan.micro_batch_size,
+            checkpointing=cfg.model.grad_checkpointing,
+        )
+        assert sizing.fits, (world, sizing.text)
+
+
+def test_batch_that_cannot_split_names_the_knob() -> None:
+    with pytest.raises(BatchConfigError, match=r"train\.batch_size=4000 does not split evenly over world size 64"):
+        _plan("aim-0.6B", 64, "train.batch_size=4000")
+    with pytest.raises(BatchConfigError, match="smaller than the world size"):
+        _plan("aim-test", 32)
+    _, _, plan = _plan("aim-0.6B", 64)
+    assert "/world" not in plan.micro_batch_note and "train.batch_size to" not in plan.micro_batch_note
+
+
+# ----------------------------------------------------------------------------- GPU nodes, CPU torch
+
+CHECK = "from aim_ds.distributed import init_distributed; init_distributed(group_of_one=False); print('ok')"
+
+
+@pytest.fixture
+def fake_nvidia_smi(tmp_path: Path) -> Path:
+    """An ``nvidia-smi`` on PATH that lists 8 GPUs, as on a GPU node (the environment, not our code)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    smi = bin_dir / "nvidia-smi"
+    lines = "\n".join(f"GPU {i}: NVIDIA H100 80GB HBM3 (UUID: GPU-{i:08d})" for i in range(8))
+    smi.write_text(f'#!/bin/sh\n[ "$1" = "-L" ] || exit 9\ncat <<EOF\n{lines}\nEOF\n')
+    smi.chmod(0o755)
+    return bin_dir
+
+
+def _check_in_subprocess(bin_dir: Path | None, **env_changes: str | None) -> subprocess.CompletedProcess:
+    env = _env()
+    for key in ("DS_ACCELERATOR", "CUDA_VISIBLE_DEVICES"):
+        env.pop(key, None)
+    for key, value in env_changes.items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    if bin_dir is not None:
+        env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
+    return subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.skipif(__import__("torch").version.cuda is not None, reason="needs a CPU build of PyTorch")
+def test_gpu_node_with_cpu_torch_is_refused(fake_nvidia_smi: Path) -> None:
+    proc = _check_in_subprocess(fake_nvidia_smi)
+    assert proc.returncode != 0
+    assert "8 GPU(s)" in proc.stderr and "CPU build" in proc.stderr and "download.pytorch.org/whl/cu" in proc.stderr
+    # A scheduler's CUDA_VISIBLE_DEVICES alone (no nvidia-smi on PATH) says the same.
+    assert "CPU build" in _check_in_subprocess(None, CUDA_VISIBLE_DEVICES="0,1").stderr
+    # The CPU on purpose, GPUs hidden, or a CPU node: no complaint.
+    for changes, smi in (({"DS_ACCELERATOR": "cpu"}, fake_nvidia_smi), ({"CUDA_VISIBLE_DEVICES": ""}, fake_nvidia_smi)):
+        proc = _check_in_subprocess(smi, **changes)
+        assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+    proc = _check_in_subprocess(None)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------- the live probe
+
+
+def test_probe_subprocess_device_choice() -> None:
+    """``auto`` never shares a training GPU: on this CPU-only machine it is the CPU; ``cuda:N``
+    maps into the launcher's visible list."""
+    assert subprocess_device("cpu", {"CUDA_VISIBLE_DEVICES": "0,1"})[:2] == ("", "cpu")
+    assert subprocess_device("auto", {"CUDA_VISIBLE_DEVICES": "0,1", "LOCAL_WORLD_SIZE": "2"})[:2] == ("", "cpu")
+    assert subprocess_device("cuda:1", {"CUDA_VISIBLE_DEVICES": "4,6"})[:2] == ("6", "cuda")
+    assert subprocess_device("cuda:3", {})[:2] == ("3", "cuda")
+    with pytest.raises(ValueError, match="only 2 GPUs"):
+        subprocess_device("cuda:2", {"CUDA_VISIBLE_DEVICES": "4,6"})
+    with pytest.raises(ValueError, match="cpu, auto or cuda:N"):
+        subprocess_device("gpu", {})
+
+
+def test_subset_spreads_over_the_file() -> None:
+    picked = subset_indices(1000, 10)
+    assert picked.tolist() == list(range(0, 1000, 100))  # every class of a class-ordered beton, not a prefix
+    assert subset_indices(5, 0).tolist() == subset_indices(5, 9).tolist() == [0, 1, 2, 3, 4]
+    assert len(set(subset_indices(1001, 1000).tolist())) == 1000
+
+
+# ----------------------------------------------------------------------------- make setup without root
+
+SETUP = ROOT / "scripts" / "setup.sh"
+CHECK_TOOLS = ("bash", "pkg-config", "ldconfig", "dpkg-query", "grep", "cut", "sort", "tr", "id", "dirname", "cat")
+
+
+def _as_nobody(path: str) -> subprocess.CompletedProcess:
+    env = {"PATH": path, "HOME": "/nonexistent", "LANG": "C"}
+    return subprocess.run(
+        [shutil.which("runuser") or "runuser", "-u", "nobody", "--", "/bin/bash", str(SETUP), "--check"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("runuser"), reason="runs the check as another user")
+def test_setup_check_without_root(request: pytest.FixtureRequest) -> None:
+    """As an ordinary user (nobody) the system-library check passes where the libraries are present
+    (no sudo, no apt), and names the missing one with the apt and conda commands otherwise."""
+    if not SETUP.stat().st_mode & 0o004 or not os.access(ROOT, os.X_OK):
+        pytest.skip("the checkout is not readable by other users")
+    proc = _as_nobody("/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin")
+    assert proc.returncode == 0 and "all present" in proc.stdout, proc.stdout + proc.stderr
+    # The same machine with g++ out of reach (a PATH holding only the tools the check uses).
+    bin_dir = Path(tempfile.mkdtemp(prefix="aim-ds-check-", dir="/tmp"))  # pytest's tmp_path is root's only
+    request.addfinalizer(lambda: shutil.rmtree(bin_dir, ignore_errors=True))
+    bin_dir.chmod(0o755)
+    for tool in CHECK_TOOLS:
+        found = shutil.which(tool, path="/usr/bin:/bin:/usr/sbin:/sbin")
+        assert found, tool
+        (bin_dir / tool).symlink_to(found)
+    proc = _as_nobody(str(bin_dir))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "missing system libraries: g++" in proc.stdout
+    assert "sudo apt-get install -y --no-install-recommends g++" in proc.stdout
+    assert "conda install -c conda-forge gxx" in proc.stdout
+    assert "sudo:" not in proc.stderr and "Permission denied" not in proc.stderr + proc.stdout
+
+
+def test_lock_pins_what_setup_installs() -> None:
+    """requirements.lock pins every requirement of requirements.txt (the versions the suite passed with)."""
+    pins = {}
+    for line in (ROOT / "requirements.lock").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            pins[name.lower().replace("_", "-")] = version
+    import re
+
+    for line in (ROOT / "requirements.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            name = re.split(r"[<>=!~\[ ]", line, maxsplit=1)[0].lower().replace("_", "-")
+            assert name in pins, f"{name} (requirements.txt) is not pinned in requirements.lock"
+    assert "+" not in pins["torch"]  # one pin for the CPU and the CUDA wheel
+    assert "aim-ds" not in pins
