@@ -13,10 +13,12 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import yaml
 
 from aim_ds.config import load_config
 from aim_ds.data.loader import subset_indices
 from aim_ds.distributed import free_port
+from aim_ds.metrics import read_metrics
 from aim_ds.registry import get_model_spec
 from aim_ds.study import subprocess_device
 from aim_ds.train.config import BatchConfigError, PretrainConfig, largest_divisor_at_most, resolve_plan
@@ -190,6 +192,64 @@ def test_subset_spreads_over_the_file() -> None:
     assert picked.tolist() == list(range(0, 1000, 100))  # every class of a class-ordered beton, not a prefix
     assert subset_indices(5, 0).tolist() == subset_indices(5, 9).tolist() == [0, 1, 2, 3, 4]
     assert len(set(subset_indices(1001, 1000).tolist())) == 1000
+
+
+TIMEOUT_MINUTES = 0.2  # 12 s: far below a live probe here (a fresh process that imports torch and DeepSpeed)
+PROBE_OVERRIDES = [
+    "train.epochs=1",
+    "train.batch_size=16",
+    "train.lrs=[1e-2]",
+    "train.weight_decays=[0.05]",
+    "data.num_workers=1",
+]
+
+
+@pytest.mark.deepspeed
+def test_real_run_with_a_short_timeout_a_live_probe_and_a_micro_batch_that_does_not_divide(
+    betons: dict[str, Path], tmp_path: Path
+) -> None:
+    """The driver on 2 CPU ranks with dist.timeout_minutes=0.2: micro-batch 5 does not divide the 8
+    images per rank, so 4 x accumulation 2 is used and said; the live probe (rank 0 alone, longer
+    than the timeout) runs on the CPU on its bounded subset and the job goes on to its checkpoint
+    and export."""
+    cfg = yaml.safe_load((ROOT / "run/configs/aim-test.yaml").read_text())
+    cfg["data"].update(sources=[{"path": str(betons["train"]), "prob": 1.0}], val_path=str(betons["val"]))
+    cfg["data"]["num_workers"] = 1
+    cfg["train"].update(batch_size=16, micro_batch_size=5, steps=2)
+    cfg["val"] = {"every_steps": 2, "max_batches": 1}
+    cfg["checkpoint"] = {"every_steps": 2, "keep_last": 1}
+    cfg["dist"] = {"timeout_minutes": TIMEOUT_MINUTES}
+    cfg["probe"] = {
+        "every_steps": 2,
+        "config": str(ROOT / "run/configs/probe_aim-test.yaml"),
+        "train_path": str(betons["train"]),
+        "val_path": str(betons["val"]),
+        "overrides": PROBE_OVERRIDES,
+        "max_train_images": 40,
+        "max_val_images": 10,
+    }
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "run"
+    assert DEEPSPEED, "the deepspeed launcher is not installed next to this Python"
+    command = [
+        DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), str(ROOT / "run/pretrain.py"),
+        "--deepspeed", str(ROOT / "ds_configs/zero3_fp32.json"), "--config", str(tmp_path / "run.yaml"),
+        f"out_dir={out}",
+    ]  # fmt: skip
+    proc = subprocess.run(command, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=1500)
+    logs = proc.stdout + proc.stderr
+    assert proc.returncode == 0, logs[-5000:]
+    assert "train.micro_batch_size=5 does not divide the 8 images per rank" in logs
+    assert "using micro-batch 4 x gradient accumulation 2" in logs
+    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["micro_batch_size"] == 4
+    probes = read_metrics(out / "metrics.jsonl", "probe")
+    assert [r["step"] for r in probes] == [2]
+    assert probes[0]["seconds"] > TIMEOUT_MINUTES * 60, "the live probe must outlast the timeout to test it"
+    results = json.loads((out / "live_probe" / "step_0000002" / "results.json").read_text())
+    assert results["device"] == "cpu"
+    assert results["trunk_images_forwarded"] == 40 + 10  # the bounded subset, each image once
+    assert (out / "export").is_dir() and (out / "checkpoints" / "step_0000002").is_dir()
+    assert not list(out.rglob(".rank0-*"))  # every rank-0 phase cleaned up its marker
 
 
 # ----------------------------------------------------------------------------- make setup without root
