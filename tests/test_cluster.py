@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -169,6 +170,15 @@ def test_gpu_node_with_cpu_torch_is_refused(fake_nvidia_smi: Path) -> None:
         assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
     proc = _check_in_subprocess(None)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    # The probe driver says it with exit 2 before reading anything.
+    env = {k: v for k, v in _env().items() if k != "DS_ACCELERATOR"}
+    env["PATH"] = f"{fake_nvidia_smi}{os.pathsep}{env['PATH']}"
+    command = [
+        sys.executable, str(ROOT / "run/probe.py"), "--config", str(ROOT / "run/configs/probe_aim-test.yaml"),
+        "--weights", "/nonexistent", "data.train_path=/nonexistent.beton", "data.val_path=/nonexistent.beton",
+    ]  # fmt: skip
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "CPU build" in proc.stderr, proc.stderr[-2000:]
 
 
 # ----------------------------------------------------------------------------- the live probe
@@ -252,6 +262,42 @@ def test_real_run_with_a_short_timeout_a_live_probe_and_a_micro_batch_that_does_
     assert not list(out.rglob(".rank0-*"))  # every rank-0 phase cleaned up its marker
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a small tmpfs for the cache")
+def test_feature_cache_larger_than_its_disk_is_refused(betons: dict[str, Path], tmp_path: Path) -> None:
+    """run/probe.py with the feature cache on a disk too small for it (a real tmpfs): exit 2 naming
+    both sizes before a byte is written."""
+    import torch
+
+    from aim_ds.export import save_export
+    from aim_ds.registry import create_model
+
+    torch.manual_seed(0)
+    save_export(
+        create_model("aim-test").state_dict(), tmp_path / "weights", model_name="aim-test", overrides={}, step=0
+    )
+    small = tmp_path / "small"
+    small.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(small)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode()[-200:]}")
+    try:
+        command = [
+            sys.executable, str(ROOT / "run/probe.py"), "--config", str(ROOT / "run/configs/probe_aim-test.yaml"),
+            "--weights", str(tmp_path / "weights"), f"data.train_path={betons['train']}",
+            f"data.val_path={betons['val']}", f"out_dir={tmp_path / 'probe'}", "train.augment=false",
+            f"features.cache_dir={small}", "data.num_workers=1", "device=cpu",
+        ]  # fmt: skip
+        proc = subprocess.run(command, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert re.search(
+            r"the train feature cache needs [\d.]+ [KMG]iB on .*but only [\d.]+ KiB is free there", proc.stderr
+        )
+        assert "data.max_train_images" in proc.stderr
+        assert list(small.iterdir()) == []  # nothing half-written
+    finally:
+        subprocess.run(["umount", str(small)], check=False)
+
+
 # ----------------------------------------------------------------------------- make setup without root
 
 SETUP = ROOT / "scripts" / "setup.sh"
@@ -300,7 +346,6 @@ def test_lock_pins_what_setup_installs() -> None:
         if line and not line.startswith("#"):
             name, _, version = line.partition("==")
             pins[name.lower().replace("_", "-")] = version
-    import re
 
     for line in (ROOT / "requirements.txt").read_text().splitlines():
         line = line.split("#")[0].strip()

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ..backbone import read_handover
-from ..distributed import barrier, init_distributed, is_main, rank0_phase
+from ..distributed import barrier, check_torch_build, init_distributed, is_main, rank0_phase
 from ..frozen import FrozenTrunk, frozen_trunk
 from ..io import remove_if_exists
 from ..registry import get_model_spec
@@ -153,6 +153,8 @@ def prepare(cfg: ProbeConfig, weights: str | os.PathLike, *, train: bool = True)
     """Set up the device, the process group (none in a plain single process), the frozen trunk and
     the data geometry. ``train=False`` (evaluation only) reads the class list from the val beton
     and leaves the train one alone."""
+    if cfg.device != "cpu":  # a GPU node with a CPU build of torch would probe on the CPU without a word
+        check_torch_build()
     rank, world_size, device = init_distributed(cuda=_wants_cuda(cfg.device), group_of_one=False, dist_cfg=cfg.dist)
     model_cfg = get_model_spec(cfg.model.name).config.replace(**cfg.model.overrides)
     image_size = cfg.data.image_size or model_cfg.image_size
