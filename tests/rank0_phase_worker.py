@@ -1,11 +1,13 @@
 """Two ranks under the deepspeed launcher with a process-group timeout of a few seconds, and a
 rank-0-only phase that lasts longer (tests/test_cluster.py). ``--mode phase`` waits through
-:func:`aim_ds.distributed.rank0_phase`; then a phase whose work raises; ``--mode barrier`` waits the old way, in a barrier."""
+:func:`aim_ds.distributed.rank0_phase`; then a phase whose work raises; ``--mode barrier`` waits the old way, in a barrier; ``--mode die``:
+rank 0 exits inside the phase (started without a launcher, which would kill the other rank itself)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -18,7 +20,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--local_rank", type=int, default=0)  # the deepspeed launcher passes it
     parser.add_argument("--out", required=True)
-    parser.add_argument("--mode", choices=("phase", "barrier"), required=True)
+    parser.add_argument("--mode", choices=("phase", "barrier", "die"), required=True)
     parser.add_argument("--timeout-s", type=float, default=3.0)
     parser.add_argument("--work-s", type=float, default=8.0)
     args = parser.parse_args()
@@ -36,6 +38,20 @@ def main() -> None:
 
     result = None
     error = ""
+    if args.mode == "die":  # rank 0 dies inside the phase: the other rank must not poll on
+        start = time.monotonic()
+
+        def die() -> None:
+            time.sleep(args.work_s)
+            os._exit(17)
+
+        try:
+            rank0_phase("die", out, die, poll_s=0.2, max_wait_s=600)
+        except Exception as exc:  # noqa: BLE001 - reported to the test
+            error = f"{type(exc).__name__}: {exc}"
+        report = {"error": error, "waited_s": time.monotonic() - start}
+        (out / f"rank{rank}.json").write_text(json.dumps(report))
+        return
     try:
         if args.mode == "barrier":
             if rank == 0:

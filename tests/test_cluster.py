@@ -70,6 +70,25 @@ def test_rank0_phase_longer_than_the_timeout_does_not_kill_the_job(tmp_path: Pat
     assert "Timed out" in old[1]["error"] or "timeout" in old[1]["error"].lower(), old
 
 
+@pytest.mark.deepspeed
+def test_waiting_ranks_notice_a_dead_rank0(tmp_path: Path) -> None:
+    """Rank 0 dies inside a rank-0 phase (two plain processes, no launcher to kill the other one):
+    rank 1 stops with a Rank0PhaseError instead of polling for the 10 minutes it may wait."""
+    port = str(free_port())
+    procs = []
+    for rank in (0, 1):
+        env = _env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        command = [sys.executable, str(ROOT / "tests/rank0_phase_worker.py"), "--out", str(tmp_path)]
+        command += ["--mode", "die", "--timeout-s", "600", "--work-s", "2"]
+        procs.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    logs = [p.communicate(timeout=900)[0] for p in procs]
+    assert procs[0].returncode == 17, logs[0][-2000:]
+    assert procs[1].returncode == 0, logs[1][-2000:]
+    got = json.loads((tmp_path / "rank1.json").read_text())
+    assert got["error"].startswith("Rank0PhaseError: rank 0 went away during die"), got
+
+
 # ----------------------------------------------------------------------------- the micro-batch
 
 
