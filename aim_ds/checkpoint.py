@@ -40,7 +40,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .distributed import barrier, min_across_ranks, rank, world_size
+from .distributed import Rank0PhaseError, barrier, min_across_ranks, rank, rank0_phase, world_size
 from .io import PARTIAL_SUFFIX, atomic_dir, atomic_write_json, partial_path, remove_if_exists, replace_dir
 from .zero_shards import ShardError, read_weights_only, weights_only_loads
 
@@ -188,11 +188,15 @@ def save(engine: Any, ckpt_dir: str | os.PathLike, step: int, client_state: dict
     # Inside a folder that counts only once marked complete, so a plain write is enough here.
     torch.save(capture_rng_state(), tmp / f"rng_state_rank{rank()}.pt")
     barrier()  # every rank has written its shards and RNG state
-    if rank() == 0:
+
+    def publish_and_prune() -> None:
         mark_complete(tmp, {"step": step, "world_size": world_size()})
         replace_dir(tmp, path)  # an old complete folder goes only after the new one is in place
         prune(ckpt_dir, keep_last)
-    barrier()  # nobody races ahead into a new save while rank 0 prunes
+
+    # Removing old 3B/7B checkpoints from shared storage can outlast the process group's timeout:
+    # the other ranks wait for it outside any collective (and nobody races into a new save meanwhile).
+    rank0_phase(f"publish-{tag}", ckpt_dir, publish_and_prune)
     return path
 
 
@@ -458,14 +462,10 @@ def prepare_resume(ckpt_dir: str | os.PathLike, world: int) -> Path | None:
     saved = saved_world_size(latest[1]) if latest else None
     if latest is None or saved is None or saved == world:
         return None
-    error: list[Any] = [None]
-    if rank() == 0:
-        try:
-            convert_to_universal(latest[1])
-        except RuntimeError as exc:
-            error[0] = str(exc)
-    if world_size() > 1:
-        dist.broadcast_object_list(error, src=0)
-    if error[0] is not None:
-        raise CheckpointError(error[0])
+    # One converter process on rank 0 can take longer than the process group's timeout for a big
+    # model: the other ranks wait for it outside any collective; a failure stops every rank (exit 2).
+    try:
+        rank0_phase(f"universal-{latest[1].name}", ckpt_dir, lambda: str(convert_to_universal(latest[1])))
+    except Rank0PhaseError as exc:
+        raise CheckpointError(str(exc)) from None
     return latest[1] / UNIVERSAL

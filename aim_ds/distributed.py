@@ -8,12 +8,19 @@ code calls them unconditionally.
 from __future__ import annotations
 
 import glob
+import json
 import logging
 import os
+import shutil
 import socket
+import subprocess
 import sys
 import time
-from typing import Literal
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Literal, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -21,6 +28,30 @@ import torch.distributed as dist
 ReduceOp = Literal["sum", "min", "max"]
 log = logging.getLogger("aim_ds")
 STALE_BUILD_LOCK_SECONDS = 30 * 60  # a JIT build of a DeepSpeed op takes about a minute here, minutes with nvcc
+# How long a rank waits inside one collective before the process group gives up (NCCL aborts every
+# rank; gloo raises). DeepSpeed's default is 10 min, less than a 3B/7B checkpoint save to shared
+# storage or the final export can take; rank-0-only work (live probe, universal conversion, shard
+# merge, pruning) never sits inside a collective (:func:`rank0_phase`), so this bounds I/O only.
+DEFAULT_TIMEOUT_MINUTES = 60.0
+DEFAULT_RANK0_WAIT_MINUTES = 24 * 60.0
+T = TypeVar("T")
+
+
+@dataclass
+class DistSection:
+    """The ``dist`` section of the pretraining and probe configs: the process group's patience."""
+
+    # Minutes one collective may wait for the slowest rank before the job stops (NCCL aborts every rank,
+    # gloo raises; DeepSpeed's own default is 10). It must cover the slowest work every rank does at once:
+    # a checkpoint save to shared storage. Rank-0-only work never waits in a collective (rank0_wait_minutes).
+    timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES
+    # Minutes the other ranks wait, polling a file outside any collective (rank0_phase), for rank-0-only
+    # work: the live probe, converting a checkpoint for another world size, the probe's shard merge,
+    # pruning old checkpoints, the final export.
+    rank0_wait_minutes: float = DEFAULT_RANK0_WAIT_MINUTES
+
+
+_rank0_wait_s = DEFAULT_RANK0_WAIT_MINUTES * 60  # set by init_distributed; rank0_phase's default
 
 
 def world() -> tuple[int, int]:
@@ -61,7 +92,9 @@ def on_cuda() -> bool:
     return get_accelerator().device_name() == "cuda"
 
 
-def init_distributed(*, cuda: bool | None = None, group_of_one: bool = True) -> tuple[int, int, torch.device]:
+def init_distributed(
+    *, cuda: bool | None = None, group_of_one: bool = True, dist_cfg: DistSection | None = None
+) -> tuple[int, int, torch.device]:
     """Join (or start) the process group. Returns ``(rank, world_size, device)``.
 
     Under a launcher (``RANK`` set) this joins its group through DeepSpeed's communication layer
@@ -69,8 +102,17 @@ def init_distributed(*, cuda: bool | None = None, group_of_one: bool = True) -> 
     world of one on a free loopback port when ``group_of_one`` (DeepSpeed's engine wants a group),
     and starts nothing otherwise. ``cuda`` defaults to :func:`on_cuda`; the CUDA device is selected
     before NCCL builds its communicators. On the CPU, ranks on one host share its cores: unless
-    ``OMP_NUM_THREADS`` is set, each rank gets its share of them.
+    ``OMP_NUM_THREADS`` is set, each rank gets its share of them. ``dist_cfg`` (the config's ``dist``
+    section, defaults without one): how long a collective may wait for the slowest rank, and how long
+    :func:`rank0_phase` waits for rank 0. Unless
+    ``cuda`` is False, a CPU build of PyTorch on a node with visible GPUs is a ConfigError
+    (:func:`check_torch_build`).
     """
+    global _rank0_wait_s
+    dist_cfg = dist_cfg or DistSection()
+    _rank0_wait_s = dist_cfg.rank0_wait_minutes * 60
+    if cuda is not False:
+        check_torch_build()
     cuda = on_cuda() if cuda is None else cuda
     return_freed_memory()
     launched = "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -83,13 +125,14 @@ def init_distributed(*, cuda: bool | None = None, group_of_one: bool = True) -> 
         torch.cuda.set_device(local_rank)
     if (launched or group_of_one) and not dist.is_initialized():
         backend = "nccl" if cuda else "gloo"
+        timeout = timedelta(minutes=dist_cfg.timeout_minutes)
         try:
             import deepspeed
         except ImportError:
-            dist.init_process_group(backend=backend)
+            dist.init_process_group(backend=backend, timeout=timeout)
         else:
             check_build_locks()
-            deepspeed.init_distributed(dist_backend=backend)
+            deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
             release_shared_buffers()
     rank_, size = world()
     if cuda:
@@ -232,3 +275,146 @@ def sum_across_ranks(value: int) -> int:
 def barrier() -> None:
     if world_size() > 1:
         dist.barrier()
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs this process could use, as named by ``nvidia-smi -L`` (one line each), else the
+    devices ``CUDA_VISIBLE_DEVICES`` lists (a scheduler sets it on GPU nodes); empty on a CPU node.
+    ``CUDA_VISIBLE_DEVICES`` set empty (or ``-1``) hides every GPU, whatever ``nvidia-smi`` sees."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None and listed.strip() in ("", "-1", "NoDevFiles"):
+        return []
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        try:
+            out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.TimeoutExpired):
+            out = None
+        if out is not None and out.returncode == 0:
+            gpus = [line.strip() for line in out.stdout.splitlines() if line.startswith("GPU ")]
+            if gpus:
+                return gpus
+    return [f"CUDA_VISIBLE_DEVICES={d.strip()}" for d in (listed or "").split(",") if d.strip()]
+
+
+def check_torch_build() -> None:
+    """:class:`~aim_ds.config.ConfigError` when this node has GPUs but PyTorch is a CPU build.
+
+    A venv built on a login node without GPUs gets the CPU wheel; on the GPU nodes the run would
+    then train on the CPU over gloo, hours per step, without a word. ``DS_ACCELERATOR=cpu`` says the
+    CPU is meant and skips the check."""
+    from .config import ConfigError
+
+    if os.environ.get("DS_ACCELERATOR") == "cpu" or torch.version.cuda or getattr(torch.version, "hip", None):
+        return
+    gpus = visible_gpus()
+    if gpus:
+        raise ConfigError(
+            f"this node has {len(gpus)} GPU(s) ({gpus[0]}{', ...' if len(gpus) > 1 else ''}) but PyTorch "
+            f"{torch.__version__} is a CPU build (torch.version.cuda is None): the run would train on the CPU. "
+            "Install the CUDA build, e.g. on a GPU node `make setup` (or `pip install -c requirements.lock "
+            "torch --index-url https://download.pytorch.org/whl/cu128 --force-reinstall`); "
+            "set DS_ACCELERATOR=cpu to train on the CPU on purpose"
+        )
+
+
+class Rank0PhaseError(RuntimeError):
+    """Rank 0's part of a :func:`rank0_phase` failed (raised on every rank), or rank 0 went away."""
+
+
+POLL_SECONDS = 1.0
+
+
+def wait_for_file(
+    path: str | os.PathLike, *, what: str, max_wait_s: float, poll_s: float = POLL_SECONDS
+) -> dict[str, Any]:
+    """Wait, outside any collective, until ``path`` (a JSON file written whole through
+    :mod:`aim_ds.io`) exists; return its content. Every ``poll_s`` seconds the file is looked for
+    and, under a launcher, rank 0's rendezvous store is asked whether it still answers: rank 0
+    hosts it, so a dead rank 0 is a :class:`Rank0PhaseError` within a poll or two instead of a
+    wait to ``max_wait_s`` (then also a Rank0PhaseError naming ``what``)."""
+    path = Path(path)
+    start = time.monotonic()
+    while True:
+        if path.is_file():
+            try:
+                return json.loads(path.read_text())
+            except (OSError, ValueError):  # published by rename, so only a foreign file gets here
+                pass
+        waited = time.monotonic() - start
+        if waited > max_wait_s:
+            raise Rank0PhaseError(
+                f"waited {waited / 60:.1f} min for rank 0 to finish {what} ({path} did not appear); "
+                "raise dist.rank0_wait_minutes if that phase is this slow"
+            )
+        if not _rank0_alive():
+            raise Rank0PhaseError(f"rank 0 went away during {what} (its rendezvous store stopped answering)")
+        time.sleep(poll_s)
+
+
+def _rank0_alive() -> bool:
+    """False when the process group's store (hosted by rank 0's process) no longer answers."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return True
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.check(["aim_ds/rank0-alive"])
+    except (RuntimeError, ValueError, AttributeError) as exc:  # DistStoreError/DistNetworkError are RuntimeErrors
+        if isinstance(exc, AttributeError):  # a torch without the private accessor: cannot tell
+            return True
+        return False
+    return True
+
+
+def rank0_phase(
+    name: str,
+    folder: str | os.PathLike,
+    work: Callable[[], T],
+    *,
+    max_wait_s: float | None = None,
+    poll_s: float = POLL_SECONDS,
+) -> T | Any:
+    """Run ``work()`` on rank 0 only while the other ranks wait for it *outside* any collective.
+
+    A rank that waits inside a collective (a barrier) for rank-0-only work is killed by the
+    process group's timeout once that work takes longer (NCCL aborts every rank). Here the other
+    ranks poll for a marker file ``folder/.rank0-<name>.json`` that rank 0 writes (through
+    :mod:`aim_ds.io`) when ``work`` returns or raises; the only collectives are two barriers that
+    every rank reaches at once. ``folder`` must be on storage every rank sees (``out_dir``).
+
+    Returns ``work()``'s result on rank 0 and its JSON round trip on the others (so keep it plain
+    data). If ``work`` raises, rank 0 re-raises it and the other ranks raise
+    :class:`Rank0PhaseError` with its message. ``max_wait_s`` defaults to ``dist.rank0_wait_minutes``.
+    In a world of one, just ``work()``.
+    """
+    if world_size() == 1:
+        return work()
+    from .io import atomic_write_json, remove_if_exists
+
+    marker = Path(folder) / f".rank0-{name}.json"
+    if is_main():
+        remove_if_exists(marker)  # a marker left by a job killed mid-phase
+    barrier()  # nobody reads the marker before the stale one is gone
+    error: BaseException | None = None
+    result: Any = None
+    if is_main():
+        try:
+            result = work()
+            payload = {"ok": True, "result": result}
+        except Exception as exc:  # noqa: BLE001 - handed to the other ranks, then re-raised here
+            error = exc
+            payload = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(marker, payload)
+    else:
+        wait = _rank0_wait_s if max_wait_s is None else max_wait_s
+        payload = wait_for_file(marker, what=name, max_wait_s=wait, poll_s=poll_s)
+        result = payload.get("result")
+    barrier()  # every rank has read the marker
+    if is_main():
+        remove_if_exists(marker)
+        if error is not None:
+            raise error
+    elif not payload.get("ok"):
+        raise Rank0PhaseError(f"rank 0 failed in {name}: {payload.get('error')}")
+    return result

@@ -160,8 +160,12 @@ def test_batch_not_divisible_names_the_knobs() -> None:
     cfg = load_config(
         PretrainConfig, CONFIGS / "aim-test.yaml", overrides=["train.batch_size=20", "train.micro_batch_size=8"]
     )
-    with pytest.raises(BatchConfigError, match=r"train\.batch_size=20.*train\.micro_batch_size=8.*world size 2"):
-        _plan(cfg, 2)
+    with pytest.raises(BatchConfigError, match=r"train\.batch_size=20 does not split evenly over world size 3"):
+        _plan(cfg, 3)
+    # A micro-batch that does not divide the per-rank batch follows the world size (10 per rank: 5).
+    plan = _plan(cfg, 2)
+    assert (plan.micro_batch_size, plan.grad_accum_steps) == (5, 2)
+    assert "train.micro_batch_size=8 does not divide the 10 images per rank" in plan.micro_batch_note
 
 
 def test_micro_batch_defaults_to_batch_over_world() -> None:

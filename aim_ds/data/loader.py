@@ -266,6 +266,15 @@ class TrainLoader:
             yield _to_output(images, labels, self.device)
 
 
+def subset_indices(num_images: int, max_images: int = 0) -> np.ndarray:
+    """``max_images`` image indices spread evenly over ``range(num_images)`` (all of them when
+    ``max_images`` is 0 or not smaller). Evenly spread, not a prefix: a labelled beton is written
+    class by class, so its first images would be a few classes only."""
+    if max_images <= 0 or max_images >= num_images:
+        return np.arange(num_images, dtype=np.int64)
+    return (np.arange(max_images, dtype=np.int64) * num_images) // max_images
+
+
 class EvalLoader:
     """Resize-shorter-side + centre-crop batches in file order; see :func:`build_eval_loader`."""
 
@@ -281,6 +290,7 @@ class EvalLoader:
         num_workers: int,
         device: torch.device | None,
         dct_min_shrink: float = DEFAULT_DCT_MIN_SHRINK,
+        max_images: int = 0,
     ) -> None:
         self.source = source
         self.dct_min_shrink = dct_min_shrink
@@ -290,7 +300,7 @@ class EvalLoader:
         self.num_workers = num_workers
         self.device = device
         # Rank r takes images r, r + W, r + 2W, ...: every image exactly once across ranks, none padded.
-        self.indices = np.arange(rank, source.num_images, world_size, dtype=np.int64)
+        self.indices = subset_indices(source.num_images, max_images)[rank::world_size]
         self.num_images = len(self.indices)
 
     def __len__(self) -> int:
@@ -391,11 +401,13 @@ def build_eval_loader(
     num_workers: int = 2,
     device: str | torch.device | None = None,
     dct_min_shrink: float = DEFAULT_DCT_MIN_SHRINK,
+    max_images: int = 0,
 ) -> EvalLoader:
     """The evaluation loader: shorter side -> resize_size (bicubic), centre crop image_size, normalised.
 
     Every image of this rank's part (images rank, rank + world_size, ...) exactly once, in file order; the
-    last batch may be smaller. Yields (float32 [B, 3, image_size, image_size], int64 [B]).
+    last batch may be smaller. ``max_images`` > 0: only that many images of the file, spread evenly over
+    it (:func:`subset_indices`). Yields (float32 [B, 3, image_size, image_size], int64 [B]).
     """
     if batch_size < 1 or image_size < 1 or resize_size < image_size:
         raise ValueError(f"need batch_size >= 1 and resize_size >= image_size, got {resize_size} < {image_size}")
@@ -413,6 +425,7 @@ def build_eval_loader(
         num_workers=num_workers,
         device=_device(device),
         dct_min_shrink=dct_min_shrink,
+        max_images=max_images,
     )
 
 

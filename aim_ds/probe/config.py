@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from ..config import ConfigError, load_config, parse_yaml, read_text, short
+from ..distributed import DistSection
 from ..registry import get_model_spec
 
 HEAD_TYPES = ("attentive", "linear")
@@ -53,6 +54,10 @@ class DataConfig:
     flip: bool = True
     num_workers: int = 8
     eval_batch_size: int = 0  # images per rank for feature extraction and evaluation; 0: train per-rank batch
+    # A bounded subset (0: every image), spread evenly over the file so that every class is in it.
+    # max_train_images needs train.augment=false (cached features); the live probe sets both.
+    max_train_images: int = 0
+    max_val_images: int = 0
 
 
 @dataclass
@@ -102,6 +107,7 @@ class ProbeConfig:
     model: ModelSection = field(default_factory=ModelSection)
     out_dir: str = "runs/probe"
     device: str = "auto"  # auto | cpu | cuda
+    dist: DistSection = field(default_factory=DistSection)  # process-group timeout, rank-0 wait
     data: DataConfig = field(default_factory=DataConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     heads: HeadsConfig = field(default_factory=HeadsConfig)
@@ -171,6 +177,14 @@ def validate_config(cfg: ProbeConfig, *, eval_only: bool = False) -> None:
         raise ConfigError(f"features.cache_dtype {cfg.features.cache_dtype!r} is not one of {', '.join(CACHE_DTYPES)}")
     if cfg.train.batch_size <= 0:
         raise ConfigError(f"train.batch_size must be positive, got {cfg.train.batch_size}")
+    for key in ("max_train_images", "max_val_images"):
+        if getattr(cfg.data, key) < 0:
+            raise ConfigError(f"data.{key}={getattr(cfg.data, key)}: must be >= 0 (0: every image)")
+    if cfg.data.max_train_images and cfg.train.augment and not eval_only:
+        raise ConfigError(
+            f"data.max_train_images={cfg.data.max_train_images} needs train.augment=false (a subset is read "
+            "through the feature cache); set train.augment=false or data.max_train_images=0"
+        )
     if cfg.train.epochs < 0:
         raise ConfigError(f"train.epochs must be >= 0, got {cfg.train.epochs}")
     if cfg.heads.num_queries < 1:

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ..backbone import read_handover
-from ..distributed import barrier, init_distributed, is_main
+from ..distributed import barrier, check_torch_build, init_distributed, is_main, rank0_phase
 from ..frozen import FrozenTrunk, frozen_trunk
 from ..io import remove_if_exists
 from ..registry import get_model_spec
@@ -105,10 +105,10 @@ def _load_weights(
     if world_size == 1 or not _is_deepspeed_folder(weights):
         return load_trunk_weights(weights, **load)
     handover = Path(cfg.out_dir) / HANDOVER_FILE
-    meta: dict[str, Any] = {}
-    if rank == 0:
-        meta = write_deepspeed_handover(weights, handover, **load)
-    barrier()
+    # Merging a big model's shards on rank 0 can outlast the process group's timeout: the other
+    # ranks wait for it outside any collective.
+    meta: dict[str, Any] = {}  # rank 0's only, as before (it may hold more than plain JSON)
+    rank0_phase("shard-merge", cfg.out_dir, lambda: meta.update(write_deepspeed_handover(weights, handover, **load)))
     loaded = TrunkWeights(state_dict=read_handover(handover), source="deepspeed", path=Path(weights), meta=meta)
     barrier()  # every rank has read (mapped) the hand-over file
     if rank == 0:
@@ -162,7 +162,9 @@ def prepare(cfg: ProbeConfig, weights: str | os.PathLike, *, train: bool = True)
     """Set up the device, the process group (none in a plain single process), the frozen trunk and
     the data geometry. ``train=False`` (evaluation only) reads the class list from the val beton
     and leaves the train one alone."""
-    rank, world_size, device = init_distributed(cuda=_wants_cuda(cfg.device), group_of_one=False)
+    if cfg.device != "cpu":  # a GPU node with a CPU build of torch would probe on the CPU without a word
+        check_torch_build()
+    rank, world_size, device = init_distributed(cuda=_wants_cuda(cfg.device), group_of_one=False, dist_cfg=cfg.dist)
     model_cfg = get_model_spec(cfg.model.name).config.replace(**cfg.model.overrides)
     image_size = cfg.data.image_size or model_cfg.image_size
     if image_size != model_cfg.image_size:
@@ -221,8 +223,15 @@ def build_train_images(ctx: ProbeContext) -> Any:
     )
 
 
+def max_images_of(cfg: ProbeConfig, path: str) -> int:
+    """The subset size for ``path``: ``data.max_train_images`` for the train beton,
+    ``data.max_val_images`` for the val one (0: every image)."""
+    return cfg.data.max_train_images if path == cfg.data.train_path else cfg.data.max_val_images
+
+
 def build_eval_images(ctx: ProbeContext, path: str) -> Any:
-    """This rank's shard of ``path`` through the eval transform (resize, centre crop)."""
+    """This rank's shard of ``path`` (its bounded subset, :func:`max_images_of`) through the eval
+    transform (resize, centre crop)."""
     from ..data import build_eval_loader
 
     return build_eval_loader(
@@ -234,6 +243,7 @@ def build_eval_images(ctx: ProbeContext, path: str) -> Any:
         world_size=ctx.world_size,
         num_workers=ctx.cfg.data.num_workers,
         device=loader_device(ctx),
+        max_images=max_images_of(ctx.cfg, path),
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,9 +19,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..config import ConfigError
 from ..io import atomic_path, atomic_write_json
+from ..registry import get_model_spec
 from .config import CACHE_DTYPES
-from .context import ProbeContext, eval_batches, log
+from .context import ProbeContext, build_eval_images, eval_batches, log, max_images_of
 
 _CACHE_FORMAT = 1  # bump when the cache file layout or the feature definition changes
 
@@ -118,6 +121,44 @@ def iterate_store(
         )
 
 
+def _gib(n: float) -> str:
+    """``n`` bytes in the largest binary unit that keeps it >= 1 (``0.94 TiB``, ``786.4 KiB``)."""
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.{2 if unit == 'TiB' else 1}f} {unit}"
+    return f"{n:.0f} B"
+
+
+def cache_bytes(ctx: ProbeContext, images: int) -> int:
+    """Bytes the cache of ``images`` images takes: every token of every image, ``[N, D]`` rows in
+    ``features.cache_dtype`` (the attentive head reads all tokens), plus 8 bytes a label."""
+    model_cfg = get_model_spec(ctx.cfg.model.name).config.replace(**ctx.cfg.model.overrides)
+    itemsize = CACHE_DTYPES[ctx.cfg.features.cache_dtype].itemsize
+    return images * (model_cfg.num_patches * model_cfg.width * itemsize + 8)
+
+
+def check_cache_fits(ctx: ProbeContext, split: str, images: int, cache_dir: Path) -> int:
+    """Refuse (:class:`ConfigError` naming both sizes) a cache of ``images`` images per rank that
+    would not fit the free space of ``cache_dir``'s disk, where this node's ranks all write theirs,
+    before a byte is written. Returns the bytes this rank needs."""
+    needed = cache_bytes(ctx, images)
+    local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    probe = cache_dir
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if needed * local_ranks > free:
+        total = images * ctx.world_size
+        raise ConfigError(
+            f"the {split} feature cache needs {_gib(needed * local_ranks)} on {probe} ({total} images x "
+            f"{_gib(needed / max(images, 1))} each, {ctx.cfg.model.name}, {ctx.cfg.features.cache_dtype}; "
+            f"{local_ranks} rank(s) on this node) but only {_gib(free)} is free there; set "
+            f"data.max_{split}_images (a subset) or features.cache_dir (a larger disk)"
+            + (" or features.cache_dtype=bfloat16" if ctx.cfg.features.cache_dtype == "float32" else "")
+        )
+    return needed
+
+
 def feature_store(ctx: ProbeContext, split: str, path: str, cache_dir: Path) -> FeatureStore:
     """This rank's cached features of ``split`` (extracted now if no valid cache exists).
 
@@ -138,13 +179,17 @@ def feature_store(ctx: ProbeContext, split: str, path: str, cache_dir: Path) -> 
     }
     if cfg.features.dtype != "auto":  # keys of caches written before features.dtype existed stay valid
         parts["compute_dtype"] = cfg.features.dtype
+    if max_images_of(cfg, path):  # a subset is another set of rows (absent otherwise: older caches stay valid)
+        parts["max_images"] = max_images_of(cfg, path)
     stem = cache_dir / f"{split}-{cache_key(parts)}-rank{ctx.rank}of{ctx.world_size}"
     if FeatureStore.exists(stem):
         store = FeatureStore(stem)
         store.meta["reused"] = True
         log(f"[probe] {split}: reusing cached features {stem.name} ({store.count} images per rank)")
         return store
-    log(f"[probe] {split}: extracting features once into {stem.parent}")
+    images = build_eval_images(ctx, path).num_images  # this rank's share of the (bounded) split
+    needed = check_cache_fits(ctx, split, images, cache_dir)
+    log(f"[probe] {split}: extracting features of {images} images per rank once into {stem.parent} ({_gib(needed)})")
     store = FeatureStore.write(
         stem, eval_batches(ctx, path, f"features {split}"), cfg.features.cache_dtype, {"key": parts}
     )

@@ -133,12 +133,14 @@ class _MetricsLog:
 
 @contextlib.contextmanager
 def _feature_dir(cfg: ProbeConfig, out_dir: Path) -> Iterator[Path]:
-    """The persistent cache folder (``features.cache``), or a scratch folder removed at the end."""
+    """The persistent cache folder (``features.cache``), or a scratch folder (in ``features.cache_dir``
+    when set, else ``out_dir``) removed at the end."""
     if cfg.features.cache:
         yield Path(cfg.features.cache_dir or out_dir / "feature_cache")
         return
-    out_dir.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=".features-", dir=out_dir))
+    where = Path(cfg.features.cache_dir or out_dir)  # a scratch cache may go to a node-local disk too
+    where.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=".features-", dir=where))
     try:
         yield scratch
     finally:
@@ -321,6 +323,7 @@ def run_probe(
             "epochs": 0 if eval_only else cfg.train.epochs,
             "steps": step,
             "world_size": ctx.world_size,
+            "device": str(ctx.device),
             "augment": cfg.train.augment,
             "feature_cache": {"used": features.use_cache, "persistent": cfg.features.cache, "reused": features.reused},
             "trunk_images_forwarded": sum_across_ranks(ctx.trunk.images_seen),

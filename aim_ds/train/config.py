@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import ConfigError
+from ..distributed import DistSection
 from ..optim import resolve_warmup_steps, steps_from_patches
 from ..registry import PAPER_RECIPE
 
@@ -138,6 +139,16 @@ class LiveProbeSection:
     train_path: str = ""  # labelled .beton (python -m data_prep imagefolder ...)
     val_path: str = ""
     overrides: list[str] = field(default_factory=lambda: ["train.epochs=10", "train.weight_decays=[0.05]"])
+    # Where the probe process runs. auto: a GPU of this node that no training rank uses, else the CPU
+    # (never beside rank 0's full training GPU); cpu; cuda:N: the N-th GPU the launcher made visible.
+    device: str = "auto"
+    # A bounded subset (0: every image), spread evenly over each beton: every probe extracts features of
+    # these images (all tokens: 0.8 MB an image at 0.6B in bf16) and trains its heads on them.
+    max_train_images: int = 10000
+    max_val_images: int = 5000
+    # The probe's scratch feature cache, removed after each probe; "": out_dir/live_probe/<step>. A node-local
+    # disk (e.g. /tmp or $TMPDIR) spares the shared storage. A cache that would not fit is refused.
+    cache_dir: str = ""
 
 
 @dataclass
@@ -155,6 +166,7 @@ class PretrainConfig:
     stop: StopSection = field(default_factory=StopSection)
     export: ExportSection = field(default_factory=ExportSection)
     probe: LiveProbeSection = field(default_factory=LiveProbeSection)
+    dist: DistSection = field(default_factory=DistSection)
     out_dir: str = "runs/aim"
 
 
@@ -184,35 +196,56 @@ class RunPlan:
     warmup_steps: int
     image_size: int  # pixels
     num_patches: int  # tokens per image
+    micro_batch_note: str = ""  # why the micro-batch differs from train.micro_batch_size (logged at start-up)
 
 
-def _micro_batch(cfg: PretrainConfig, world_size: int) -> tuple[int, int]:
-    """``(micro_batch_size, grad_accum_steps)``, or :class:`BatchConfigError` naming the knob."""
+def largest_divisor_at_most(number: int, limit: int) -> int:
+    """The largest divisor of ``number`` (> 0) that is ``<= limit`` (1 at least)."""
+    return max(d for d in range(1, min(number, max(limit, 1)) + 1) if number % d == 0)
+
+
+def _micro_batch(cfg: PretrainConfig, world_size: int) -> tuple[int, int, str]:
+    """``(micro_batch_size, grad_accum_steps, note)``, or :class:`BatchConfigError` naming the knob.
+
+    The global batch is the recipe (the paper's 4096) and stays as configured; the micro-batch is a
+    memory knob that must divide the per-rank batch. When the configured one does not (micro-batch
+    128 with 4096 over 64 GPUs: 64 images per rank), the largest divisor below it is used and
+    ``note`` says so; a smaller micro-batch needs less memory, and the ZeRO-3 memory plan at start-up
+    checks the one used."""
     batch = cfg.train.batch_size
     if batch <= 0:
         raise BatchConfigError(f"train.batch_size must be positive, got {batch}")
-    micro = cfg.train.micro_batch_size or batch // world_size
-    if micro <= 0:
+    if batch < world_size:
         raise BatchConfigError(
             f"train.batch_size={batch} is smaller than the world size {world_size}; "
             f"raise train.batch_size to at least {world_size}"
         )
-    per_step = micro * world_size
-    if batch % per_step != 0:
-        lower = max(per_step, batch // per_step * per_step)
+    if batch % world_size:
+        lower = batch // world_size * world_size
         raise BatchConfigError(
-            f"train.batch_size={batch} is not micro_batch_size x gradient accumulation x world size "
-            f"(train.micro_batch_size={micro}, world size {world_size}: a multiple of {per_step} is needed); "
-            f"set train.batch_size to {lower} or {lower + per_step}, or pick a train.micro_batch_size "
-            f"that divides {batch // world_size if batch % world_size == 0 else batch}/world"
+            f"train.batch_size={batch} does not split evenly over world size {world_size} "
+            f"(train.micro_batch_size={cfg.train.micro_batch_size} x gradient accumulation x world size must "
+            f"equal it); set train.batch_size to {lower} or {lower + world_size}, or run on a world size that "
+            f"divides {batch}"
         )
-    return micro, batch // per_step
+    per_rank = batch // world_size
+    configured = cfg.train.micro_batch_size or per_rank
+    micro = largest_divisor_at_most(per_rank, configured)
+    note = ""
+    if micro != configured:
+        note = (
+            f"train.micro_batch_size={configured} does not divide the {per_rank} images per rank "
+            f"(train.batch_size={batch} over world size {world_size}): using micro-batch {micro} x "
+            f"gradient accumulation {per_rank // micro}; set train.micro_batch_size to choose another divisor"
+        )
+    return micro, per_rank // micro, note
 
 
 def resolve_plan(cfg: PretrainConfig, world_size: int, image_size: int, num_patches: int) -> RunPlan:
-    """Derive steps, warmup and the micro-batch / accumulation split; raise :class:`BatchConfigError`
-    naming the knob to change when ``batch_size != micro_batch_size * accumulation * world_size``."""
-    micro, accumulation = _micro_batch(cfg, world_size)
+    """Derive steps, warmup and the micro-batch / accumulation split (the micro-batch follows the world
+    size, see :func:`_micro_batch`); raise :class:`BatchConfigError` naming the knob to change when
+    ``train.batch_size`` does not split over ``world_size`` ranks."""
+    micro, accumulation, note = _micro_batch(cfg, world_size)
     steps = cfg.train.steps
     if steps <= 0:
         if cfg.train.patches_seen <= 0:
@@ -233,6 +266,7 @@ def resolve_plan(cfg: PretrainConfig, world_size: int, image_size: int, num_patc
         warmup_steps=warmup,
         image_size=image_size,
         num_patches=num_patches,
+        micro_batch_note=note,
     )
 
 

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..distributed import barrier
+from ..distributed import rank0_phase
 from ..export import export_latest
 from ..metrics import plot_loss, save_patch_grid
 from .data import draw_prefix_len
@@ -32,8 +32,8 @@ def finish(job: Job, step: int) -> None:
         _patch_grid(job)
     if job.cfg.export.enabled:
         reference = _reference_forward(job)
-        barrier()
-        if job.is_main:
+
+        def export() -> None:
             cfg = job.cfg
             path = export_latest(
                 job.out_dir,
@@ -43,6 +43,10 @@ def finish(job: Job, step: int) -> None:
                 reference_forward=reference,
             )
             log.info("exported fp32 weights to %s", path)
+
+        # Consolidating a 7B checkpoint on rank 0 can outlast the process group's timeout: the other
+        # ranks wait for it outside any collective.
+        rank0_phase("export", job.out_dir, export)
     job.engine.train()
 
 

@@ -66,7 +66,7 @@ def run(
     ``check_memory``: print the memory plan (ZeRO-3) and stop before building anything when it
     does not fit (:class:`aim_ds.plan.PlanError`, a ConfigError). ``joined``: called on every rank
     once the process group exists (the driver agrees on the run lock there)."""
-    rank, world, device = init_distributed()
+    rank, world, device = init_distributed(dist_cfg=cfg.dist)
     if joined is not None:
         joined()
     model_cfg = model_config(cfg)  # the one resolution of the architecture; passed down from here
@@ -80,6 +80,8 @@ def run(
     model = build_model(model_cfg, cfg, ds)
     out_dir = Path(cfg.out_dir)
     if rank == 0:
+        if plan.micro_batch_note:
+            log.warning("%s", plan.micro_batch_note)
         for note in notes:
             log.info(note)
         log.info(
@@ -223,7 +225,7 @@ def batch_in_epoch_from(client: dict[str, Any], images_per_batch: int) -> int:
 
 
 def _warn_config_changes(saved: dict[str, Any], current: dict[str, Any]) -> None:
-    ignored = {"train.stop_after_steps", "checkpoint", "log", "export", "probe", "out_dir", "data.num_workers"}
+    ignored = {"train.stop_after_steps", "checkpoint", "log", "export", "probe", "dist", "out_dir", "data.num_workers"}
     changed = []
     for section, values in current.items():
         if section in ignored:

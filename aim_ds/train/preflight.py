@@ -96,6 +96,10 @@ def check_fields(cfg: PretrainConfig) -> None:
     _finite("lock.stale_after_s", cfg.lock.stale_after_s, low=0.0, low_open=True)
     _finite("stop.repeat_after_s", cfg.stop.repeat_after_s, low=0.0)
     _finite("stop.timeout_s", cfg.stop.timeout_s, low=0.0)
+    _finite("dist.timeout_minutes", cfg.dist.timeout_minutes, low=0.0, low_open=True)
+    _finite("dist.rank0_wait_minutes", cfg.dist.rank0_wait_minutes, low=0.0, low_open=True)
+    _at_least("probe.max_train_images", cfg.probe.max_train_images, 0)
+    _at_least("probe.max_val_images", cfg.probe.max_val_images, 0)
     if not cfg.out_dir:
         raise _bad("out_dir", cfg.out_dir, "is empty")
 
