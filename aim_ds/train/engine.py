@@ -194,6 +194,8 @@ def build_model(model_cfg: AIMConfig, cfg: PretrainConfig, ds: dict[str, Any] | 
     with context:
         model = AIM(model_cfg, name=cfg.model.name)
     model.set_grad_checkpointing(cfg.model.grad_checkpointing, head=cfg.model.head_grad_checkpointing)
+    if cfg.model.compile:
+        compile_blocks(model)
     return model
 
 
@@ -207,6 +209,14 @@ def compile_blocks(model: AIM, **compile_kwargs: Any) -> int:
     (``torch.compiler.disable``), so a whole-model graph would break at every layer anyway, and the
     blocks are where the fusable work is (LayerNorm, GELU, residual adds, attention's reshapes).
     Every block of a kind has one shape, so the trunk compiles once and the head once."""
+    try:
+        import deepspeed.utils.nvtx
+    except ImportError:  # plain PyTorch (the probe, the benches)
+        pass
+    else:
+        # DeepSpeed's own engine.compile does the same: its NVTX range wrapper around ZeRO-3's fetch
+        # and release functions would otherwise be traced (a graph break and a recompile per call).
+        deepspeed.utils.nvtx.enable_nvtx = False
     blocks = [*model.trunk.blocks, *model.head.blocks]
     for block in blocks:
         block.compile(**compile_kwargs)
