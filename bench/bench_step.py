@@ -180,7 +180,7 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
         f"{torch.__version__}; {datetime.datetime.now().isoformat(timespec='minutes')}; load average at the end "
         f"{load[0]:.1f}  ",
         f"micro-batch {args.micro_batch} x accumulation {args.accumulation} per rank; median of {args.steps} steps "
-        f"after {args.warmup}; ZeRO-3: {args.ds_config}",
+        f"after {args.warmup}; ZeRO-3: {os.path.relpath(args.ds_config, ROOT)}",
         "",
         "| model | mode | step (s) | images/s | ratio to ddp | reduce / prefetch bucket, persistence (elements) |",
         "|---|---|---|---|---|---|",
