@@ -273,6 +273,9 @@ def main(argv: list[str] | None = None) -> int:
                 gc.collect()
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
+                    # Also after a row that ran out of memory (no _summary reset it): else the next
+                    # row would report the failed row's peak.
+                    torch.cuda.reset_peak_memory_stats()
     table = _table(results, skipped, args, device)
     out = Path(args.out)
     atomic_write_text(out, table)

@@ -11,8 +11,9 @@ reads those files. One launch serves all checks because a launch costs 30-90 s o
 - ``zero_init``: a large model built under ``deepspeed.zero.Init`` in bf16: each rank's share;
 - ``runs``: the real training loop (:func:`aim_ds.train.loop.run`) on a real beton with
   zero3_fp32.json, zero3.json and zero3_offload.json as they ship, counting in the zero3.json run the
-  tensor reads (``item``, ``tolist``, ``__float__``, ``__int__``, ``__bool__``) that aim_ds code
-  makes in each optimizer step, and a kill + resume of the offloaded run.
+  tensor reads (``item``, ``tolist``, ``__float__``, ``__int__``, ``__bool__``) and the tensors built
+  from host data onto a device (``torch.tensor(x, device=...)``, ``torch.as_tensor``) that aim_ds
+  code makes in each optimizer step, and a kill + resume of the offloaded run.
 """
 
 from __future__ import annotations
@@ -51,6 +52,10 @@ from aim_ds.train.config import (  # noqa: E402
 from aim_ds.train.engine import build_ds_config, build_engine, build_model, load_ds_config, model_config  # noqa: E402
 
 READS = ("item", "tolist", "__float__", "__int__", "__bool__")
+# Tensors built from host data straight onto a device (torch.tensor(x, device=...)): on CUDA a copy
+# from pageable memory that waits for the stream. Counted whatever the device, so the CPU run
+# catches what a GPU run would pay for.
+HOST_TO_DEVICE = ("tensor", "as_tensor")
 
 
 def _engine(cfg: PretrainConfig, ds_file: str, world: int, **ds_changes: Any) -> tuple[Any, dict[str, Any]]:
@@ -241,6 +246,16 @@ def _count_reads(run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
 
         return read
 
+    def counting_builder(name: str, original: Callable) -> Callable:
+        def build(*args: Any, **kwargs: Any) -> Any:
+            caller = sys._getframe(1)
+            if kwargs.get("device") is not None and caller.f_code.co_filename.startswith(package):
+                where = f"torch.{name}(device=) at {os.path.relpath(caller.f_code.co_filename, ROOT)}:{caller.f_lineno}"
+                per_step.setdefault(current[0], []).append(where)
+            return original(*args, **kwargs)
+
+        return build
+
     optimizer_step = loop._optimizer_step
 
     def marked_step(job: Any, step: int, *args: Any) -> Any:
@@ -249,13 +264,18 @@ def _count_reads(run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
 
     originals = {name: getattr(torch.Tensor, name) for name in READS}
     loop._optimizer_step = marked_step
+    builders = {name: getattr(torch, name) for name in HOST_TO_DEVICE}
     for name, original in originals.items():
         setattr(torch.Tensor, name, counting(name, original))
+    for name, original in builders.items():
+        setattr(torch, name, counting_builder(name, original))
     try:
         result = run()
     finally:
         for name, original in originals.items():
             setattr(torch.Tensor, name, original)
+        for name, original in builders.items():
+            setattr(torch, name, original)
         loop._optimizer_step = optimizer_step
     return {**result, "reads_per_step": {str(k): v for k, v in sorted(per_step.items())}}
 

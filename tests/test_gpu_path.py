@@ -146,8 +146,9 @@ def test_offloaded_checkpoint_resumes_exactly(results: dict[str, list[dict]]) ->
 
 def test_no_tensor_read_on_a_step_that_does_not_log(results: dict[str, list[dict]]) -> None:
     """The real loop (zero3.json, 12 steps, log every 4) reads no tensor in aim_ds code on steps that
-    do not log; the one-step-late stats come through a host copy, not a tensor read. Step 12 also
-    runs the end of the run."""
+    do not log, and builds none from host data onto the device (the stop flag and the loader's
+    mean/std are made once); the one-step-late stats come through a host copy, not a tensor read.
+    Step 12 also runs the end of the run."""
     for rank in results["runs"]:
         reads = rank["bf16"]["reads_per_step"]
         for step in (1, 2, 3, 5, 6, 7, 9, 10, 11):

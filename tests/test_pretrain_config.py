@@ -21,10 +21,12 @@ from aim_ds.train.config import (
     resolved_config,
 )
 from aim_ds.train.engine import (
+    AUTO_BUCKET_FLOOR,
     build_ds_config,
     check_runs_here,
     load_ds_config,
     model_hidden_size,
+    model_parameters,
     optimizer_offloaded,
     trunk_block_parameters,
     zero_stage,
@@ -244,7 +246,8 @@ def test_half_precision_config_without_accumulation_dtype_gets_fp32() -> None:
 @pytest.mark.parametrize("name", ["aim-test", "aim-0.6B", "aim-1B", "aim-3B", "aim-7B"])
 def test_auto_knobs_resolve_from_the_width(name: str) -> None:
     """ "auto" -> hidden^2 and 10 hidden (Transformers' DeepSpeed integration), hidden being the wider
-    of trunk and head; the prefetch bucket holds one whole trunk block."""
+    of trunk and head; the prefetch bucket holds one whole trunk block; both buckets at least
+    AUTO_BUCKET_FLOOR elements or the whole model (tests/test_zero_knobs.py)."""
     cfg = load_config(PretrainConfig, CONFIGS / f"{name}.yaml")
     model_cfg = _model_cfg(cfg)
     hidden = max(model_cfg.width, model_cfg.head_width)
@@ -253,15 +256,17 @@ def test_auto_knobs_resolve_from_the_width(name: str) -> None:
     for ds_file in ("zero3.json", "zero3_offload.json", "zero3_fp32.json", "zero2.json"):
         ds, notes = build_ds_config(load_ds_config(DS_CONFIGS / ds_file), cfg, _plan(cfg, world), model_cfg)
         zero = ds["zero_optimization"]
-        assert zero["reduce_bucket_size"] == hidden * hidden
+        floor = min(AUTO_BUCKET_FLOOR, model_parameters(model_cfg))
+        reduce = max(hidden * hidden, floor)
+        assert zero["reduce_bucket_size"] == reduce
         if zero_stage(ds) == 3:
             # One trunk block, counted from the built module (meta device: no memory).
             with torch.device("meta"):
                 block = Block(model_cfg)
-            assert zero["stage3_prefetch_bucket_size"] == sum(p.numel() for p in block.parameters())
+            assert zero["stage3_prefetch_bucket_size"] == max(sum(p.numel() for p in block.parameters()), floor)
             assert zero["stage3_param_persistence_threshold"] == 10 * hidden
         assert "auto" not in json.dumps(ds)
-        assert any(f"reduce_bucket_size=auto -> {hidden * hidden}" in n for n in notes)
+        assert any(f"reduce_bucket_size=auto -> {reduce}" in n for n in notes)
     if name == "aim-7B":  # the next block fits the prefetch bucket (the old 1e8 did not: 201M)
         assert trunk_block_parameters(model_cfg) == 201_342_976
     # A number in the JSON is kept as it is.

@@ -10,6 +10,7 @@ kernel decodes (FFCV's libturbojpeg call) and bicubic-crops the whole batch in p
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -70,25 +71,45 @@ def _worker_threads(num_workers: int) -> int:
 
 
 def _to_output(
-    images_u8: np.ndarray, labels: np.ndarray, device: torch.device | None
+    images_u8: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor, device: torch.device | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 [B, H, W, 3] -> (float32 [B, 3, H, W] normalised, int64 [B]) on device.
 
     CUDA: ship uint8 (4x fewer bytes), then convert and normalise on the GPU. CPU: one fused kernel.
     """
-    label_tensor = torch.from_numpy(labels)
     if device is not None and device.type == "cuda":
-        images = torch.from_numpy(images_u8).pin_memory().to(device, non_blocking=True)
-        mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255.0
-        std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255.0
+        # The prefetch thread (_pinned) already put the batch in pinned memory: an asynchronous copy.
+        images = torch.as_tensor(images_u8).to(device, non_blocking=True)
+        mean, std = _normalisation(device)
         images = (images.permute(0, 3, 1, 2).float() - mean) / std
-        return images.contiguous(), label_tensor.to(device, non_blocking=True)
+        return images.contiguous(), torch.as_tensor(labels).to(device, non_blocking=True)
+    label_tensor = torch.from_numpy(labels)
     out = np.empty((images_u8.shape[0], 3, images_u8.shape[1], images_u8.shape[2]), dtype=np.float32)
     normalize_batch(images_u8, np.asarray(IMAGENET_MEAN, np.float32), np.asarray(IMAGENET_STD, np.float32), out)
     images = torch.from_numpy(out)
     if device is not None and device.type != "cpu":
         images, label_tensor = images.to(device), label_tensor.to(device)
     return images, label_tensor
+
+
+@functools.lru_cache(maxsize=8)
+def _normalisation(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet mean and std x 255 as ``[1, 3, 1, 1]`` fp32 tensors on ``device``, made once per device:
+    ``torch.tensor(values, device=cuda)`` per batch would copy from pageable memory and wait for the
+    stream twice a micro-batch."""
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+    return mean.to(device), std.to(device)
+
+
+def _pinned(produce: Iterator[tuple[np.ndarray, np.ndarray]], device: torch.device | None) -> Iterator[Any]:
+    """``produce``'s batches, in pinned host memory when they go to a CUDA device. Runs in the
+    prefetch thread, so the pinning copy is not on the training thread's time."""
+    for images, labels in produce:
+        if device is not None and device.type == "cuda":
+            yield torch.from_numpy(images).pin_memory(), torch.from_numpy(labels).pin_memory()
+        else:
+            yield images, labels
 
 
 def _decode(
@@ -262,7 +283,9 @@ class TrainLoader:
 
         Yields images float32 [B, 3, S, S] ImageNet-normalised on `device`, labels int64 [B].
         """
-        for images, labels in self.iter_epoch_uint8(epoch, start_step):
+        if not 0 <= start_step <= self.steps_per_epoch:
+            raise ValueError(f"start_step must be in [0, {self.steps_per_epoch}], got {start_step}")
+        for images, labels in _prefetch(_pinned(self._produce(epoch, start_step), self.device), self.batches_ahead):
             yield _to_output(images, labels, self.device)
 
 
@@ -332,7 +355,7 @@ class EvalLoader:
         return _prefetch(self._produce(), 2)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for images, labels in self.iter_uint8():
+        for images, labels in _prefetch(_pinned(self._produce(), self.device), 2):
             yield _to_output(images, labels, self.device)
 
 

@@ -195,21 +195,28 @@ def _train_epoch(
 ) -> int:
     """One epoch of every head from global step ``step``; returns the step count after it."""
     cfg = ctx.cfg
-    running: dict[str, float] = {}
+    running: Tensor | None = None  # per-head moving average, on the heads' device
+    last_read = step
     # range first in the zip: no extra trunk batch is computed past the last step.
     for _, (feats, labels) in zip(range(schedule.steps_per_epoch), features.train(epoch), strict=False):
         lrs = schedule.lrs(step, bank, cfg.train.min_lr)
         losses = bank.train_step(feats, labels.long(), lrs)
-        for name, value in losses.items():
-            if not math.isfinite(value):
-                raise FloatingPointError(f"head {name}: non-finite loss {value} at step {step}")
-            running[name] = 0.9 * running.get(name, value) + 0.1 * value
+        # Kept on the device and read once per log line: a NaN or inf stays in the average, so the
+        # check at the log line still sees every step since the last one.
+        running = losses.clone() if running is None else 0.9 * running + 0.1 * losses
         step += 1
         bar.update(1)
         if step % max(1, cfg.train.log_every_steps) == 0 or step == schedule.total_steps:
-            best_name = min(running, key=running.get)
-            bar.set_postfix(best=best_name, loss=f"{running[best_name]:.3f}")
-            metrics.write({"kind": "train", "step": step, "epoch": epoch, "loss": losses, "lr": lrs})
+            values, averages = bank.loss_dict(losses), bank.loss_dict(running)
+            for name, value in averages.items():
+                if not math.isfinite(value) or not math.isfinite(values[name]):
+                    raise FloatingPointError(
+                        f"head {name}: non-finite loss at or before step {step} (steps {last_read + 1}-{step})"
+                    )
+            last_read = step
+            best_name = min(averages, key=averages.get)
+            bar.set_postfix(best=best_name, loss=f"{averages[best_name]:.3f}")
+            metrics.write({"kind": "train", "step": step, "epoch": epoch, "loss": values, "lr": lrs})
     return step
 
 

@@ -29,6 +29,9 @@ class ModelSection:
     # Build under deepspeed.zero.Init (ZeRO-3 only): each rank allocates only its shard instead of a
     # full fp32 copy first (AIM-7B + head: 27 GB of host memory per rank otherwise).
     zero_init: bool = False
+    # torch.compile each trunk and pixel-head block (aim_ds.train.engine.compile_blocks; inductor on
+    # CPU and CUDA). Off by default: README "Compile" gives the measured ratios and when to turn it on.
+    compile: bool = False
 
 
 @dataclass

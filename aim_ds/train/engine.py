@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -66,11 +67,30 @@ def check_ds_shape(ds: Any, source: str) -> None:
 # trunk block (12 D^2 parameters: qkv 3 D^2, proj D^2, fc1 and fc2 4 D^2 each), so ZeRO-3 could never
 # have the next block gathered while the current one computes. One whole trunk block it is (201M
 # elements at 7B: 0.4 GB in bf16 per GPU).
+# Both buckets have a floor, AUTO_BUCKET_FLOOR elements or the whole model when it is smaller: hidden^2
+# alone gave aim-tiny a 65,536-element reduce bucket, one collective per few layers' gradients, and its
+# steps ran 0.69x as fast as with DeepSpeed's fixed buckets on 2 CPU ranks (BENCHMARKS.md, "Step:
+# ZeRO-3"). A bucket larger than the model buys nothing, so the floor stops there.
+AUTO_BUCKET_FLOOR = 50_000_000
+
+
+def _bucket(elements: int, model_cfg: AIMConfig) -> int:
+    return max(elements, min(AUTO_BUCKET_FLOOR, model_parameters(model_cfg)))
+
+
 AUTO_ZERO_KNOBS: dict[str, Callable[[AIMConfig], int]] = {
-    "reduce_bucket_size": lambda cfg: model_hidden_size(cfg) ** 2,
-    "stage3_prefetch_bucket_size": lambda cfg: trunk_block_parameters(cfg),
+    "reduce_bucket_size": lambda cfg: _bucket(model_hidden_size(cfg) ** 2, cfg),
+    "stage3_prefetch_bucket_size": lambda cfg: _bucket(trunk_block_parameters(cfg), cfg),
     "stage3_param_persistence_threshold": lambda cfg: 10 * model_hidden_size(cfg),
 }
+
+
+@functools.lru_cache(maxsize=16)
+def model_parameters(model_cfg: AIMConfig) -> int:
+    """Parameters of the whole model ``model_cfg`` (trunk and pixel head), counted on the meta device."""
+    with torch.device("meta"):
+        model = AIM(model_cfg)
+    return sum(p.numel() for p in model.parameters())
 
 
 def model_hidden_size(model_cfg: AIMConfig) -> int:
@@ -199,7 +219,33 @@ def build_model(model_cfg: AIMConfig, cfg: PretrainConfig, ds: dict[str, Any] | 
     with context:
         model = AIM(model_cfg, name=cfg.model.name)
     model.set_grad_checkpointing(cfg.model.grad_checkpointing, head=cfg.model.head_grad_checkpointing)
+    if cfg.model.compile:
+        compile_blocks(model)
     return model
+
+
+def compile_blocks(model: AIM, **compile_kwargs: Any) -> int:
+    """``torch.compile`` each trunk block and each pixel-head block in place (``nn.Module.compile``).
+    Returns the number of blocks compiled.
+
+    In place, so parameter names keep no ``_orig_mod.`` prefix: checkpoints, exports and ZeRO-3's
+    parameter partitions see the same module tree as in eager mode. Per block, not the whole model:
+    ZeRO-3 gathers each layer's parameters in module hooks that DeepSpeed keeps out of graphs
+    (``torch.compiler.disable``), so a whole-model graph would break at every layer anyway, and the
+    blocks are where the fusable work is (LayerNorm, GELU, residual adds, attention's reshapes).
+    Every block of a kind has one shape, so the trunk compiles once and the head once."""
+    try:
+        import deepspeed.utils.nvtx
+    except ImportError:  # plain PyTorch (the probe, the benches)
+        pass
+    else:
+        # DeepSpeed's own engine.compile does the same: its NVTX range wrapper around ZeRO-3's fetch
+        # and release functions would otherwise be traced (a graph break and a recompile per call).
+        deepspeed.utils.nvtx.enable_nvtx = False
+    blocks = [*model.trunk.blocks, *model.head.blocks]
+    for block in blocks:
+        block.compile(**compile_kwargs)
+    return len(blocks)
 
 
 def count_parameters(model: nn.Module) -> int:

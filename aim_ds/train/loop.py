@@ -7,6 +7,7 @@ or gradient norm stops being finite; the driver maps them to exit codes 2 and 3.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -406,7 +407,7 @@ def _optimizer_step(job: Job, step: int, batches: Any, stop: StopRequest) -> tup
         if micro == plan.grad_accum_steps - 1:
             # One all-reduce carries the loss for the log, the non-finite check (NaN on any rank
             # makes the sum NaN) and the stop flag, so that all ranks decide alike.
-            flag = torch.tensor(float(stop.requested), device=job.device)
+            flag = _stop_flag(job.device, stop.requested)
             stats = all_reduce_(torch.stack([loss_sum / plan.grad_accum_steps, flag]), "sum")
         engine.step()
     return stats[0] / job.world, stats[1], epoch, index + 1
@@ -443,6 +444,14 @@ def _log_step(
     job.logger.log("train", step, values)
     if job.is_main:
         log.info(line)
+
+
+@functools.lru_cache(maxsize=8)
+def _stop_flag(device: torch.device, requested: bool) -> Tensor:
+    """The 0-d fp32 stop flag (1 or 0) on ``device``, made once per device and value: building it
+    each step (``torch.tensor(x, device=cuda)``) would copy from pageable host memory and wait for
+    the stream every step. Never written to: the all-reduce takes a stacked copy."""
+    return torch.full((), float(requested), dtype=torch.float32, device=device)
 
 
 def _grad_norm(engine: Any, device: torch.device) -> Tensor | None:

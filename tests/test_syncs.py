@@ -1,0 +1,80 @@
+"""Per-step host-to-device copies made once instead: the loop's stop flag and the loader's ImageNet
+mean/std are built once per device (the real loop's per-step count is in tests/test_gpu_path.py);
+the probe bank hands back its losses as one tensor, read once when a line is logged."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from aim_ds.data import loader
+from aim_ds.probe.bank import HeadBank
+from aim_ds.probe.config import TrainConfig
+from aim_ds.train import loop
+
+
+def _count_tensor_builds(run) -> int:
+    calls = [0]
+    original = torch.tensor
+
+    def counting(*args, **kwargs):
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    torch.tensor = counting
+    try:
+        run()
+    finally:
+        torch.tensor = original
+    return calls[0]
+
+
+def test_stop_flag_is_built_once_per_device_and_value() -> None:
+    cpu = torch.device("cpu")
+    loop._stop_flag.cache_clear()
+    first = loop._stop_flag(cpu, False)
+    assert loop._stop_flag(cpu, False) is first and float(first) == 0.0
+    assert float(loop._stop_flag(cpu, True)) == 1.0
+    assert _count_tensor_builds(lambda: [loop._stop_flag(cpu, bool(i % 2)) for i in range(10)]) == 0
+
+
+def test_normalisation_is_built_once_per_device() -> None:
+    cpu = torch.device("cpu")
+    loader._normalisation.cache_clear()
+    assert _count_tensor_builds(lambda: loader._normalisation(cpu)) == 2  # mean and std, once
+    assert _count_tensor_builds(lambda: [loader._normalisation(cpu) for _ in range(5)]) == 0
+    mean, std = loader._normalisation(cpu)
+    assert mean.shape == (1, 3, 1, 1) and torch.allclose(mean.flatten(), torch.tensor([123.675, 116.28, 103.53]))
+    assert torch.allclose(std.flatten(), torch.tensor([58.395, 57.12, 57.375]))
+
+
+def test_pinned_passes_host_batches_through_off_cuda() -> None:
+    images, labels = np.zeros((2, 4, 4, 3), np.uint8), np.arange(2)
+    ((out_images, out_labels),) = list(loader._pinned(iter([(images, labels)]), torch.device("cpu")))
+    assert out_images is images and out_labels is labels
+
+
+def test_probe_bank_returns_losses_unread() -> None:
+    train = TrainConfig(lrs=[1e-3, 1e-2], weight_decays=[0.05])
+    bank = HeadBank.create(["linear"], train.lrs, dim=8, num_heads=2, num_classes=3, train=train)
+    feats, labels = torch.randn(8, 4, 8), torch.randint(0, 3, (8,))
+    reads = []
+    original = torch.Tensor.item
+
+    def counting(self, *args, **kwargs):
+        caller = sys._getframe(1).f_code.co_filename
+        if "aim_ds" in Path(caller).parts:  # AdamW's own step counter reads are PyTorch's, not ours
+            reads.append(caller)
+        return original(self, *args, **kwargs)
+
+    torch.Tensor.item = counting
+    try:
+        losses = bank.train_step(feats, labels, {s.name: s.lr for s in bank.slots})
+    finally:
+        torch.Tensor.item = original
+    assert reads == [] and isinstance(losses, torch.Tensor) and losses.shape == (2,)
+    named = bank.loss_dict(losses)
+    assert list(named) == [s.name for s in bank.slots] and all(v > 0 for v in named.values())
