@@ -171,14 +171,14 @@ def test_memory_check_names_what_fits_and_can_be_skipped(beton: Path, tmp_path: 
 
 
 def test_batch_that_does_not_split_fails_on_every_rank(beton: Path, tmp_path: Path) -> None:
-    """train.batch_size=6 with micro-batch 4 on two ranks: exit 2 on every rank, one line each, before
+    """train.batch_size=7 with micro-batch 4 on two ranks: exit 2 on every rank, one line each, before
     any process group or engine."""
     out = tmp_path / "run"
-    proc, codes = _launch(beton, out, "train.batch_size=6")
+    proc, codes = _launch(beton, out, "train.batch_size=7")
     text = proc.stdout + proc.stderr
     assert codes == {"rank0": 2, "rank1": 2}, text[-4000:]
     errors = _errors(text)
-    assert len(errors) == 2 and all("train.batch_size=6" in line for line in errors), text[-4000:]
+    assert len(errors) == 2 and all("train.batch_size=7" in line for line in errors), text[-4000:]
     assert "Traceback" not in text and not out.exists()
 
 

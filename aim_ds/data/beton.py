@@ -658,7 +658,7 @@ def format_inspection(info: dict[str, Any]) -> str:
         first = sidecars[0]
         options = first.get("options")
         if isinstance(options, dict):
-            lines.append("written with: " + ", ".join(f"{k}={v!r:.80}" for k, v in options.items()))
+            lines.append("written with: " + ", ".join(f"{k}={str(v):.80}" for k, v in options.items()))
         lines.append(
             f"aim_ds:       {first.get('aim_ds_version')!s:.40}  kind: {first.get('kind')!s:.40}  "
             f"at {first.get('written_utc')!s:.40}"
