@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export DS_ACCELERATOR ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1 && echo cuda || echo cpu)
 
-.PHONY: setup test test-fast lint bench bench-gpu wheels demo study clean
+.PHONY: setup test test-fast fuzz lint bench bench-gpu wheels demo study clean
 
 setup:
 	@bash scripts/setup.sh
@@ -28,6 +28,11 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest tests -q -ra -m "not deepspeed"
+
+# Property fuzzing of every reader of a user's file, longer than make test's 40 examples per reader.
+FUZZ_EXAMPLES ?= 500
+fuzz: setup
+	AIM_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest tests/test_fuzz_files.py tests/test_fuzz_beton.py -q
 
 lint: setup
 	$(VENV)/bin/ruff check aim_ds data_prep run tests bench
