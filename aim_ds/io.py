@@ -40,7 +40,8 @@ def remove_if_exists(*paths: str | os.PathLike) -> None:
                 path.unlink()
 
 
-def _kind(mode: int) -> str:
+def file_kind(mode: int) -> str:
+    """What a non-regular file is, by its ``st_mode``, for error messages ("a FIFO", "a socket", ...)."""
     for test, name in (
         (stat.S_ISFIFO, "a FIFO"),
         (stat.S_ISSOCK, "a socket"),
@@ -65,7 +66,7 @@ def check_regular_file(path: str | os.PathLike, what: str, error: type[Exception
     except OSError as exc:
         raise error(f"{what} '{path}' cannot be read ({exc.strerror or exc})") from None
     if not stat.S_ISREG(mode):
-        raise error(f"{what} '{path}' is {_kind(mode)}, not a regular file") from None
+        raise error(f"{what} '{path}' is {file_kind(mode)}, not a regular file") from None
     return path
 
 
@@ -84,7 +85,7 @@ def read_regular_file(
     with os.fdopen(fd, "rb") as f:
         mode, size = os.fstat(fd).st_mode, os.fstat(fd).st_size
         if not stat.S_ISREG(mode):
-            raise error(f"{what} '{path}' is {_kind(mode)}, not a regular file")
+            raise error(f"{what} '{path}' is {file_kind(mode)}, not a regular file")
         if limit is not None and size > limit:
             raise error(f"{what} '{path}' is {size} bytes, more than the {limit} a {what} may have")
         data = f.read() if limit is None else f.read(limit + 1)

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from ..io import PARTIAL_SUFFIX
+from ..io import PARTIAL_SUFFIX, file_kind
 
 SIDECAR_SUFFIX = ".json"
 SIDECAR_FORMAT = "aim-ds-beton-sidecar/1"
@@ -342,14 +342,6 @@ def read_small(file: Any, path: str | os.PathLike[str]) -> str:
 MAX_JSON_BYTES = 256 << 20
 
 
-def _kind(mode: int) -> str:
-    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):  # fmt: skip
-        if test(mode):
-            return name
-    return "not a regular file"
-
-
 def open_regular_fd(path: str | os.PathLike[str]) -> int:
     """A read-only descriptor of ``path`` if it is a regular file (symlinks followed); otherwise raises
     :class:`BetonError` naming it and what it is. Opened without blocking first, so a FIFO cannot hang the
@@ -362,7 +354,7 @@ def open_regular_fd(path: str | os.PathLike[str]) -> int:
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
-            raise BetonError(f"{path}: {_kind(mode)}, not a regular file: only regular files are read")
+            raise BetonError(f"{path}: {file_kind(mode)}, not a regular file: only regular files are read")
         os.set_blocking(fd, True)
         return fd
     except BaseException:
@@ -379,7 +371,7 @@ def check_regular_file(path: str | os.PathLike[str]) -> None:
     """Raise :class:`BetonError` naming ``path`` unless it is a regular file (no open: a stat)."""
     mode = os.stat(path).st_mode
     if not stat.S_ISREG(mode):
-        raise BetonError(f"{path}: {_kind(mode)}, not a regular file: only regular files are read")
+        raise BetonError(f"{path}: {file_kind(mode)}, not a regular file: only regular files are read")
 
 
 class BetonError(ValueError):
