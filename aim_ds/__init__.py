@@ -1,8 +1,8 @@
 """aim-ds: pretrain AIM (Autoregressive Image Models) with DeepSpeed ZeRO-3 and FFCV."""
 
-from . import interop
-from .model import AIM, AIMConfig
-from .registry import create_model, get_model_spec, list_models
+from .model.aim import AIM, AIMConfig
+from .model.registry import create_model, get_model_spec, list_models
+from .weights import interop
 
 __version__ = "0.1.0"
 

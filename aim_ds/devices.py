@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .config import ConfigError
-from .flops import H100_BF16_DENSE_FLOPS
+from .model.flops import H100_BF16_DENSE_FLOPS
 
 GIB = 1024**3
 GB = 1e9

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .io import atomic_path, atomic_write_text
-from .model import IMAGENET_MEAN, IMAGENET_STD, patchify, unpatchify
+from .model.aim import IMAGENET_MEAN, IMAGENET_STD, patchify, unpatchify
 
 METRICS_FILE = "metrics.jsonl"
 

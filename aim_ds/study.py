@@ -38,9 +38,9 @@ from typing import Any
 import numpy as np
 import yaml
 
-from . import checkpoint as ckpt
 from .io import atomic_path, atomic_write_json
 from .metrics import read_metrics
+from .weights import checkpoint as ckpt
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAD_KINDS = ("attentive", "linear")
@@ -395,8 +395,8 @@ def study_sizes(
     the first, ``vs_smaller_<kind>``: the paired bootstrap interval of its top-1 minus the next smaller
     size's (same val images). ``out/sizes.csv``, ``out/sizes.json``, ``out/loss_vs_size.png``. Rows are
     sorted by parameter count."""
-    from .model import trunk_parameter_count
-    from .registry import create_model
+    from .model.aim import trunk_parameter_count
+    from .model.registry import create_model
 
     out = Path(out)
     rows, all_hits = [], []

@@ -3,7 +3,7 @@
 For each model x attention (``sdpa``, ``flex``) x mode (``plain``, ``zero2``, ``zero3``): the median
 time of one optimizer step of ``--accumulation`` micro-steps (forward + backward each, then the
 update) over ``--steps`` measured steps after ``--warmup``; images/s; TFLOP/s per device (FLOPs from
-:func:`aim_ds.flops.train_flops_per_image`: 6 x matmul params x tokens + 12 x depth x width x
+:func:`aim_ds.model.flops.train_flops_per_image`: 6 x matmul params x tokens + 12 x depth x width x
 tokens^2, trunk + head, forward + backward); MFU against ``--peak-tflops`` (default: the GPU's bf16
 dense peak from aim_ds.devices, the H100 SXM's 989 on the CPU); and peak memory (CUDA: the peak
 allocated per configuration; CPU: the process's peak RSS so far, which only grows). The micro-batches are generated on the device once, before timing, so the
@@ -43,11 +43,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import aim_ds  # noqa: E402
 from aim_ds.distributed import init_distributed  # noqa: E402
-from aim_ds.flops import train_flops_per_image  # noqa: E402
 from aim_ds.io import atomic_write_json, atomic_write_text  # noqa: E402
 from aim_ds.metrics import device_peak_flops  # noqa: E402
+from aim_ds.model.flops import train_flops_per_image  # noqa: E402
+from aim_ds.model.registry import PAPER_RECIPE  # noqa: E402
 from aim_ds.optim import build_optimizer, param_groups  # noqa: E402
-from aim_ds.registry import PAPER_RECIPE  # noqa: E402
 from aim_ds.train.engine import optimizer_offloaded, resolve_auto_knobs  # noqa: E402
 
 MODES = ("plain", "zero2", "zero3")

@@ -55,12 +55,12 @@ def status_kib(key: str) -> int:
 def make_checkpoint(run: Path, model_name: str) -> None:
     """Runs on every rank under the ``deepspeed`` launcher: ``model_name`` built under
     ``deepspeed.zero.Init`` (never whole on one rank), bf16 ZeRO-3 with AdamW, 0 optimizer steps,
-    saved through :mod:`aim_ds.checkpoint` (the pretraining driver's format) as step 0."""
+    saved through :mod:`aim_ds.weights.checkpoint` (the pretraining driver's format) as step 0."""
     import deepspeed
     import torch
 
-    from aim_ds import checkpoint as ckpt
-    from aim_ds.registry import create_model
+    from aim_ds.model.registry import create_model
+    from aim_ds.weights import checkpoint as ckpt
 
     deepspeed.init_distributed(dist_backend="gloo")
     config = {
@@ -94,8 +94,8 @@ def make_checkpoint(run: Path, model_name: str) -> None:
 def make_export(run: Path, model_name: str) -> None:
     """The checkpoint's export (consolidated fp32 safetensors + model.json) in ``run/export_folder``."""
     sys.path.insert(0, str(ROOT))
-    from aim_ds import checkpoint as ckpt
-    from aim_ds.export import export_checkpoint
+    from aim_ds.weights import checkpoint as ckpt
+    from aim_ds.weights.export import export_checkpoint
 
     step, path = ckpt.latest_complete(run / "checkpoints")
     export_checkpoint(path.parent, path.name, run / EXPORT_FOLDER, model_name=model_name, overrides={}, step=step)
@@ -107,9 +107,9 @@ def make_export(run: Path, model_name: str) -> None:
 
 def _load_after(model_name: str, layers: str, weights: Path, out_dir: Path, rank: int, world: int) -> dict[str, Any]:
     """This branch's probe start-up for the trunk (``aim_ds.probe.context.load_frozen_trunk``)."""
+    from aim_ds.model.registry import get_model_spec
     from aim_ds.probe.config import ProbeConfig, resolve_layers
     from aim_ds.probe.context import load_frozen_trunk
-    from aim_ds.registry import get_model_spec
 
     cfg = ProbeConfig()
     cfg.model.name, cfg.out_dir, cfg.device = model_name, str(out_dir), "cpu"
@@ -125,10 +125,10 @@ def _load_legacy(model_name: str, layers: str, weights: Path, out_dir: Path, ran
     import torch.distributed as dist
     from safetensors.torch import save_file
 
-    from aim_ds.frozen import build_frozen_trunk
+    from aim_ds.model.registry import get_model_spec
     from aim_ds.probe import resolve_layers
-    from aim_ds.registry import get_model_spec
-    from aim_ds.weights import detect_source, load_trunk_state_dict
+    from aim_ds.weights.frozen import build_frozen_trunk
+    from aim_ds.weights.load import detect_source, load_trunk_state_dict
 
     blocks = resolve_layers(layers, model_name, get_model_spec(model_name).config.depth)
     load_from = weights

@@ -47,9 +47,9 @@ sys.path.insert(0, str(ROOT))
 import aim_ds  # noqa: E402
 from aim_ds.distributed import free_port, init_distributed  # noqa: E402
 from aim_ds.io import atomic_write_json, atomic_write_text  # noqa: E402
-from aim_ds.model import AIM, AIMConfig  # noqa: E402
+from aim_ds.model.aim import AIM, AIMConfig  # noqa: E402
+from aim_ds.model.registry import PAPER_RECIPE  # noqa: E402
 from aim_ds.optim import build_optimizer, param_groups  # noqa: E402
-from aim_ds.registry import PAPER_RECIPE  # noqa: E402
 from aim_ds.train.engine import compile_blocks, resolve_auto_knobs  # noqa: E402
 
 MODES = ("ddp", "zero3", "zero3-compile")

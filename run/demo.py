@@ -61,7 +61,7 @@ def write_random_init_export(model_name: str, out_dir: Path, seed: int) -> Path:
     import torch
 
     import aim_ds
-    from aim_ds.export import save_export
+    from aim_ds.weights.export import save_export
 
     torch.manual_seed(seed)
     model = aim_ds.create_model(model_name)
@@ -80,7 +80,7 @@ def read_metrics(path: Path) -> tuple[float | None, float | None]:
 def make_betons(stages: Stages, out: Path, model: str, seed: int) -> dict[str, int]:
     """Stage 1: real labelled images -> ImageFolder -> ``digits_{train,val}.beton``. Returns the counts."""
     from aim_ds.datasets import write_digits_imagefolder
-    from aim_ds.registry import get_model_spec
+    from aim_ds.model.registry import get_model_spec
 
     image_size = get_model_spec(model).config.image_size
     counts = stages.time("images", write_digits_imagefolder, out / "digits", image_size=image_size, seed=seed)

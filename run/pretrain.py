@@ -34,7 +34,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from aim_ds import checkpoint as ckpt  # noqa: E402
 from aim_ds.config import ConfigError, load_config  # noqa: E402
 from aim_ds.train.config import NonFiniteLossError, PretrainConfig  # noqa: E402
 from aim_ds.train.engine import load_ds_config  # noqa: E402
@@ -49,7 +48,8 @@ from aim_ds.train.stopping import (  # noqa: E402
     STOP_FILE,
     StopRequest,
 )
-from aim_ds.zero_shards import ShardError  # noqa: E402
+from aim_ds.weights import checkpoint as ckpt  # noqa: E402
+from aim_ds.weights.zero_shards import ShardError  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -79,8 +79,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def export_only(run_dir: str) -> int:
     """Consolidate the newest complete checkpoint of ``run_dir`` into ``run_dir/export`` (under the
-    run folder's lock; the shards are read without unpickling code, see aim_ds.zero_shards)."""
-    from aim_ds.export import export_latest
+    run folder's lock; the shards are read without unpickling code, see aim_ds.weights.zero_shards)."""
+    from aim_ds.weights.export import export_latest
 
     ckpt.check_manifest(run_dir)
     cfg = load_config(PretrainConfig, Path(run_dir) / "config.yaml")

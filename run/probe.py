@@ -6,7 +6,7 @@
 
 ``--weights``: an export folder or its model.safetensors, a DeepSpeed checkpoint (run folder,
 checkpoints/ or a tag folder), or a released ml-aim backbone (.safetensors / .pth). The logic
-lives in :mod:`aim_ds.probe` and :mod:`aim_ds.weights`. The config's ``model`` section is
+lives in :mod:`aim_ds.probe` and :mod:`aim_ds.weights.load`. The config's ``model`` section is
 ``{name: ..., overrides: {...}}``, as in the pretraining config.
 """
 
@@ -22,7 +22,7 @@ import torch.distributed as dist  # noqa: E402
 
 from aim_ds.config import ConfigError  # noqa: E402
 from aim_ds.probe import load_probe_config, run_probe  # noqa: E402
-from aim_ds.weights import WeightsError, WeightsMismatchError  # noqa: E402
+from aim_ds.weights.load import WeightsError, WeightsMismatchError  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

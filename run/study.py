@@ -28,9 +28,9 @@ sys.path.insert(0, str(ROOT / "run"))  # the demo's stages and data
 
 import demo  # noqa: E402
 
-from aim_ds import checkpoint as ckpt  # noqa: E402
 from aim_ds.io import atomic_write_text  # noqa: E402
 from aim_ds.study import ProbeSettings, render_summary, study_checkpoints, study_sizes  # noqa: E402
+from aim_ds.weights import checkpoint as ckpt  # noqa: E402
 
 # The study's fixed probe (set before any result was seen; not tuned to make a finding appear):
 # the aim-tiny probe grid's 5 LRs, one weight decay, 20 epochs, cached features.

@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 from aim_ds import distributed  # noqa: E402
 from aim_ds.distributed import barrier, init_distributed  # noqa: E402
 from aim_ds.io import atomic_write_json  # noqa: E402
-from aim_ds.model import AIM  # noqa: E402
+from aim_ds.model.aim import AIM  # noqa: E402
 from aim_ds.train import loop  # noqa: E402
 from aim_ds.train.config import (  # noqa: E402
     CheckpointSection,
@@ -286,7 +286,7 @@ def check_runs(beton: str, out: Path, rank: int) -> dict[str, Any]:
     offload (zero3_offload.json, checkpoints every 4 steps). Then the offloaded run is "killed"
     after its step-8 checkpoint (step 12's loses its COMPLETE marker, as a kill mid-save leaves it)
     and resumed in a fresh engine."""
-    from aim_ds import checkpoint as ckpt
+    from aim_ds.weights import checkpoint as ckpt
 
     result = {
         "fp32": _train(_run_config(beton, out / "fp32", 12, 1, 0), "zero3_fp32.json"),

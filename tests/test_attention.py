@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from aim_ds.attention import Attention, build_mask, prefix_causal_mask
+from aim_ds.model.attention import Attention, build_mask, prefix_causal_mask
 
 
 def test_prefix_causal_mask_matches_a_loop() -> None:

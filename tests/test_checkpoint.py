@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from aim_ds import checkpoint as ckpt
+from aim_ds.weights import checkpoint as ckpt
 
 
 def _make(root: Path, step: int, complete: bool) -> Path:

@@ -20,7 +20,7 @@ from aim_ds.config import load_config
 from aim_ds.data.loader import subset_indices
 from aim_ds.distributed import free_port
 from aim_ds.metrics import read_metrics
-from aim_ds.registry import get_model_spec
+from aim_ds.model.registry import get_model_spec
 from aim_ds.study import subprocess_device
 from aim_ds.train.config import BatchConfigError, PretrainConfig, largest_divisor_at_most, resolve_plan
 
@@ -288,8 +288,8 @@ def test_feature_cache_larger_than_its_disk_is_refused(betons: dict[str, Path], 
     both sizes before a byte is written."""
     import torch
 
-    from aim_ds.export import save_export
-    from aim_ds.registry import create_model
+    from aim_ds.model.registry import create_model
+    from aim_ds.weights.export import save_export
 
     torch.manual_seed(0)
     save_export(

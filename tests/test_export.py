@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import aim_ds
-from aim_ds.export import load_exported, save_export
+from aim_ds.weights.export import load_exported, save_export
 
 
 def test_save_export_round_trip_and_checks(tmp_path: Path) -> None:
@@ -78,10 +78,10 @@ def test_ml_aim_export_says_its_eps_and_loads_back_exactly(tmp_path: Path) -> No
     """The ml-aim layout cannot say which LayerNorm eps the weights were trained with: released files
     are served with 1e-6, our pretraining uses 1e-5. Our ml-aim export records its eps, so loading it
     back gives the native export's features exactly; a file without the record is read as released."""
-    from aim_ds import frozen as F
-    from aim_ds.export import ML_AIM_FILE
-    from aim_ds.interop import to_ml_aim
-    from aim_ds.model import RELEASED_NORM_EPS
+    from aim_ds.model.aim import RELEASED_NORM_EPS
+    from aim_ds.weights import frozen as F
+    from aim_ds.weights.export import ML_AIM_FILE
+    from aim_ds.weights.interop import to_ml_aim
 
     model = aim_ds.create_model("aim-test")
     assert model.config.norm_eps != RELEASED_NORM_EPS
@@ -109,7 +109,7 @@ def test_model_json_holds_the_resolved_architecture_and_loading_uses_it(tmp_path
     """A default that changes later (here: norm_eps, head_block) does not change what an export loads as."""
     import dataclasses
 
-    from aim_ds.export import architecture_of
+    from aim_ds.weights.export import architecture_of
 
     torch.manual_seed(0)
     model = aim_ds.create_model("aim-test", head_depth=1).eval()
@@ -143,7 +143,7 @@ def test_old_style_export_loads_with_its_assumed_values_named(tmp_path: Path, ca
     meta = json.loads((out / "model.json").read_text())
     del meta["architecture"]
     (out / "model.json").write_text(json.dumps(meta))
-    with caplog.at_level("WARNING", logger="aim_ds.export"):
+    with caplog.at_level("WARNING", logger="aim_ds.weights.export"):
         loaded = load_exported(out).eval()
     message = " ".join(r.getMessage() for r in caplog.records)
     assert "has no 'architecture'" in message
@@ -153,9 +153,9 @@ def test_old_style_export_loads_with_its_assumed_values_named(tmp_path: Path, ca
     with torch.no_grad():
         torch.testing.assert_close(loaded.extract_features(images), model.extract_features(images), rtol=0, atol=0)
     # The probe's loader takes the same path (and warns the same way).
-    from aim_ds.frozen import build_frozen_trunk
+    from aim_ds.weights.frozen import build_frozen_trunk
 
     caplog.clear()
-    with caplog.at_level("WARNING", logger="aim_ds.export"):
+    with caplog.at_level("WARNING", logger="aim_ds.weights.export"):
         trunk, _ = build_frozen_trunk(None, out)
     assert "has no 'architecture'" in " ".join(r.getMessage() for r in caplog.records)

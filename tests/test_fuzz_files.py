@@ -30,8 +30,6 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from aim_ds import checkpoint as ckpt
-from aim_ds.backbone import write_safetensors
 from aim_ds.config import ConfigError, load_config, to_dict
 from aim_ds.train.config import PretrainConfig, resolve_plan
 from aim_ds.train.engine import (
@@ -44,8 +42,10 @@ from aim_ds.train.engine import (
 )
 from aim_ds.train.loop import _warn_config_changes, batch_in_epoch_from
 from aim_ds.train.preflight import check_fields
-from aim_ds.weights import WeightsError, detect_source, read_state_dict_file
-from aim_ds.zero_shards import ShardError, load_shard
+from aim_ds.weights import checkpoint as ckpt
+from aim_ds.weights.backbone import write_safetensors
+from aim_ds.weights.load import WeightsError, detect_source, read_state_dict_file
+from aim_ds.weights.zero_shards import ShardError, load_shard
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = int(os.environ.get("AIM_FUZZ_EXAMPLES", "40"))
@@ -249,7 +249,7 @@ def client_states(draw: st.DrawFn) -> Any:
 @FUZZ
 @given(state=client_states())
 def test_fuzz_client_state(state: Any) -> None:
-    """Checked when a checkpoint loads (:func:`aim_ds.checkpoint.client_state_problem`); what passes
+    """Checked when a checkpoint loads (:func:`aim_ds.weights.checkpoint.client_state_problem`); what passes
     is used by the resume without another error than ConfigError."""
     problem = ckpt.client_state_problem(state)
     if problem is not None:

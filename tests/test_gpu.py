@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import aim_ds
-from aim_ds.attention import build_mask
+from aim_ds.model.attention import build_mask
 
 pytestmark = pytest.mark.gpu
 

@@ -88,7 +88,7 @@ def test_activation_checkpointing_on_equals_off_under_zero3(results: dict[str, l
 def test_zero_init_keeps_half_the_weights_per_rank(results: dict[str, list[dict]]) -> None:
     import aim_ds
 
-    full = aim_ds.model.count_parameters(aim_ds.create_model(ZERO_INIT_MODEL, device="meta"))
+    full = aim_ds.model.aim.count_parameters(aim_ds.create_model(ZERO_INIT_MODEL, device="meta"))
     for rank in results["zero_init"]:
         assert rank["full_numel"] == full
         assert rank["dtypes"] == ["torch.bfloat16"]

@@ -8,7 +8,7 @@ never appears.
 
 - Resume on another world size (the ``COMPLETE`` marker says 2 ranks, the plain process is one): the
   newest checkpoint is checked before DeepSpeed's converter runs, and the converter itself runs
-  weights-only (:mod:`aim_ds.safe_universal`), checked here on its own too.
+  weights-only (:mod:`aim_ds.weights.safe_universal`), checked here on its own too.
 - A planted ``<tag>/universal/`` folder, reached with ``checkpoint.load_universal: true`` and no
   change of world size, or by a change of world size: checked recursively before DeepSpeed opens it.
 - A clean checkpoint still resumes on another world size through the weights-only converter, and
@@ -29,9 +29,9 @@ import torch
 import yaml
 from test_pretrain_deepspeed import LAUNCH_TIMEOUT_S, PERSISTENCE_THRESHOLD, ROOT, VENV_BIN
 
-from aim_ds import checkpoint as ckpt
 from aim_ds.metrics import read_metrics
 from aim_ds.train.lock import LOCK_FILE
+from aim_ds.weights import checkpoint as ckpt
 
 STEPS = 2
 

@@ -11,7 +11,6 @@ import torch
 from PIL import Image
 
 import aim_ds
-from aim_ds.flops import H100_BF16_DENSE_FLOPS, train_flops_per_image
 from aim_ds.metrics import (
     MetricsLogger,
     flops_per_second_per_device,
@@ -21,7 +20,8 @@ from aim_ds.metrics import (
     reconstruct_from_pred,
     save_patch_grid,
 )
-from aim_ds.model import IMAGENET_MEAN, IMAGENET_STD, normalize_patches, patchify
+from aim_ds.model.aim import IMAGENET_MEAN, IMAGENET_STD, normalize_patches, patchify
+from aim_ds.model.flops import H100_BF16_DENSE_FLOPS, train_flops_per_image
 
 
 def test_logger_writes_jsonl_and_trims_on_resume(tmp_path: Path) -> None:

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 import aim_ds
-from aim_ds.attention import prefix_causal_mask
-from aim_ds.flops import train_flops_per_image
-from aim_ds.interop import from_ml_aim, to_ml_aim
-from aim_ds.model import normalize_patches, patchify, sincos_pos_embed_2d, trunk_parameter_count, unpatchify
-from aim_ds.registry import get_model_spec, table1_models
+from aim_ds.model.aim import normalize_patches, patchify, sincos_pos_embed_2d, trunk_parameter_count, unpatchify
+from aim_ds.model.attention import prefix_causal_mask
+from aim_ds.model.flops import train_flops_per_image
+from aim_ds.model.registry import get_model_spec, table1_models
+from aim_ds.weights.interop import from_ml_aim, to_ml_aim
 
 SMALL = [n for n in aim_ds.list_models() if get_model_spec(n).paper_params is None]
 
@@ -33,7 +33,7 @@ def test_unknown_model_lists_known_ones() -> None:
 
 
 def test_register_refuses_silent_overwrite() -> None:
-    from aim_ds.registry import register_model
+    from aim_ds.model.registry import register_model
 
     with pytest.raises(ValueError, match="already registered"):
         register_model(get_model_spec("aim-test"))
@@ -118,7 +118,7 @@ def test_prefix_causal_mask_matches_double_loop() -> None:
 def test_flex_block_mask_agrees_with_sdpa_mask() -> None:
     from torch.nn.attention.flex_attention import flex_attention
 
-    from aim_ds.attention import flex_block_mask
+    from aim_ds.model.attention import flex_block_mask
 
     gen = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(3, 2, 64, 16, generator=gen) for _ in range(3))

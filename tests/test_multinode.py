@@ -23,12 +23,12 @@ import pytest
 import yaml
 from test_pretrain_deepspeed import DEEPSPEED, LAUNCH_TIMEOUT_S, PERSISTENCE_THRESHOLD, ROOT, VENV_BIN
 
-from aim_ds import checkpoint as ckpt
 from aim_ds.config import ConfigError
 from aim_ds.data.sampling import MixtureSchedule
 from aim_ds.distributed import free_port
 from aim_ds.metrics import read_metrics
 from aim_ds.train.loop import batch_in_epoch_from
+from aim_ds.weights import checkpoint as ckpt
 
 STEPS = 6
 BATCH, MICRO = 16, 4  # accumulation 2 on two ranks, 4 on one
@@ -111,7 +111,7 @@ def resumed_on_one_rank(run_files: dict[str, Path], one_node: Path) -> tuple[Pat
     out.mkdir()
     shutil.copytree(one_node / "checkpoints" / ckpt.tag_for_step(3), out / "checkpoints" / ckpt.tag_for_step(3))
     shutil.copy(one_node / "config.yaml", out / "config.yaml")
-    shutil.copy(one_node / ckpt.MANIFEST, out / ckpt.MANIFEST)  # the folder is aim-ds's (see aim_ds.checkpoint)
+    shutil.copy(one_node / ckpt.MANIFEST, out / ckpt.MANIFEST)  # the folder is aim-ds's (see aim_ds.weights.checkpoint)
     lines = (one_node / "metrics.jsonl").read_text().splitlines(keepends=True)
     (out / "metrics.jsonl").write_text("".join(line for line in lines if json.loads(line).get("step", 0) <= 3))
     port = free_port()

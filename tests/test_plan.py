@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from aim_ds.attention import build_mask
-from aim_ds.flops import train_flops_per_image
-from aim_ds.model import Block
+from aim_ds.model.aim import Block
+from aim_ds.model.attention import build_mask
+from aim_ds.model.flops import train_flops_per_image
+from aim_ds.model.registry import get_model_spec
 from aim_ds.plan import (
     GIB,
     Activations,
@@ -30,7 +31,6 @@ from aim_ds.plan import (
     saved_bytes,
     step_seconds,
 )
-from aim_ds.registry import get_model_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 ZERO3 = json.loads((ROOT / "ds_configs/zero3.json").read_text())

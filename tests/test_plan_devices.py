@@ -13,6 +13,7 @@ import pytest
 from aim_ds.config import ConfigError
 from aim_ds.devices import GPUS, GPUSpec, gpu_spec, match_gpu
 from aim_ds.metrics import device_peak_flops
+from aim_ds.model.registry import get_model_spec
 from aim_ds.plan import (
     GIB,
     Hardware,
@@ -29,7 +30,6 @@ from aim_ds.plan import (
     step_time,
     traffic,
 )
-from aim_ds.registry import get_model_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 ZERO3 = json.loads((ROOT / "ds_configs/zero3.json").read_text())

@@ -10,8 +10,8 @@ import torch
 
 import aim_ds
 from aim_ds.config import ConfigError, load_config
-from aim_ds.model import Block
-from aim_ds.registry import PAPER_RECIPE, get_model_spec
+from aim_ds.model.aim import Block
+from aim_ds.model.registry import PAPER_RECIPE, get_model_spec
 from aim_ds.train.config import (
     BatchConfigError,
     OptimSection,

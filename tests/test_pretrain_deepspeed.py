@@ -25,9 +25,9 @@ import pytest
 import torch
 import yaml
 
-from aim_ds import checkpoint as ckpt
 from aim_ds.distributed import free_port
 from aim_ds.metrics import read_metrics
+from aim_ds.weights import checkpoint as ckpt
 
 pytestmark = pytest.mark.deepspeed
 
@@ -227,7 +227,7 @@ def test_export_reloads_without_deepspeed(straight: tuple[Path, subprocess.Compl
         "torch.testing.assert_close(out['pred'], ref['pred'], rtol=1e-5, atol=1e-5)\n"
         "torch.testing.assert_close(out['loss'].reshape(1), ref['loss'], rtol=1e-5, atol=1e-6)\n"
         "trunk = load_file(export + '/trunk_ml_aim.safetensors')\n"
-        "assert set(trunk) == set(aim_ds.interop.to_ml_aim(model.state_dict())), 'ml-aim keys'\n"
+        "assert set(trunk) == set(aim_ds.weights.interop.to_ml_aim(model.state_dict())), 'ml-aim keys'\n"
         "assert 'deepspeed' not in sys.modules, 'loading must not need DeepSpeed'\n"
         "print('OK', meta['step'])\n"
     )

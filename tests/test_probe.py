@@ -14,9 +14,9 @@ import torch
 import aim_ds
 from aim_ds.datasets import write_digits_imagefolder
 from aim_ds.distributed import free_port
-from aim_ds.export import save_export
-from aim_ds.model import IMAGENET_MEAN, IMAGENET_STD
+from aim_ds.model.aim import IMAGENET_MEAN, IMAGENET_STD
 from aim_ds.probe import ProbeConfig, load_head, load_probe_config, run_probe
+from aim_ds.weights.export import save_export
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGE_SIZE = 32
@@ -293,7 +293,7 @@ def test_two_ranks_shard_data_and_share_heads(digits: dict[str, Path], tmp_path:
     assert results["world_size"] == 2 and results["weights_source"] == "deepspeed"
     assert not (out / ".trunk_from_deepspeed.safetensors").exists()  # the hand-over file is removed
     # The ZeRO-3 checkpoint holds the pretrained trunk: same content hash as the export.
-    from aim_ds.weights import load_trunk_weights
+    from aim_ds.weights.load import load_trunk_weights
 
     assert results["weights_fingerprint"] == load_trunk_weights(digits["pretrained"]).fingerprint()
     best = results["heads"]["attentive"]["best"]

@@ -109,7 +109,7 @@ def test_released_head_without_bias_and_with_backbone(tmp_path: Path) -> None:
     head = build_head("attentive", 64, 2, 7, bias=True).eval()
     state = head_to_ml_aim(head)
     del state["head.linear.bias"]
-    backbone = aim_ds.interop.to_ml_aim(aim_ds.create_model("aim-test").state_dict())
+    backbone = aim_ds.weights.interop.to_ml_aim(aim_ds.create_model("aim-test").state_dict())
     path = tmp_path / "released.pth"
     torch.save({**backbone, **state}, path)
     kind, loaded, _ = load_head(path, num_heads=2)

@@ -18,9 +18,9 @@ import pytest
 import torch
 from data_fixtures import make_imagefolder
 
-from aim_ds import checkpoint as ckpt
 from aim_ds.data.writers import WriteOptions, convert_imagefolder
 from aim_ds.distributed import free_port
+from aim_ds.weights import checkpoint as ckpt
 
 pytestmark = pytest.mark.deepspeed
 

@@ -12,10 +12,10 @@ import torch.nn.functional as F
 
 import aim_ds
 from aim_ds.config import ConfigError
-from aim_ds.frozen import build_frozen_trunk
-from aim_ds.interop import to_ml_aim
-from aim_ds.model import RELEASED_NORM_EPS, AIMConfig, normalize_patches, patchify
+from aim_ds.model.aim import RELEASED_NORM_EPS, AIMConfig, normalize_patches, patchify
 from aim_ds.probe import HeadBank, TrainConfig, build_head, load_probe_config
+from aim_ds.weights.frozen import build_frozen_trunk
+from aim_ds.weights.interop import to_ml_aim
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -125,8 +125,8 @@ def test_probe_configs_state_the_grid_and_reject_the_old_key(tmp_path: Path) -> 
 
 def test_aim_600m_saw_2b_images_and_warms_up_over_2_5_percent() -> None:
     """AIM-0.6B: 2,000,000,000 images / 4096 = 488,281 steps (not Table 10's 1.25M), warmup 2.5% of them."""
+    from aim_ds.model.registry import AIM_600M_IMAGES, get_model_spec
     from aim_ds.optim import steps_from_images
-    from aim_ds.registry import AIM_600M_IMAGES, get_model_spec
 
     assert steps_from_images(AIM_600M_IMAGES, 4096) == 488_281
     recipe = get_model_spec("aim-0.6B").recipe
@@ -150,8 +150,8 @@ def test_warmup_is_a_fraction_of_any_run_length() -> None:
     steps, a run shorter than 31,250 steps works; a fixed count overrides and is checked."""
     import dataclasses
 
+    from aim_ds.model.registry import get_model_spec, table1_models
     from aim_ds.optim import resolve_warmup_steps
-    from aim_ds.registry import get_model_spec, table1_models
 
     for name in table1_models():
         recipe = get_model_spec(name).recipe
@@ -173,7 +173,7 @@ def test_warmup_is_a_fraction_of_any_run_length() -> None:
 def test_qkv_thirds_have_the_authors_xavier_std_at_d1536() -> None:
     """The authors' q_proj, k_proj, v_proj are separate D x D xavier-uniform matrices: std sqrt(2 / 2D) =
     0.02552 at D = 1536, not the fused [3D, D] draw's sqrt(2 / 4D) = 0.01804."""
-    from aim_ds.attention import Attention
+    from aim_ds.model.attention import Attention
 
     torch.manual_seed(0)
     width = 1536
@@ -191,7 +191,7 @@ def test_qkv_thirds_have_the_authors_xavier_std_at_d1536() -> None:
 def test_position_table_is_float64_exact_whatever_the_default_dtype() -> None:
     """The table comes from NumPy float64, rounded once to fp32, even where torch's constructors are
     set to build bf16 tensors (what zero.Init does to them; the DeepSpeed run is in test_recipe_deepspeed)."""
-    from aim_ds.model import sincos_pos_embed_2d, sincos_pos_embed_2d_float64
+    from aim_ds.model.aim import sincos_pos_embed_2d, sincos_pos_embed_2d_float64
 
     exact = torch.from_numpy(sincos_pos_embed_2d_float64(1536, 16))  # [256, 1536]
     previous = torch.get_default_dtype()
@@ -213,7 +213,7 @@ def test_position_table_is_float64_exact_whatever_the_default_dtype() -> None:
 
 def test_position_add_rounds_once() -> None:
     """Under bf16 the sum is computed in fp32 and rounded once: never a bf16-rounded table added in bf16."""
-    from aim_ds.model import add_position
+    from aim_ds.model.aim import add_position
 
     x = torch.randn(2, 4, 8).to(torch.bfloat16)
     table = torch.randn(4, 8) * 1e-2 + 1.0
@@ -245,9 +245,9 @@ def test_color_jitter_off_in_paper_yamls_and_checked_when_on() -> None:
 def test_probe_feature_precision() -> None:
     """features.dtype: float32 extracts exactly the fp32 model's features; bfloat16 computes under bf16
     autocast (on the CPU too, when asked); the paper's probe configs extract in fp32, as the authors score."""
-    from aim_ds.frozen import FrozenTrunk
     from aim_ds.probe.config import feature_compute_dtype
     from aim_ds.probe.context import trunk_matrix_dtype
+    from aim_ds.weights.frozen import FrozenTrunk
 
     for size in ("0.6B", "1B", "3B", "7B"):
         assert load_probe_config(REPO / "run" / "configs" / f"probe_aim-{size}.yaml").features.dtype == "float32"

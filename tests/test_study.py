@@ -18,13 +18,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from aim_ds import checkpoint as ckpt
 from aim_ds.datasets import write_digits_imagefolder
 from aim_ds.distributed import free_port
 from aim_ds.metrics import read_metrics
-from aim_ds.model import trunk_parameter_count
-from aim_ds.registry import create_model
+from aim_ds.model.aim import trunk_parameter_count
+from aim_ds.model.registry import create_model
 from aim_ds.study import ProbeSettings, spearman, study_checkpoints, study_sizes
+from aim_ds.weights import checkpoint as ckpt
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent

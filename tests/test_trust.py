@@ -19,11 +19,11 @@ import pytest
 import torch
 from data_fixtures import make_imagefolder
 
-from aim_ds import checkpoint as ckpt
 from aim_ds.data.writers import WriteOptions, convert_imagefolder
 from aim_ds.train.lock import LOCK_FILE, RunLock, RunLockedError
-from aim_ds.weights import WeightsError, load_trunk_weights
-from aim_ds.zero_shards import ShardError, consolidate_fp32, load_shard
+from aim_ds.weights import checkpoint as ckpt
+from aim_ds.weights.load import WeightsError, load_trunk_weights
+from aim_ds.weights.zero_shards import ShardError, consolidate_fp32, load_shard
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "run" / "configs"
@@ -271,7 +271,7 @@ def test_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path: Path, ca
 _WRITE_RUN_FILES = """
 import json, stat, sys
 from pathlib import Path
-from aim_ds import checkpoint as ckpt
+from aim_ds.weights import checkpoint as ckpt
 from aim_ds.config import save_config
 from aim_ds.train.config import PretrainConfig
 from aim_ds.train.lock import RunLock

@@ -31,11 +31,11 @@ import pytest
 import torch
 from data_fixtures import make_imagefolder
 
-from aim_ds import checkpoint as ckpt
 from aim_ds.data.writers import WriteOptions, convert_imagefolder
 from aim_ds.distributed import free_port
 from aim_ds.metrics import read_metrics
 from aim_ds.train.lock import LOCK_FILE
+from aim_ds.weights import checkpoint as ckpt
 
 pytestmark = pytest.mark.deepspeed
 
@@ -181,7 +181,7 @@ def test_every_file_follows_the_umask(orphaned: dict[str, object]) -> None:
 def test_weights_only_consolidation_matches_deepspeed(orphaned: dict[str, object]) -> None:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from aim_ds.zero_shards import consolidate_fp32
+    from aim_ds.weights.zero_shards import consolidate_fp32
 
     step, path = ckpt.list_complete(orphaned["out"] / "checkpoints")[0]
     ours = consolidate_fp32(path.parent, path.name)

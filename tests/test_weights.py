@@ -15,23 +15,23 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import aim_ds
-from aim_ds import frozen as F
-from aim_ds import weights as W
 from aim_ds.distributed import free_port
-from aim_ds.interop import to_ml_aim
-from aim_ds.model import RELEASED_NORM_EPS
+from aim_ds.model.aim import RELEASED_NORM_EPS
+from aim_ds.weights import frozen as F
+from aim_ds.weights import load as W
+from aim_ds.weights.interop import to_ml_aim
 
 REPO = Path(__file__).resolve().parents[1]
 LAYERS = [1, 2, 3]
 
-# One ZeRO-3 step of aim-test on one CPU rank, then a checkpoint through aim_ds.checkpoint (the
+# One ZeRO-3 step of aim-test on one CPU rank, then a checkpoint through aim_ds.weights.checkpoint (the
 # pretraining driver's format) and the gathered full weights as a reference to compare against.
 _DS_SCRIPT = textwrap.dedent(
     """
     import os, sys, torch, deepspeed
     from safetensors.torch import save_file
     import aim_ds
-    from aim_ds import checkpoint as ckpt
+    from aim_ds.weights import checkpoint as ckpt
 
     out, steps, init = sys.argv[1], int(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else None
     deepspeed.init_distributed(dist_backend="gloo")
@@ -114,7 +114,7 @@ def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def test_zero2_checkpoint_consolidates_exactly(tmp_path: Path) -> None:
     """ds_configs/zero2.json ships: a real ZeRO-2 save pickles DeepSpeed's ``fragment_address``
     (two ints), which the weights-only reader must accept, and merges to the trained weights exactly."""
-    from aim_ds.zero_shards import consolidate_fp32
+    from aim_ds.weights.zero_shards import consolidate_fp32
 
     run = make_deepspeed_run(tmp_path / "run", steps=2, stage=2)
     merged = consolidate_fp32(run / "checkpoints", "step_0000002")
@@ -185,8 +185,8 @@ def test_streamed_backbone_equals_full_consolidation(sources: dict[str, Path], t
     """A probe of blocks [0, 1] merges only the preprocessor, blocks 0-1 and the final norm out of
     the ZeRO shards, each tensor equal to the full fp32 consolidation's; the pixel head is never
     merged; blocks 2-3 are shape-only placeholders; the features equal the full trunk's."""
-    from aim_ds.backbone import read_handover, write_handover
-    from aim_ds.zero_shards import consolidate_fp32
+    from aim_ds.weights.backbone import read_handover, write_handover
+    from aim_ds.weights.zero_shards import consolidate_fp32
 
     run = sources["run"]
     full = consolidate_fp32(run / "checkpoints", "step_0000002")

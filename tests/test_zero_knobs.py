@@ -11,7 +11,7 @@ import torch
 
 import aim_ds
 from aim_ds.config import load_config
-from aim_ds.model import AIM
+from aim_ds.model.aim import AIM
 from aim_ds.train.config import PretrainConfig, resolve_plan
 from aim_ds.train.engine import AUTO_BUCKET_FLOOR, build_ds_config, load_ds_config, model_config
 

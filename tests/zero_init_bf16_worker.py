@@ -19,11 +19,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from aim_ds.distributed import barrier, init_distributed  # noqa: E402
-from aim_ds.export import export_checkpoint, load_exported  # noqa: E402
 from aim_ds.io import atomic_write_json  # noqa: E402
-from aim_ds.model import sincos_pos_embed_2d_float64  # noqa: E402
+from aim_ds.model.aim import sincos_pos_embed_2d_float64  # noqa: E402
 from aim_ds.train.config import ModelSection, PretrainConfig, TrainSection, resolve_plan  # noqa: E402
 from aim_ds.train.engine import build_ds_config, build_engine, build_model, load_ds_config, model_config  # noqa: E402
+from aim_ds.weights.export import export_checkpoint, load_exported  # noqa: E402
 
 # Wide enough that the q/k/v standard deviations are estimated to ~0.3% (256 x 256 draws each).
 OVERRIDES = {"width": 256, "num_heads": 2}

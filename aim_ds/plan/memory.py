@@ -33,7 +33,7 @@ On a GPU the peak must stay under the card's memory less a headroom for the cach
 fragmentation (:data:`HEADROOM_FRACTION`, 8%); the card's memory, peak FLOP/s and bandwidths come
 from :mod:`aim_ds.devices`.
 
-Step time (a prediction): compute is ``train_flops_per_image`` (:mod:`aim_ds.flops`, forward +
+Step time (a prediction): compute is ``train_flops_per_image`` (:mod:`aim_ds.model.flops`, forward +
 backward) times the batch, plus a trunk forward per image when blocks are recomputed, over
 ``world x peak x MFU``; the ZeRO-3 collectives (:func:`traffic`: bytes over NVLink and each node's
 network per micro-step) overlap it, so the step takes the longer of the two; offload transfers over
@@ -55,8 +55,8 @@ from torch import Tensor
 
 from ..config import ConfigError
 from ..devices import DEFAULT_GPU, GPUS, GPUSpec
-from ..flops import matmul_params, train_flops_per_image
-from ..model import AIM, AIMConfig, Block
+from ..model.aim import AIM, AIMConfig, Block
+from ..model.flops import matmul_params, train_flops_per_image
 
 GIB = 1024**3
 
@@ -244,7 +244,7 @@ def measure_activations(model_cfg: AIMConfig, dtype: torch.dtype, batch: int = 2
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from ..attention import build_mask
+    from ..model.attention import build_mask
 
     cfg = model_cfg.replace(depth=1, attn_impl="sdpa")
     default_dtype = torch.get_default_dtype()

@@ -13,8 +13,8 @@ import torch
 from ..config import ConfigError
 from ..devices import detect_gpu
 from ..distributed import min_across_ranks
-from ..flops import H100_BF16_DENSE_FLOPS
-from ..model import AIMConfig
+from ..model.aim import AIMConfig
+from ..model.flops import H100_BF16_DENSE_FLOPS
 from .memory import (
     GIB,
     Activations,

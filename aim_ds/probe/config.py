@@ -15,7 +15,7 @@ import torch
 
 from ..config import ConfigError, load_config, parse_yaml, read_text, short
 from ..distributed import DistSection
-from ..registry import get_model_spec
+from ..model.registry import get_model_spec
 
 HEAD_TYPES = ("attentive", "linear")
 CACHE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -12,12 +12,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..backbone import read_handover
 from ..distributed import barrier, check_torch_build, init_distributed, is_main, rank0_phase
-from ..frozen import FrozenTrunk, frozen_trunk
 from ..io import remove_if_exists
-from ..registry import get_model_spec
-from ..weights import (
+from ..model.registry import get_model_spec
+from ..weights.backbone import read_handover
+from ..weights.frozen import FrozenTrunk, frozen_trunk
+from ..weights.load import (
     TrunkWeights,
     WeightsError,
     detect_source,

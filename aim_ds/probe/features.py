@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ..config import ConfigError
 from ..io import atomic_path, atomic_write_json
-from ..registry import get_model_spec
+from ..model.registry import get_model_spec
 from .config import CACHE_DTYPES
 from .context import ProbeContext, build_eval_images, eval_batches, log, max_images_of
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..io import atomic_path
-from ..weights import read_errors, read_state_dict_file
+from ..weights.load import read_errors, read_state_dict_file
 from .config import HEAD_TYPES
 
 _BACKBONE_PREFIXES = ("preprocessor.", "trunk.")

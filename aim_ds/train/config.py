@@ -1,7 +1,7 @@
 """The pretraining run config (YAML + dotted overrides, see :func:`aim_ds.config.load_config`) and the
 numbers derived from it. No process group and no DeepSpeed are needed here.
 
-Optimiser and batch defaults come from :data:`aim_ds.registry.PAPER_RECIPE` (docs/recipe.md, Table 1
+Optimiser and batch defaults come from :data:`aim_ds.model.registry.PAPER_RECIPE` (docs/recipe.md, Table 1
 and Table 10), so the paper's numbers live in one place.
 """
 
@@ -14,8 +14,8 @@ from typing import Any
 
 from ..config import ConfigError
 from ..distributed import DistSection
+from ..model.registry import PAPER_RECIPE
 from ..optim import resolve_warmup_steps, steps_from_patches
-from ..registry import PAPER_RECIPE
 
 
 @dataclass

@@ -18,9 +18,9 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, load_json, short
-from ..model import AIM, AIMConfig
+from ..model.aim import AIM, AIMConfig
+from ..model.registry import get_model_spec
 from ..optim import build_optimizer, lr_at_step, param_groups
-from ..registry import get_model_spec
 from .config import _BATCH_KEYS, BatchConfigError, PretrainConfig, RunPlan
 
 

@@ -9,8 +9,8 @@ import torch
 from torch import Tensor
 
 from ..distributed import rank0_phase
-from ..export import export_latest
 from ..metrics import plot_loss, save_patch_grid
+from ..weights.export import export_latest
 from .data import draw_prefix_len
 from .evaluate import validate
 from .job import Job

@@ -8,10 +8,10 @@ from typing import Any
 
 import torch
 
-from .. import checkpoint as ckpt
 from ..config import to_dict
 from ..metrics import MetricsLogger
-from ..model import AIMConfig
+from ..model.aim import AIMConfig
+from ..weights import checkpoint as ckpt
 from .config import PretrainConfig, RunPlan
 
 

@@ -21,12 +21,12 @@ from typing import Any
 
 from torch import Tensor
 
-from ..checkpoint import tag_for_step
 from ..config import ConfigError
 from ..distributed import rank0_phase
-from ..export import save_export
 from ..metrics import plot_loss
 from ..study import ProbeSettings, best_top1, probe_in_subprocess
+from ..weights.checkpoint import tag_for_step
+from ..weights.export import save_export
 from .config import PretrainConfig
 from .job import Job
 

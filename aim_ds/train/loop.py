@@ -19,14 +19,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .. import checkpoint as ckpt
 from ..config import ConfigError, save_config, short, to_dict
 from ..distributed import all_reduce_, init_distributed, is_main, world_size
-from ..flops import train_flops_per_image
 from ..io import atomic_write_json
 from ..metrics import MetricsLogger, device_peak_flops, flops_per_second_per_device, model_flops_utilisation
-from ..model import AIMConfig
+from ..model.aim import AIMConfig
+from ..model.flops import train_flops_per_image
 from ..optim import lr_at_step, set_lr
+from ..weights import checkpoint as ckpt
 from .config import NonFiniteLossError, PretrainConfig, RunPlan, resolve_plan, resolved_config
 from .data import _batches_per_epoch, build_loaders, draw_prefix_len, iterate_batches
 from .engine import (

@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .. import checkpoint as ckpt
+from ..weights import checkpoint as ckpt
 from .job import Job
 from .lock import LauncherWatch
 

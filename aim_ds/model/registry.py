@@ -1,6 +1,6 @@
 """The model registry, keyed by the paper's Table 1 sizes plus small sizes for CPU work.
 
-Each entry holds the architecture (:class:`~aim_ds.model.AIMConfig`), its pretraining recipe and
+Each entry holds the architecture (:class:`~aim_ds.model.aim.AIMConfig`), its pretraining recipe and
 the probe's "best" block range. :data:`PAPER_RECIPE` is the one home of the paper's numbers
 (docs/recipe.md, Table 1 and Table 10): the run config's defaults (``aim_ds.train.config``) are
 taken from it, and a test checks every ``run/configs/aim-<size>.yaml`` against its size's recipe.
@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .model import AIM, AIMConfig
-from .optim import lr_at_step, resolve_warmup_steps, steps_from_images, steps_from_patches
+from ..optim import lr_at_step, resolve_warmup_steps, steps_from_images, steps_from_patches
+from .aim import AIM, AIMConfig
 
 
 @dataclass(frozen=True)

@@ -1,12 +1,12 @@
 """Export a training checkpoint as consolidated fp32 safetensors, and load it back without DeepSpeed.
 
 The weights come from the fp32 master copy in the optimizer shards of a complete checkpoint
-(:mod:`aim_ds.zero_shards` merges the ZeRO-1/2/3 partitions without unpickling code), not from the
+(:mod:`aim_ds.weights.zero_shards` merges the ZeRO-1/2/3 partitions without unpickling code), not from the
 bf16 module weights, so nothing is lost to rounding. Files written to ``<run>/export/``:
 
 - ``model.safetensors``: our full state dict (``preprocessor.*``, ``trunk.*``, ``head.*``);
 - ``model.json``: ``{"model", "overrides", "architecture", "step", "aim_ds_version", "checkpoint"}``;
-  ``architecture`` is the full resolved :class:`~aim_ds.model.AIMConfig` (every field that changes the
+  ``architecture`` is the full resolved :class:`~aim_ds.model.aim.AIMConfig` (every field that changes the
   function), which loading uses, so that an export keeps its meaning when a default changes;
 - ``trunk_ml_aim.safetensors`` (optional): the backbone in the released ml-aim key layout;
 - ``reference_forward.safetensors`` (end of a training run): the trained engine's outputs on fixed
@@ -29,11 +29,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..io import atomic_path, atomic_write_json, remove_if_exists
+from ..model.aim import AIM, AIMConfig
+from ..model.registry import create_model, get_model_spec
 from . import checkpoint as ckpt
 from .interop import to_ml_aim
-from .io import atomic_path, atomic_write_json, remove_if_exists
-from .model import AIM, AIMConfig
-from .registry import create_model, get_model_spec
 
 logger = logging.getLogger(__name__)
 
@@ -97,10 +97,10 @@ def export_architecture(meta: dict[str, Any], where: str | os.PathLike = "model.
 def consolidate_fp32(ckpt_dir: str | os.PathLike, tag: str) -> dict[str, Tensor]:
     """The full fp32 state dict of checkpoint ``ckpt_dir/tag``, merged from every rank's shards.
 
-    Read by :mod:`aim_ds.zero_shards` with ``torch.load(weights_only=True)``: a crafted shard cannot
+    Read by :mod:`aim_ds.weights.zero_shards` with ``torch.load(weights_only=True)``: a crafted shard cannot
     run code (DeepSpeed's ``zero_to_fp32`` unpickles anything). Runs in one process without a
     process group; needs host memory for the whole model (4 bytes per parameter, about 27 GB for
-    AIM-7B with its head). Raises :class:`aim_ds.zero_shards.ShardError` naming a refused file.
+    AIM-7B with its head). Raises :class:`aim_ds.weights.zero_shards.ShardError` naming a refused file.
     """
     from .zero_shards import consolidate_fp32 as merge_shards
 
@@ -147,7 +147,7 @@ def save_export(
     A failure part-way leaves no ``model.json`` (the folder is then no export), never one that
     describes weights it was not written with.
     """
-    from . import __version__
+    from .. import __version__
 
     with torch.device("meta"):
         reference = create_model(model_name, **overrides)

@@ -1,7 +1,7 @@
 """The AIM pretraining model: preprocessor, prefix-causal trunk, pixel-prediction head, loss.
 
 Module and parameter names follow the authors' inference code (apple/ml-aim, ``aim-v1``) for the
-preprocessor and the trunk, so released backbones load through :mod:`aim_ds.interop` with a thin
+preprocessor and the trunk, so released backbones load through :mod:`aim_ds.weights.interop` with a thin
 mapping. Shapes: ``B`` batch, ``N`` patches (raster order), ``D`` trunk width, ``P = p*p*3``.
 """
 
@@ -42,7 +42,7 @@ class AIMConfig:
     head_depth: int = 12
     head_mlp_ratio: float = 4.0
     # The authors' training config (docs/recipe.md, "Trunk"); released weights load with
-    # RELEASED_NORM_EPS (aim_ds.weights sets it for ml-aim files).
+    # RELEASED_NORM_EPS (aim_ds.weights.load sets it for ml-aim files).
     norm_eps: float = 1e-5
     target_eps: float = 1e-6  # per-patch target normalisation
     target_unbiased: bool = True  # the authors' training code normalises targets by the unbiased variance
@@ -215,7 +215,7 @@ class Trunk(nn.Module):
         self.grad_checkpointing = False
 
     def forward(self, x: Tensor, mask=None) -> Tensor:
-        """``[B, N, D]`` -> the normed output ``[B, N, D]`` (``mask``: see :mod:`aim_ds.attention`)."""
+        """``[B, N, D]`` -> the normed output ``[B, N, D]`` (``mask``: see :mod:`aim_ds.model.attention`)."""
         for block in self.blocks:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, mask, use_reentrant=False)

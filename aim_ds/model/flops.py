@@ -10,7 +10,7 @@ norms, biases and position embeddings are left out as negligible.
 
 from __future__ import annotations
 
-from .model import AIMConfig
+from .aim import AIMConfig
 
 
 def matmul_params(cfg: AIMConfig) -> tuple[int, int]:

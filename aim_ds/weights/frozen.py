@@ -1,4 +1,4 @@
-"""The frozen AIM trunk a probe runs, built from loaded weights (:mod:`aim_ds.weights`).
+"""The frozen AIM trunk a probe runs, built from loaded weights (:mod:`aim_ds.weights.load`).
 
 :func:`build_trunk` checks a backbone state dict against the model's shapes once (naming the Table 1
 size the weights match when the name is wrong) and builds the trunk with only the blocks it holds;
@@ -16,11 +16,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..model.aim import AIM, RELEASED_NORM_EPS, AIMConfig
+from ..model.registry import create_model, get_model_spec, list_models
 from .backbone import BACKBONE_PREFIXES, infer_architecture, loaded_blocks
 from .export import export_architecture
-from .model import AIM, RELEASED_NORM_EPS, AIMConfig
-from .registry import create_model, get_model_spec, list_models
-from .weights import TrunkWeights, WeightsError, WeightsMismatchError, load_trunk_weights
+from .load import TrunkWeights, WeightsError, WeightsMismatchError, load_trunk_weights
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Load AIM trunk weights from any of the three places they live (the frozen trunk: :mod:`aim_ds.frozen`).
+"""Load AIM trunk weights from any of the three places they live (the frozen trunk: :mod:`aim_ds.weights.frozen`).
 
 Sources, told apart by what is on disk (:func:`detect_source`):
 
@@ -8,14 +8,14 @@ Sources, told apart by what is on disk (:func:`detect_source`):
   ``checkpoints/`` folder or one tag folder (``checkpoints/step_0000100``); consolidated to fp32 on
   the fly from the optimizer shards (no process group needed);
 - ``ml_aim``: a released apple/ml-aim backbone (``.safetensors``, ``.pth``/``.pt``/``.bin``),
-  possibly carrying a probe head (``head.cls_token``...), mapped by :mod:`aim_ds.interop` (pure key
+  possibly carrying a probe head (``head.cls_token``...), mapped by :mod:`aim_ds.weights.interop` (pure key
   mapping; this module reads the files and calls it, never the other way).
 
 All of them end as *our* backbone state dict: ``preprocessor.*`` and ``trunk.*`` keys in fp32 (for a
-probe: only the blocks it runs, matrices in its dtype, the rest shape-only; :mod:`aim_ds.backbone`). Each
+probe: only the blocks it runs, matrices in its dtype, the rest shape-only; :mod:`aim_ds.weights.backbone`). Each
 file is read once: the source is told from folder names (or a safetensors header), the wrapper
 prefixes are stripped once at reading, the keys mapped once, the shapes checked once
-(:func:`aim_ds.frozen.build_trunk`, which also builds the frozen trunk a probe runs).
+(:func:`aim_ds.weights.frozen.build_trunk`, which also builds the frozen trunk a probe runs).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from ..io import check_regular_file
 from . import checkpoint as ckpt
 from .backbone import (
     dtype_rule,
@@ -46,7 +47,6 @@ from .backbone import (
 )
 from .export import EXPORT_DIR, META_FILE, WEIGHTS_FILE
 from .interop import map_ml_aim_keys, strip_wrappers
-from .io import check_regular_file
 from .zero_shards import (
     ShardError,
     ZeroCheckpoint,
@@ -175,7 +175,7 @@ def resolve_deepspeed_checkpoint(path: str | os.PathLike) -> tuple[Path, str]:
     """``(checkpoints_dir, tag)`` for a run folder, a checkpoints folder or a tag folder.
 
     In a checkpoints folder the newest *complete* checkpoint (``COMPLETE`` marker, written by
-    :mod:`aim_ds.checkpoint`) wins; failing that DeepSpeed's own ``latest`` file; failing that the
+    :mod:`aim_ds.weights.checkpoint`) wins; failing that DeepSpeed's own ``latest`` file; failing that the
     highest ``step_*`` tag, with a warning, as a checkpoint of another tool may carry no marker.
     """
     path = Path(path)
@@ -241,7 +241,7 @@ def detect_source(path: str | os.PathLike) -> Source:
 
 
 def _backbone(state_dict: dict[str, Tensor], keep_blocks: int | None, matrix_dtype: torch.dtype) -> dict[str, Tensor]:
-    """Our layout (unwrapped): the backbone as the probe keeps it (:func:`aim_ds.backbone.select_backbone`);
+    """Our layout (unwrapped): the backbone as the probe keeps it (:func:`aim_ds.weights.backbone.select_backbone`);
     the pixel head dropped."""
     out = select_backbone(state_dict, keep_blocks, matrix_dtype)
     if not out:
@@ -308,8 +308,8 @@ def write_deepspeed_handover(
     """Rank 0's part of a probe on several ranks: the backbone ``load_trunk_weights(path,
     keep_blocks=..., matrix_dtype=...)`` loads from a DeepSpeed checkpoint (the same tensors, dtypes
     and placeholders), merged from the shards one rank's file at a time straight into the hand-over
-    file ``handover`` (:func:`aim_ds.backbone.handover_writer`, read back by
-    :func:`aim_ds.backbone.read_handover`). No private copy of the backbone is held: the host memory
+    file ``handover`` (:func:`aim_ds.weights.backbone.handover_writer`, read back by
+    :func:`aim_ds.weights.backbone.read_handover`). No private copy of the backbone is held: the host memory
     is one rank's fp32 shard pages at a time. Returns the :class:`TrunkWeights` meta."""
     path = Path(path)
     zero, ours, meta = _read_deepspeed(path)
@@ -370,7 +370,7 @@ def load_trunk_weights(
     For a probe: ``keep_blocks`` loads only the trunk blocks before it (the later ones become
     shape-only placeholders on the meta device: a DeepSpeed checkpoint never merges them, a
     memory-mapped file never reads them), and ``matrix_dtype`` is the dtype of the weight matrices
-    (bf16 for a CUDA probe; vectors stay fp32; see :mod:`aim_ds.backbone`). The defaults load
+    (bf16 for a CUDA probe; vectors stay fp32; see :mod:`aim_ds.weights.backbone`). The defaults load
     everything in fp32.
     """
     path = Path(path)

@@ -1,7 +1,7 @@
 """The backbone tensors a probe loads: which ones, in which dtype, and how ranks share them.
 
 A probe needs the preprocessor and the trunk blocks up to the last probed one, never the pixel head
-(:mod:`aim_ds.weights` builds the trunk without it). Here:
+(:mod:`aim_ds.weights.load` builds the trunk without it). Here:
 
 - :func:`probe_dtype`: each tensor's dtype for the probe: fp32 everywhere on the CPU (the probe runs
   fp32 there); on CUDA, matrices (linear and patch-embedding weights, ``ndim >= 2``) in bf16, which
@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .io import atomic_path
+from ..io import atomic_path
 
 BACKBONE_PREFIXES = ("preprocessor.", "trunk.")
 BLOCK = re.compile(r"^trunk\.blocks\.(\d+)\.")

@@ -25,7 +25,7 @@ concatenation of a group's parameters: the full flat group is the ranks' partiti
 
 Merging goes one rank's shard file at a time (:func:`stream_shards`): the output tensors are laid out
 first (allocated in their final dtype by :func:`consolidate`, or as a file by
-:func:`aim_ds.backbone.handover_writer`), each rank's file is opened, its slices are copied into
+:func:`aim_ds.weights.backbone.handover_writer`), each rank's file is opened, its slices are copied into
 place and the file is dropped before the next one is opened, so that the shard pages resident at
 once are one rank's, not every rank's.
 """
@@ -47,7 +47,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .io import check_regular_file
+from ..io import check_regular_file
 
 _MODEL_STATES = "*model_states.pt"
 _OPTIM_STATES = "*optim_states.pt"
@@ -93,7 +93,7 @@ def weights_only_loads() -> Iterator[None]:
     """Within the block, every ``torch.load`` in this process (DeepSpeed's included, which ask for
     ``weights_only=False``) reads with ``weights_only=True`` and the :func:`allowed_globals` only:
     a pickle that names anything else raises ``UnpicklingError`` before it is called. Used around
-    DeepSpeed's checkpoint loading and by the universal converter (:mod:`aim_ds.safe_universal`);
+    DeepSpeed's checkpoint loading and by the universal converter (:mod:`aim_ds.weights.safe_universal`);
     not thread-safe (it swaps ``torch.load``), like the loads it guards."""
     original = torch.load
 

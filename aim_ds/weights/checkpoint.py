@@ -12,7 +12,7 @@ the new one is complete.
 Resume goes through DeepSpeed's own loader, which unpickles the shards with
 ``torch.load(weights_only=False)``: it trusts every ``*.pt`` file in the tag folder. Before handing
 a folder to it, :func:`load_latest` reads every ``*.pt`` file with the weights-only reader of
-:mod:`aim_ds.zero_shards` (tensors, plain data and two DeepSpeed types only), so a file that asks
+:mod:`aim_ds.weights.zero_shards` (tensors, plain data and two DeepSpeed types only), so a file that asks
 for anything else, or a damaged one, is skipped with its name, and the next older complete
 checkpoint is tried; once one loads, the skipped ones are renamed ``<tag>.damaged`` (kept, no longer
 counted by ``keep_last``). The run folder itself must carry the manifest the project writes
@@ -40,8 +40,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .distributed import Rank0PhaseError, barrier, min_across_ranks, rank, rank0_phase, world_size
-from .io import PARTIAL_SUFFIX, atomic_dir, atomic_write_json, partial_path, remove_if_exists, replace_dir
+from ..distributed import Rank0PhaseError, barrier, min_across_ranks, rank, rank0_phase, world_size
+from ..io import PARTIAL_SUFFIX, atomic_dir, atomic_write_json, partial_path, remove_if_exists, replace_dir
 from .zero_shards import ShardError, read_weights_only, weights_only_loads
 
 COMPLETE_MARKER = "COMPLETE"
@@ -202,7 +202,7 @@ def save(engine: Any, ckpt_dir: str | os.PathLike, step: int, client_state: dict
 
 def write_manifest(run_dir: str | os.PathLike) -> None:
     """Mark ``run_dir`` as a run folder of this project (kept when present)."""
-    from . import __version__
+    from .. import __version__
 
     path = Path(run_dir) / MANIFEST
     if not path.is_file():
@@ -235,7 +235,7 @@ def verify_tag(path: str | os.PathLike, root: str | os.PathLike | None = None) -
     otherwise the first problem, naming the file. Walked recursively (``universal/**`` included),
     symlinks resolved: every entry must stay inside ``root`` (default: the run folder, two levels
     up), be a folder or a regular file (a FIFO would block the open), and every ``*.pt`` file must
-    read with the weights-only reader (:func:`aim_ds.zero_shards.read_weights_only`, memory-mapped:
+    read with the weights-only reader (:func:`aim_ds.weights.zero_shards.read_weights_only`, memory-mapped:
     the tensor bytes are not read)."""
     path = Path(path)
     top = path.resolve()
@@ -411,10 +411,10 @@ def saved_world_size(path: str | os.PathLike) -> int | None:
 
 def universal_command(path: str | os.PathLike) -> list[str]:
     """DeepSpeed's converter of the ZeRO checkpoint ``path`` into ``path/universal``, run through
-    :mod:`aim_ds.safe_universal` (every ``torch.load`` weights-only, so it cannot run code)."""
+    :mod:`aim_ds.weights.safe_universal` (every ``torch.load`` weights-only, so it cannot run code)."""
     path = Path(path)
     return [
-        sys.executable, "-m", "aim_ds.safe_universal",
+        sys.executable, "-m", "aim_ds.weights.safe_universal",
         "--input_folder", str(path), "--output_folder", str(path / UNIVERSAL),
         "--num_extract_workers", "1", "--num_merge_workers", "1",
     ]  # fmt: skip
@@ -424,7 +424,7 @@ def convert_to_universal(path: str | os.PathLike) -> Path:
     """Convert the ZeRO checkpoint ``path`` into ``path/universal`` (once; published whole through
     :func:`aim_ds.io.atomic_dir`). Every file is checked first (:func:`verify_tag`, an existing
     ``universal/`` included), and DeepSpeed's converter runs in a child process through
-    :mod:`aim_ds.safe_universal`, so neither the check nor the conversion runs code from the files;
+    :mod:`aim_ds.weights.safe_universal`, so neither the check nor the conversion runs code from the files;
     the child process also keeps the converter's worker pool from forking a rank that holds a
     process group. Returns the universal folder; :class:`CheckpointError` naming the file or the
     converter's last words when it cannot."""
@@ -439,7 +439,7 @@ def convert_to_universal(path: str | os.PathLike) -> Path:
         command = universal_command(path)
         command[command.index("--output_folder") + 1] = str(tmp)
         # The child imports aim_ds from wherever this process did (a checkout run without installing).
-        root = str(Path(__file__).resolve().parents[1])
+        root = str(Path(__file__).resolve().parents[2])
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
         done = subprocess.run(command, capture_output=True, text=True, env=env)
         if done.returncode != 0:

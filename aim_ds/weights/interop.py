@@ -1,6 +1,6 @@
 """Map state dicts between the released apple/ml-aim (``aim-v1``) layout and ours.
 
-Pure key mapping, no file access: :mod:`aim_ds.weights` reads files and calls this module (never
+Pure key mapping, no file access: :mod:`aim_ds.weights.load` reads files and calls this module (never
 the other way). Our preprocessor and trunk use the ml-aim module names, so the mapping is mostly a
 filter; it checks key sets, strips wrappers (``module.``, ``_orig_mod.``), and splits off what is
 not a backbone (our pixel head, a released probe head). Our pixel head has no ml-aim
