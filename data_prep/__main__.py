@@ -59,7 +59,8 @@ def _write_defaults() -> dict[str, Any]:
     return {f.name: f.default for f in dataclasses.fields(WriteOptions)}
 
 
-def _add_write_options(parser: argparse.ArgumentParser) -> None:
+def _add_write_options(parser: argparse.ArgumentParser, *, ray: bool = False) -> None:
+    """The storage options both converters share; ``ray``: the subcommand has ``--ray`` (webdataset only)."""
     from aim_ds.data.writers import WRITE_MODES
 
     default = _write_defaults()
@@ -102,7 +103,7 @@ def _add_write_options(parser: argparse.ArgumentParser) -> None:
         "--workers",
         type=_positive_int,
         default=None,
-        help="processes (default: all cores; with --ray: 1 per task, Ray runs one task per free core)",
+        help="processes (default: all cores" + ("; with --ray: 1 per task, Ray runs one task per free core)" if ray else ")"),
     )
     group.add_argument(
         "--chunk-size",
@@ -164,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     shards.add_argument(
         "--overwrite", action="store_true", help="rewrite complete outputs too (default: only missing/incomplete)"
     )
-    _add_write_options(shards)
+    _add_write_options(shards, ray=True)
 
     inspect = commands.add_parser("inspect", help="counts, fields, stored resolutions and sidecar of betons")
     inspect.add_argument("path", help="a .beton, a folder of betons, or a glob")

@@ -2,8 +2,8 @@
 
     deepspeed run/pretrain.py --deepspeed ds_configs/zero3.json --config run/configs/aim-0.6B.yaml \
         [key=value ...]                       # e.g. train.steps=1000 out_dir=runs/aim-0.6B
-    DS_ACCELERATOR=cpu deepspeed --num_gpus 2 run/pretrain.py --deepspeed ds_configs/zero3.json \
-        --config run/configs/aim-tiny.yaml    # CPU, two ranks, fp32, gloo
+    DS_ACCELERATOR=cpu deepspeed --num_gpus 2 run/pretrain.py --deepspeed ds_configs/zero3_fp32.json \
+        --config run/configs/aim-tiny.yaml    # CPU, two ranks, fp32, gloo (zero3.json: bf16, on CPU too)
     python run/pretrain.py --export-only runs/aim-tiny   # safetensors from the newest checkpoint
 
     sbatch [--nodes N] scripts/slurm/pretrain.sbatch --config C --deepspeed D [key=value ...]

@@ -255,6 +255,21 @@ def test_agrees_rounds_to_the_quote() -> None:
 
 
 # Texts that said something false before and are cheap to keep honest.
+def logical_lines(path: Path) -> list[tuple[int, str]]:
+    """(first line number, text) with backslash continuations joined: a command's comment may sit on its
+    next line."""
+    joined: list[tuple[int, str]] = []
+    pending: tuple[int, str] | None = None
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        start, text = pending if pending else (number, "")
+        text += line
+        pending = (start, text[:-1] + " ") if line.endswith("\\") else None
+        if pending is None:
+            joined.append((start, text))
+    return joined
+
+
+
 def test_help_texts_do_not_call_bf16_configs_fp32() -> None:
     """``zero3.json`` trains in bf16 (``"bf16": {"enabled": true}``); a text that names it for an fp32 run
     misleads (``zero3_fp32.json`` is the fp32 one)."""
@@ -263,7 +278,7 @@ def test_help_texts_do_not_call_bf16_configs_fp32() -> None:
     assert json.loads((ROOT / "ds_configs" / "zero3.json").read_text())["bf16"]["enabled"] is True
     wrong = []
     for path in [*sorted((ROOT / "run").glob("*.py")), *sorted((ROOT / "run" / "configs").glob("*.yaml"))]:
-        for number, line in enumerate(path.read_text().splitlines(), 1):
+        for number, line in logical_lines(path):
             if re.search(r"ds_configs/zero3\.json", line) and re.search(r"\bfp32\b(?! (?:gradient|sums?\b))", line):
                 wrong.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
     assert not wrong, "zero3.json described as fp32:\n" + "\n".join(wrong)

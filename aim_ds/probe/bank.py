@@ -1,5 +1,5 @@
-"""The bank of probe heads: one per (head type, peak LR), each with its own AdamW, all trained on the
-same trunk features; plus the results table and the heads' files.
+"""The bank of probe heads: one per (head type, peak LR, weight decay), each with its own AdamW, all
+trained on the same trunk features; plus the results table and the heads' files.
 
 Since the paper sweeps the probe's learning rate (docs/recipe.md, "Attentive probe"), one run trains
 every LR at once: the trunk's output for a batch is computed once and fed to every head.

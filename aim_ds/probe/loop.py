@@ -1,4 +1,4 @@
-"""A probe run: train heads of every (type, LR) on the frozen trunk's features, evaluate, report.
+"""A probe run: train heads of every (type, LR, decay) on the frozen trunk's features, evaluate, report.
 
 With ``train.augment=false`` the trunk sees every image once (features cached on disk, see
 :mod:`aim_ds.probe.features`); with augmentation it runs once per training batch, whatever the
