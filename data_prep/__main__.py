@@ -103,7 +103,8 @@ def _add_write_options(parser: argparse.ArgumentParser, *, ray: bool = False) ->
         "--workers",
         type=_positive_int,
         default=None,
-        help="processes (default: all cores" + ("; with --ray: 1 per task, Ray runs one task per free core)" if ray else ")"),
+        help="processes (default: all cores"
+        + ("; with --ray: 1 per task, Ray runs one task per free core)" if ray else ")"),
     )
     group.add_argument(
         "--chunk-size",
