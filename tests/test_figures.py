@@ -248,7 +248,7 @@ def test_run_config_comments_cite_the_planner() -> None:
     for path in sorted((ROOT / "run" / "configs").glob("*.yaml")):
         for number, line in enumerate(path.read_text().splitlines(), 1):
             comment = line.split("#", 1)[1] if "#" in line else ""
-            for match in re.finditer(r"\d(?:\.\d+)?\s?GiB", comment):
+            for match in re.finditer(r"(?<![\d.,])\d[\d,]*(?:\.\d+)?\s?GiB", comment):
                 if not re.match(r"[^\[]{0,12}\[plan:", comment[match.end() :]):
                     unmarked.append(f"{path.relative_to(ROOT)}:{number}: {match.group()} without [plan:...]")
     assert not unmarked, "\n".join(unmarked)

@@ -122,7 +122,7 @@ def iterate_store(
 
 
 def _gib(n: float) -> str:
-    """``n`` bytes in the largest binary unit that keeps it >= 1 (``0.94 TiB``, ``786.4 KiB``)."""
+    """``n`` bytes in the largest binary unit that keeps it >= 1 (``0.92 TiB``, ``786.4 KiB``)."""
     for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if n >= size:
             return f"{n / size:.{2 if unit == 'TiB' else 1}f} {unit}"
