@@ -40,7 +40,8 @@ THIS = Path(__file__).resolve()
 
 MARKER = re.compile(r"(?:<!--\s*|\[)(?P<kind>def|fig|plan|make):(?P<body>[^\]]*?)(?:\s*-->|\])")
 # The figure a marker vouches for: the last number before it on its line, with an optional unit.
-VALUE = re.compile(r"(?P<num>[-+]?\d[\d,]*(?:\.\d+)?)\s?(?P<unit>%|[A-Za-z][A-Za-z/]{0,7})?[*~)]*\s*$")
+# A sign counts only after a space or bracket: "0.07-0.16" quotes 0.16, "(-0.89" quotes -0.89.
+VALUE = re.compile(r"(?P<num>(?:(?<![\w.])[-+])?\d[\d,]*(?:\.\d+)?)\s?(?P<unit>%|[A-Za-z][A-Za-z/]{0,7})?[*~)]*\s*$")
 
 # What `python -m aim_ds.plan` prints, field by field (aim_ds/plan/report.py, format_plan).
 PLAN_FIELDS = {
@@ -254,11 +255,14 @@ def test_run_config_comments_cite_the_planner() -> None:
     assert not unmarked, "\n".join(unmarked)
 
 
-def test_agrees_rounds_to_the_quote() -> None:
+def test_agrees_rounds_to_the_quote_and_reads_the_figure() -> None:
     assert agrees("10.4", 10.43) and agrees("172", 172.44) and agrees("69.7", 69.69) and agrees("+7.8", 7.8)
     assert not agrees("10.5", 10.43) and not agrees("185", 172.44) and not agrees("65.7", 69.69)
     assert not agrees("93.60", 93.6, source_decimals=1)  # more precise than the source
     assert agrees("-0.89", -0.886) and not agrees("0.89", -0.886)
+    for text, number in (("0.07-0.16", "0.16"), ("is -0.89", "-0.89"), ("(+16.2", "+16.2"), ("**2.92**", "2.92"),
+                         ("1,438 GiB/GPU", "1438"), ("93.6%", "93.6")):  # fmt: skip
+        assert Marker(THIS, 1, "fig", "k", text).number() == number, text
 
 
 # Texts that said something false before and are cheap to keep honest.
