@@ -16,8 +16,8 @@ demo: setup
 
 # The paper's two findings at small scale (run/study.py, aim_ds/study.py): digits betons, aim-test /
 # aim-tiny / aim-mini pretrained for the same 120 steps on 2 CPU ranks (a checkpoint and val loss every
-# 20 steps, all kept), every aim-tiny checkpoint probed (5-epoch probes), then the sizes: 29 minutes
-# here (BENCHMARKS.md, "The study"). Figures in study_out/study/.
+# 20 steps, all kept), every aim-tiny checkpoint probed (5-epoch probes), then the sizes (how long it takes:
+# BENCHMARKS.md, "The study"). Figures in study_out/study/.
 # Longer: make study STUDY_ARGS="--steps 600 --every 100 train.epochs=20"
 STUDY_ARGS ?= --steps 120 --every 20 train.epochs=5
 study: setup

@@ -115,8 +115,9 @@ def build_optimizer(
     """AdamW over ``groups``. With the optimizer offloaded to the CPU by ZeRO, DeepSpeed needs its
     own ``DeepSpeedCPUAdam`` (AdamW mode); otherwise ``torch.optim.AdamW`` with its fused kernel, on
     the CPU as on CUDA: the unfused CPU path makes two temporaries the size of the parameters it steps
-    (8 bytes per parameter: 2.9 GiB per rank on an aim-0.6B step, as much as its Adam moments) and is
-    8x slower (measured in BENCHMARKS.md, "Memory planner").
+    (8 bytes per parameter, as much as its Adam moments: a step peaked
+    2.9 GiB [fig:planner.unfused_adamw_excess] above its resident memory at aim-0.6B's widths, depth 4,
+    260M parameters a rank) and is 8x slower (measured in BENCHMARKS.md, "Memory planner").
     The learning rate is overwritten every step by :func:`set_lr`."""
     groups = [{k: v for k, v in g.items() if k != "names"} for g in groups]
     if offload:
