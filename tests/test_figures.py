@@ -35,7 +35,9 @@ SOURCE = ROOT / "BENCHMARKS.md"
 
 # Where quotes may live: the documents, the run configs, and every comment or help text in code.
 SCANNED = ("*.md", "docs/**/*.md", "run/**/*.yaml", "run/**/*.py", "Makefile", "scripts/**/*.sh",
-           "scripts/**/*.sbatch", "aim_ds/**/*.py", "data_prep/**/*.py", "bench/**/*.py")  # fmt: skip
+           "scripts/**/*.sbatch", "aim_ds/**/*.py", "aim_ds/**/*.yaml", "data_prep/**/*.py", "bench/**/*.py")  # fmt: skip
+# The shipped run configs, wherever they live (a checkout's run/configs, or package data under aim_ds/).
+RUN_CONFIGS = ("run/configs/*.yaml", "aim_ds/**/configs/*.yaml")
 THIS = Path(__file__).resolve()
 
 MARKER = re.compile(r"(?:<!--\s*|\[)(?P<kind>def|fig|plan|make):(?P<body>[^\]]*?)(?:\s*-->|\])")
@@ -87,6 +89,10 @@ def scanned_files() -> list[Path]:
         files.update(p for p in ROOT.glob(pattern) if p.is_file() and ".venv" not in p.parts)
     files.discard(THIS)
     return sorted(files)
+
+
+def run_configs() -> list[Path]:
+    return sorted({p for pattern in RUN_CONFIGS for p in ROOT.glob(pattern)})
 
 
 def markers(path: Path) -> list[Marker]:
@@ -154,7 +160,7 @@ def fig_errors() -> list[str]:
 @functools.cache
 def plan_output(argv: tuple[str, ...]) -> str:
     """What ``python -m aim_ds.plan ARGV`` prints, run in this process (no DeepSpeed launch)."""
-    from aim_ds.plan.__main__ import main
+    from aim_ds.plan import main
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
@@ -246,7 +252,8 @@ def test_planner_quotes_match_the_planner() -> None:
 def test_run_config_comments_cite_the_planner() -> None:
     """A GiB figure in a run config's comments is a planner figure: it must carry a plan: marker."""
     unmarked = []
-    for path in sorted((ROOT / "run" / "configs").glob("*.yaml")):
+    assert any(p.name == "aim-0.6B.yaml" for p in run_configs()), "the shipped run configs moved: update RUN_CONFIGS"
+    for path in run_configs():
         for number, line in enumerate(path.read_text().splitlines(), 1):
             comment = line.split("#", 1)[1] if "#" in line else ""
             for match in re.finditer(r"(?<![\d.,])\d[\d,]*(?:\.\d+)?\s?GiB", comment):
@@ -287,7 +294,7 @@ def test_help_texts_do_not_call_bf16_configs_fp32() -> None:
 
     assert json.loads((ROOT / "ds_configs" / "zero3.json").read_text())["bf16"]["enabled"] is True
     wrong = []
-    for path in [*sorted((ROOT / "run").glob("*.py")), *sorted((ROOT / "run" / "configs").glob("*.yaml"))]:
+    for path in [*sorted((ROOT / "run").glob("*.py")), *run_configs()]:
         for number, line in logical_lines(path):
             if re.search(r"ds_configs/zero3\.json", line) and re.search(r"\bfp32\b(?! (?:gradient|sums?\b))", line):
                 wrong.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
