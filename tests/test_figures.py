@@ -26,6 +26,7 @@ import re
 import shlex
 import sys
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -47,6 +48,8 @@ VALUE = re.compile(r"(?P<num>(?:(?<![\w.])[-+])?\d[\d,]*(?:\.\d+)?)\s?(?P<unit>%
 
 # What `python -m aim_ds.plan` prints, field by field (aim_ds/plan/report.py, format_plan).
 PLAN_FIELDS = {
+    "act_per_token": r"activations per token: ([\d.]+) KiB without",
+    "act_per_token_ckpt": r"activations per token: .*?, ([\d.]+) KiB with",
     "peak": r"^\s+peak\s+([\d.]+) GiB",
     "states": r"^\s+model states ([\d.]+) GiB",
     "activations": r"^\s+activations\s+([\d.]+) GiB",
@@ -131,12 +134,15 @@ def decimals(number: str) -> int:
     return len(number.split(".", 1)[1]) if "." in number else 0
 
 
-def agrees(quoted: str, source: float, source_decimals: int | None = None) -> bool:
-    """The quote equals the source rounded to the quote's decimals, and is not more precise than it."""
-    places = decimals(quoted)
-    if source_decimals is not None and places > source_decimals:
+def agrees(quoted: str, source: str) -> bool:
+    """The quote is the source rounded to the quote's decimals, and not more precise than it. The source is
+    itself a printed, rounded figure (2476.5 may stand for 2476.46), so a quote within half a unit of its own
+    last digit plus half a unit of the source's agrees: 2,477 quotes 2476.5, 10.4 quotes 10.43, 10.5 does not."""
+    places, source_places = decimals(quoted), decimals(source)
+    if places > source_places:
         return False
-    return abs(float(quoted) - round(source, places)) < 0.5 * 10.0**-places * 1e-6 + 1e-12
+    slack = Decimal("0.5").scaleb(-places) + (Decimal("0.5").scaleb(-source_places) if places < source_places else 0)
+    return abs(Decimal(quoted) - Decimal(source)) < slack
 
 
 def fig_errors() -> list[str]:
@@ -150,7 +156,7 @@ def fig_errors() -> list[str]:
             errors.append(f"{marker.where}: fig:{marker.body} is not defined in BENCHMARKS.md (def:{marker.body})")
             continue
         quoted, value = marker.number(), source.number()
-        if not agrees(quoted, float(value), decimals(value)):
+        if not agrees(quoted, value):
             errors.append(
                 f"{marker.where}: quotes {quoted} for {marker.body}; BENCHMARKS.md ({source.where}) says {value}"
             )
@@ -192,7 +198,7 @@ def plan_errors() -> list[str]:
         match = re.search(PLAN_FIELDS[field], printed, flags=re.M)
         if match is None:
             errors.append(f"{marker.where}: the planner printed no {field} for {' '.join(argv)}:\n{printed}")
-        elif not agrees(marker.number(), float(match[1])):
+        elif not agrees(marker.number(), match[1]):
             errors.append(
                 f"{marker.where}: quotes {marker.number()} for the planner's {field}; "
                 f"python -m aim_ds.plan {' '.join(argv)} prints {match[1]}"
@@ -263,10 +269,12 @@ def test_run_config_comments_cite_the_planner() -> None:
 
 
 def test_agrees_rounds_to_the_quote_and_reads_the_figure() -> None:
-    assert agrees("10.4", 10.43) and agrees("172", 172.44) and agrees("69.7", 69.69) and agrees("+7.8", 7.8)
-    assert not agrees("10.5", 10.43) and not agrees("185", 172.44) and not agrees("65.7", 69.69)
-    assert not agrees("93.60", 93.6, source_decimals=1)  # more precise than the source
-    assert agrees("-0.89", -0.886) and not agrees("0.89", -0.886)
+    assert agrees("10.4", "10.43") and agrees("172", "172.44") and agrees("69.7", "69.69") and agrees("+7.8", "7.8")
+    assert agrees("2477", "2476.5") and agrees("80.2", "80.2") and agrees("0.9", "0.90")
+    assert not agrees("10.5", "10.43") and not agrees("185", "172.44") and not agrees("65.7", "69.69")
+    assert not agrees("80.3", "80.2") and not agrees("2478", "2476.5")
+    assert not agrees("93.60", "93.6")  # more precise than the source
+    assert agrees("-0.89", "-0.886") and not agrees("0.89", "-0.886")
     for text, number in (("0.07-0.16", "0.16"), ("is -0.89", "-0.89"), ("(+16.2", "+16.2"), ("**2.92**", "2.92"),
                          ("1,438 GiB/GPU", "1438"), ("93.6%", "93.6")):  # fmt: skip
         assert Marker(THIS, 1, "fig", "k", text).number() == number, text
