@@ -255,6 +255,29 @@ def test_planner_quotes_match_the_planner() -> None:
     assert not errors, "planner figures that drifted:\n" + "\n".join(errors)
 
 
+def test_generated_planner_tables_are_current() -> None:
+    """BENCHMARKS.md's planner tables are generated (`bench/bench_plan.py --table --update BENCHMARKS.md`); a
+    planner or config change that moves a figure must regenerate them."""
+    pytest.importorskip("deepspeed")
+    import argparse
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_plan", ROOT / "bench" / "bench_plan.py")
+    assert spec is not None and spec.loader is not None
+    bench_plan = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_plan)
+    doc = SOURCE.read_text()
+    block = doc.split(bench_plan.TABLE_BEGIN, 1)[1].split(bench_plan.TABLE_END, 1)[0].strip()
+    with contextlib.chdir(ROOT), contextlib.redirect_stdout(io.StringIO()):
+        fresh = bench_plan.table(argparse.Namespace()).strip()
+    stale = [f"  BENCHMARKS.md: {old}\n  planner now:   {new}" for old, new in
+             zip(block.splitlines(), fresh.splitlines(), strict=False) if old != new]  # fmt: skip
+    assert block == fresh, (
+        "the planner tables in BENCHMARKS.md are stale; run python bench/bench_plan.py --table --update "
+        "BENCHMARKS.md\n" + "\n".join(stale[:10])
+    )
+
+
 def test_run_config_comments_cite_the_planner() -> None:
     """A GiB figure in a run config's comments is a planner figure: it must carry a plan: marker."""
     unmarked = []
