@@ -120,5 +120,13 @@ log "building DeepSpeed's cpu_adam op (cached in ~/.cache/torch_extensions)"
 DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}" "$VENV/bin/python" -c \
   "import torch; from deepspeed.ops.adam import DeepSpeedCPUAdam; DeepSpeedCPUAdam([torch.nn.Parameter(torch.zeros(1))])" \
   >/dev/null 2>&1 || log "warning: cpu_adam did not build; ZeRO offload will retry (and say why) at first use"
+# On the CPU accelerator every first launch also JIT-builds the shared-memory all-reduce and the CPU fused
+# Adam (a few minutes on 2 cores, inside the first test or demo run otherwise): build them here too.
+if [ "${DS_ACCELERATOR:-cpu}" = cpu ]; then
+  log "building DeepSpeed's CPU shm-comm and fused_adam ops (cached in ~/.cache/torch_extensions)"
+  DS_ACCELERATOR=cpu "$VENV/bin/python" -c "from deepspeed.accelerator import get_accelerator as a
+for name in ('ShareMemCommBuilder', 'FusedAdamBuilder'): a().create_op_builder(name).load()" \
+    >/dev/null 2>&1 || log "warning: the CPU comm/fused_adam ops did not build; DeepSpeed will retry at first launch"
+fi
 echo "$want" > "$STAMP"
 log "done"
