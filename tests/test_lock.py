@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -62,29 +63,41 @@ def test_other_host_lock_that_stops_beating_is_taken_over(tmp_path: Path, monkey
         assert lock.held
 
 
-def test_live_holder_beats_and_is_refused(tmp_path: Path) -> None:
-    """A real holder process with a heartbeat every 0.25 s, pretending to run on another host
-    (its record names other-node): refused within about one beat, naming it."""
+def _on_other_host(argv: list[str]) -> tuple[list[str], bool]:
+    """``argv`` run in a UTS namespace named other-node when this process may make one (root and
+    util-linux's unshare): a real process whose host name is another. Otherwise ``argv`` as is."""
+    if os.geteuid() == 0 and shutil.which("unshare"):
+        return ["unshare", "--uts", "--", "bash", "-c", 'hostname other-node && exec "$@"', "bash", *argv], True
+    return argv, False
+
+
+def test_live_holder_beats_and_is_refused(tmp_path: Path, monkeypatch, caplog) -> None:
+    """A real holder process with a heartbeat every 0.25 s on another host (in a UTS namespace of
+    its own when possible, else pretending through its record): refused within about one beat,
+    naming it; SIGKILLed, its lock is taken over once no beat has come for stale_after_s."""
     code = (
         "import socket, sys, time\n"
-        "socket.gethostname = lambda: 'other-node'\n"
+        "if sys.argv[2] == 'pretend': socket.gethostname = lambda: 'other-node'\n"
         "from aim_ds.train.lock import RunLock\n"
         "lock = RunLock(sys.argv[1], stale_after_s=1.0); lock.acquire(); print('held', flush=True)\n"
         "time.sleep(60)\n"
     )
-    holder = subprocess.Popen(
-        [sys.executable, "-c", code, str(tmp_path)], env=_env(), stdout=subprocess.PIPE, text=True
-    )
+    argv, real = _on_other_host([sys.executable, "-c", code, str(tmp_path)])
+    holder = subprocess.Popen([*argv, "real" if real else "pretend"], env=_env(), stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
+        assert json.loads((tmp_path / LOCK_FILE).read_text())["host"] == "other-node" != socket.gethostname()
         with pytest.raises(RunLockedError, match=f"PID {holder.pid} on host other-node.*heartbeat is beating"):
             RunLock(tmp_path, stale_after_s=1.0).acquire()
     finally:
         holder.kill()
         holder.wait()
-    # SIGKILLed: no beat any more, taken over.
-    with RunLock(tmp_path, stale_after_s=1.0) as lock:
+    # SIGKILLed: no beat any more, taken over by its heartbeat alone (no SLURM job to ask).
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    with caplog.at_level("INFO"), RunLock(tmp_path, stale_after_s=1.0) as lock:
         assert lock.held
+    assert f"stale lock {tmp_path / LOCK_FILE} of PID {holder.pid} on host other-node" in caplog.text
+    assert "(no heartbeat for" in caplog.text or "(not touched for" in caplog.text
 
 
 def test_earlier_run_of_the_same_slurm_job_is_stale_at_once(tmp_path: Path, monkeypatch, caplog) -> None:
