@@ -111,6 +111,26 @@ def test_earlier_run_of_the_same_slurm_job_is_stale_at_once(tmp_path: Path, monk
     assert "an earlier run of this SLURM job 777" in caplog.text
 
 
+@pytest.mark.parametrize(
+    ("state", "age_s", "verdict"),
+    [
+        ("CANCELLED", 0.0, "stale"),  # ended: at once, no heartbeat to wait for
+        ("GONE", 0.0, "stale"),
+        ("RUNNING", 0.0, "watch"),  # running: its heartbeat decides
+        ("RUNNING", 1e4, "stale"),
+        ("SUSPENDED", 1e4, "live"),  # stopped by SLURM, heartbeat included: it comes back
+        (None, 1e4, "stale"),  # SLURM cannot be asked: the heartbeat alone
+    ],
+)
+def test_holder_on_another_host_by_its_slurm_job_state(state: str | None, age_s: float, verdict: str) -> None:
+    holder = Holder(host="other-node", pid=4242, slurm_job="41", slurm_restart=0)
+    got, why = judge(
+        holder, age_s, host=socket.gethostname(), slurm_job="42", slurm_restart=0, stale_after_s=60,
+        job_state=lambda job: state if job == "41" else None,
+    )  # fmt: skip
+    assert got == verdict, why
+
+
 def test_non_numeric_pid_is_a_decision(tmp_path: Path, monkeypatch) -> None:
     """Valid JSON, PID "abc", this host: no PID to check, so the heartbeat decides (old: taken over)."""
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
