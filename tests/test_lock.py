@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -62,29 +63,41 @@ def test_other_host_lock_that_stops_beating_is_taken_over(tmp_path: Path, monkey
         assert lock.held
 
 
-def test_live_holder_beats_and_is_refused(tmp_path: Path) -> None:
-    """A real holder process with a heartbeat every 0.25 s, pretending to run on another host
-    (its record names other-node): refused within about one beat, naming it."""
+def _on_other_host(argv: list[str]) -> tuple[list[str], bool]:
+    """``argv`` run in a UTS namespace named other-node when this process may make one (root and
+    util-linux's unshare): a real process whose host name is another. Otherwise ``argv`` as is."""
+    if os.geteuid() == 0 and shutil.which("unshare"):
+        return ["unshare", "--uts", "--", "bash", "-c", 'hostname other-node && exec "$@"', "bash", *argv], True
+    return argv, False
+
+
+def test_live_holder_beats_and_is_refused(tmp_path: Path, monkeypatch, caplog) -> None:
+    """A real holder process with a heartbeat every 0.25 s on another host (in a UTS namespace of
+    its own when possible, else pretending through its record): refused within about one beat,
+    naming it; SIGKILLed, its lock is taken over once no beat has come for stale_after_s."""
     code = (
         "import socket, sys, time\n"
-        "socket.gethostname = lambda: 'other-node'\n"
+        "if sys.argv[2] == 'pretend': socket.gethostname = lambda: 'other-node'\n"
         "from aim_ds.train.lock import RunLock\n"
         "lock = RunLock(sys.argv[1], stale_after_s=1.0); lock.acquire(); print('held', flush=True)\n"
         "time.sleep(60)\n"
     )
-    holder = subprocess.Popen(
-        [sys.executable, "-c", code, str(tmp_path)], env=_env(), stdout=subprocess.PIPE, text=True
-    )
+    argv, real = _on_other_host([sys.executable, "-c", code, str(tmp_path)])
+    holder = subprocess.Popen([*argv, "real" if real else "pretend"], env=_env(), stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
+        assert json.loads((tmp_path / LOCK_FILE).read_text())["host"] == "other-node" != socket.gethostname()
         with pytest.raises(RunLockedError, match=f"PID {holder.pid} on host other-node.*heartbeat is beating"):
             RunLock(tmp_path, stale_after_s=1.0).acquire()
     finally:
         holder.kill()
         holder.wait()
-    # SIGKILLed: no beat any more, taken over.
-    with RunLock(tmp_path, stale_after_s=1.0) as lock:
+    # SIGKILLed: no beat any more, taken over by its heartbeat alone (no SLURM job to ask).
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    with caplog.at_level("INFO"), RunLock(tmp_path, stale_after_s=1.0) as lock:
         assert lock.held
+    assert f"stale lock {tmp_path / LOCK_FILE} of PID {holder.pid} on host other-node" in caplog.text
+    assert "(no heartbeat for" in caplog.text or "(not touched for" in caplog.text
 
 
 def test_earlier_run_of_the_same_slurm_job_is_stale_at_once(tmp_path: Path, monkeypatch, caplog) -> None:
@@ -96,6 +109,26 @@ def test_earlier_run_of_the_same_slurm_job_is_stale_at_once(tmp_path: Path, monk
         record = json.loads((tmp_path / LOCK_FILE).read_text())
         assert (record["slurm_job"], record["slurm_restart"]) == ("777", 1)
     assert "an earlier run of this SLURM job 777" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("state", "age_s", "verdict"),
+    [
+        ("CANCELLED", 0.0, "stale"),  # ended: at once, no heartbeat to wait for
+        ("GONE", 0.0, "stale"),
+        ("RUNNING", 0.0, "watch"),  # running: its heartbeat decides
+        ("RUNNING", 1e4, "stale"),
+        ("SUSPENDED", 1e4, "live"),  # stopped by SLURM, heartbeat included: it comes back
+        (None, 1e4, "stale"),  # SLURM cannot be asked: the heartbeat alone
+    ],
+)
+def test_holder_on_another_host_by_its_slurm_job_state(state: str | None, age_s: float, verdict: str) -> None:
+    holder = Holder(host="other-node", pid=4242, slurm_job="41", slurm_restart=0)
+    got, why = judge(
+        holder, age_s, host=socket.gethostname(), slurm_job="42", slurm_restart=0, stale_after_s=60,
+        job_state=lambda job: state if job == "41" else None,
+    )  # fmt: skip
+    assert got == verdict, why
 
 
 def test_non_numeric_pid_is_a_decision(tmp_path: Path, monkeypatch) -> None:

@@ -8,7 +8,8 @@ name exists, on local disks and NFS alike), so of two jobs started at once exact
 The holder *beats*: a thread touches the file every ``stale_after_s / 4`` seconds. Another job
 decides at once when it can (:func:`judge`): a live process on this host holds it (refused), the
 process on this host is gone, or the record is an earlier run of this same SLURM job (a requeue)
-or of a SLURM job that no longer runs (taken over). Otherwise (another host) it watches the
+or of a SLURM job that no longer runs (taken over); a suspended SLURM job (stopped, its heartbeat
+too, until SLURM resumes it) is live. Otherwise (another host) it watches the
 heartbeat: a beat means a live holder (refused, within one beat), no beat for ``stale_after_s``
 seconds means the holder is gone wherever it ran (taken over). The mtime is compared with itself,
 not with this host's clock, so clocks that disagree across nodes do not matter.
@@ -219,6 +220,9 @@ def judge(
         state = job_state(holder.slurm_job)
         if state is not None and (state == "GONE" or state.split()[0] in _SLURM_ENDED):
             return "stale", f"its SLURM job {holder.slurm_job} is {state.lower()}"
+        if state is not None and state.split()[0] == "SUSPENDED":
+            # Its processes are stopped (SIGSTOP), heartbeat included, and go on when SLURM resumes it.
+            return "live", f"its SLURM job {holder.slurm_job} is suspended"
     if age_s > stale_after_s:
         return "stale", f"not touched for {age_s:.0f} s > lock.stale_after_s"
     return "watch", "its holder runs elsewhere; deciding by its heartbeat"

@@ -8,7 +8,8 @@
 # Everything (key, socket, state, spool, logs, PID files) lives under DIR, and the ports are free
 # ones, so the cluster leaves the host's own /etc/slurm and /etc/munge alone. KillWait is 10 s (the
 # grace between SIGTERM and SIGKILL), so a requeue test waits 10 s, not 30; cred_expire=10 lets a
-# requeued job start again after 10 s instead of 120.
+# requeued job start again after 10 s instead of 120, and the scheduling loops every 1-2 s (not 30
+# and 60) start it as soon as that hold ends.
 set -euo pipefail
 
 cmd=${1:?usage: testcluster.sh up|down DIR}
@@ -68,6 +69,7 @@ JobAcctGatherType=jobacct_gather/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SchedulerType=sched/backfill
+SchedulerParameters=bf_interval=1,sched_interval=2
 MpiDefault=none
 ReturnToService=2
 KillWait=10
