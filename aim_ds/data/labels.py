@@ -89,6 +89,14 @@ def read_labels_file(path: str | os.PathLike[str]) -> dict[str, tuple[str, int]]
     is two columns, ``filename class``, split on a comma when the line has one, else on whitespace.
     Raises :class:`ConversionError` listing every malformed or duplicate row as ``FILE:LINE: ...``.
     """
+    labels, problems = parse_labels_file(path)
+    _raise_all(problems, f"labels file '{path}' has bad rows")
+    return labels
+
+
+def parse_labels_file(path: str | os.PathLike[str]) -> tuple[dict[str, tuple[str, int]], list[str]]:
+    """:func:`read_labels_file`'s rows and its problems (malformed or duplicate rows), without raising for
+    them, so that a caller can list them with its own. An empty file still raises."""
     lines = _text(path, "labels file").splitlines()
     header = [cell.strip().lower() for cell in lines[0].split(",")] if lines else []
     kaggle = tuple(header[:2]) == KAGGLE_HEADER
@@ -116,10 +124,9 @@ def read_labels_file(path: str | os.PathLike[str]) -> dict[str, tuple[str, int]]
             problems.append(f"{path}:{number}: duplicate row for '{name}' (first at line {labels[name][1]})")
             continue
         labels[name] = (label, number)
-    _raise_all(problems, f"labels file '{path}' has bad rows")
-    if not labels:
+    if not labels and not problems:
         raise ConversionError(f"labels file '{path}' has no rows")
-    return labels
+    return labels, problems
 
 
 def scan_flat_folder(
@@ -135,7 +142,7 @@ def scan_flat_folder(
     root = Path(source)
     if not root.is_dir():
         raise ConversionError(f"source folder {'is not a folder' if root.exists() else 'does not exist'}: {root}")
-    labels = read_labels_file(labels_file)
+    labels, problems = parse_labels_file(labels_file)
     index = {name: k for k, name in enumerate(classes)}
     images = sorted(
         entry.name
@@ -148,7 +155,6 @@ def scan_flat_folder(
         subfolders = any(entry.is_dir() for entry in os.scandir(root))
         hint = " (it has sub-folders: without --labels it is read as SRC/<class>/<image>)" if subfolders else ""
         raise ConversionError(f"source folder has no image files at its top level: {root}{hint}")
-    problems: list[str] = []
     unknown: dict[str, int] = {}
     used: set[str] = set()
     refs: list[ImageRef] = []
