@@ -246,3 +246,13 @@ def test_hf_errors_and_options(hf_dataset, train: Path, tmp_path: Path, capsys: 
     two.write_text(json.dumps(CLASSES[:2]))
     assert cli(["hf", str(root / "disk"), str(tmp_path / "y.beton"), "--classes", str(two)]) == 2
     assert "label 2 in column 'label' is not a class (classes: 2)" in capsys.readouterr().err
+
+
+def test_help_offers_only_what_applies(capsys: pytest.CaptureFixture[str]) -> None:
+    """--ray and --max-retries belong to webdataset; imagefolder and hf do not offer them."""
+    for command in ("imagefolder", "hf", "webdataset"):
+        with pytest.raises(SystemExit):
+            cli([command, "--help"])
+        text = capsys.readouterr().out
+        assert ("--ray" in text) == (command == "webdataset"), command
+        assert ("--classes" in text) and (("--labels" in text) == (command == "imagefolder"))

@@ -183,7 +183,8 @@ def scan_flat_folder(
         for name, (_, number) in labels.items()
         if name not in used
     ]
+    summary = f"{root} and {labels_file} disagree"
     if unknown:
-        problems.insert(0, f"classes not in the class index: {', '.join(sorted(unknown)[:MAX_LISTED])}")
-    _raise_all(problems, f"{root} and {labels_file} disagree")
+        summary += f"; classes not in the class index: {', '.join(sorted(unknown)[:MAX_LISTED])}"
+    _raise_all(problems, summary)
     return refs, targets
