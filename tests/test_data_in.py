@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -145,8 +146,6 @@ def test_labelled_webdataset_shards_make_probe_betons(train: Path, tmp_path: Pat
         make_labelled_tar(shards / f"in1k-{i}.tar", labels, CLASSES, start=10 * i)
     # The .cls of sample 4 of shard 0 goes missing: it is skipped and listed, the others convert.
     broken = shards / "in1k-0.tar"
-    import tarfile
-
     with tarfile.open(broken) as archive:
         members = [(m, archive.extractfile(m).read()) for m in archive.getmembers()]
     with tarfile.open(broken, "w") as archive:
