@@ -467,7 +467,8 @@ def read_class_names(beton_path: str | os.PathLike[str]) -> list[str]:
     in its folder's ``classes.json`` (labelled WebDataset shards); a folder's in its ``classes.json``.
     """
     given = Path(beton_path)
-    candidates = [folder_classes_path(given)] if given.is_dir() else [classes_path(given)]
+    # A folder's own classes.json first, then FOLDER.classes.json beside it (what older code looked for).
+    candidates = [folder_classes_path(given), classes_path(given)] if given.is_dir() else [classes_path(given)]
     if not given.is_dir():
         candidates.append(folder_classes_path(given.parent))
     path = next((p for p in candidates if p.exists()), None)
