@@ -1,8 +1,11 @@
 """Command line for the aim_ds.data writers.
 
     python -m data_prep imagefolder SRC OUT.beton [options]
+    python -m data_prep imagefolder VAL_DIR val.beton --labels LOC_val_solution.csv --classes train.classes.json
+    python -m data_prep hf DATASET_DIR_OR_PARQUET OUT.beton [--image-column image --label-column label]
     python -m data_prep webdataset 'dfn-{00000..00099}.tar' OUT_DIR [--shard-index i --num-shards n] [options]
     python -m data_prep webdataset 'dfn-{00000..00099}.tar' OUT_DIR --ray [ADDRESS] [options]
+    python -m data_prep webdataset 'in1k-{0000..1023}.tar' OUT_DIR --label-key cls --classes train.classes.json
     python -m data_prep inspect PATH [--json]
 
 Errors the user can fix (missing or empty source, existing output, read-only or full output folder, bad
@@ -60,7 +63,7 @@ def _write_defaults() -> dict[str, Any]:
 
 
 def _add_write_options(parser: argparse.ArgumentParser, *, ray: bool = False) -> None:
-    """The storage options both converters share; ``ray``: the subcommand has ``--ray`` (webdataset only)."""
+    """The storage options the converters share; ``ray``: the subcommand has ``--ray`` (webdataset only)."""
     from aim_ds.data.writers import WRITE_MODES
 
     default = _write_defaults()
@@ -103,8 +106,9 @@ def _add_write_options(parser: argparse.ArgumentParser, *, ray: bool = False) ->
         "--workers",
         type=_positive_int,
         default=None,
-        help="processes (default: all cores"
-        + ("; with --ray: 1 per task, Ray runs one task per free core)" if ray else ")"),
+        help="processes (default: all cores; with --ray: 1 per task, Ray runs one task per free core)"
+        if ray
+        else "processes (default: all cores)",
     )
     group.add_argument(
         "--chunk-size",
@@ -123,18 +127,71 @@ def build_parser() -> argparse.ArgumentParser:
 
     folder = commands.add_parser(
         "imagefolder",
-        help="SRC/<class>/<image> (ImageNet layout) -> one beton, labels from sorted class folder names",
+        help="SRC/<class>/<image> (ImageNet train layout), or a flat folder with --labels (ImageNet val) -> one beton",
+        description="SRC/<class>/<image> -> one beton, labels from the sorted class folder names (or their index "
+        "in --classes); or a flat folder of images labelled by --labels, against the class index --classes (the "
+        "train beton's OUT.classes.json), as ImageNet's val set ships.",
     )
-    folder.add_argument("source", help="folder with one sub-folder per class, e.g. ILSVRC/train")
+    folder.add_argument("source", help="class-folder tree (e.g. ILSVRC/train), or a flat folder with --labels")
     folder.add_argument("output", help="output .beton; OUT.beton.json (sidecar) and OUT.classes.json go beside it")
+    folder.add_argument(
+        "--labels",
+        metavar="FILE",
+        help="SOURCE is flat; FILE gives each image's class: Kaggle's LOC_val_solution.csv (ImageId,"
+        "PredictionString; the first token is the class) or two columns 'filename class' (whitespace or comma)",
+    )
+    folder.add_argument(
+        "--classes",
+        metavar="FILE",
+        help="class index, index = label: a JSON list (the train beton's train.classes.json) or one class per "
+        "line, first token (LOC_synset_mapping.txt). Required with --labels; without, the class folders must be in it",
+    )
     folder.add_argument("--overwrite", action="store_true", help="replace an existing output (default: refuse)")
     _add_write_options(folder)
 
+    hf = commands.add_parser(
+        "hf",
+        help="a Hugging Face dataset (save_to_disk folder or parquet files) with image and label columns -> one beton",
+        description="A Hugging Face datasets dataset -> one beton, read with pyarrow (no datasets package needed): "
+        "a save_to_disk folder (a Dataset, or a DatasetDict with --split), a parquet file, a folder of parquet "
+        "files or a glob. A ClassLabel column's names become OUT.classes.json.",
+    )
+    hf.add_argument("source", help="save_to_disk folder, .parquet file, folder of parquet files, or a quoted glob")
+    hf.add_argument("output", help="output .beton; OUT.beton.json (sidecar) and OUT.classes.json go beside it")
+    hf.add_argument("--image-column", default="image", help="the Image (or binary) column (default image)")
+    hf.add_argument(
+        "--label-column",
+        default="label",
+        help="the ClassLabel, integer or class-name column (default label); '' for none: every label -1",
+    )
+    hf.add_argument("--split", help="the split of a DatasetDict folder, or of parquet files named SPLIT-*.parquet")
+    hf.add_argument(
+        "--classes",
+        metavar="FILE",
+        help="class index the labels must follow (e.g. the train beton's OUT.classes.json); default: the "
+        "ClassLabel's names, or the sorted class names of a string column",
+    )
+    hf.add_argument("--overwrite", action="store_true", help="replace an existing output (default: refuse)")
+    _add_write_options(hf)
+
     shards = commands.add_parser(
-        "webdataset", help="img2dataset WebDataset tars -> one beton per tar in OUT_DIR (label -1: unlabeled)"
+        "webdataset",
+        help="WebDataset tars -> one beton per tar in OUT_DIR (label -1 unless --label-key)",
     )
     shards.add_argument("shards", help="glob and/or brace pattern, e.g. 'dfn/{00000..00099}.tar' (quote it)")
     shards.add_argument("out_dir", help="output folder; tar NAME.tar becomes NAME.beton + NAME.beton.json")
+    shards.add_argument(
+        "--label-key",
+        metavar="KEY",
+        help="labelled shards: EXT (the member KEY.EXT holds the label, e.g. cls) or EXT:FIELD (a field of the "
+        "JSON member, e.g. json:label); an integer, or a class name looked up in --classes. Default: label -1",
+    )
+    shards.add_argument(
+        "--classes",
+        metavar="FILE",
+        help="with --label-key: the class index (JSON list or one class per line); labels are checked against "
+        "it and it is written to OUT_DIR/classes.json, which the probe reads",
+    )
     index, count = _slurm_array()
     shards.add_argument(
         "--shard-index",
@@ -203,11 +260,24 @@ def _print_failures(failed: Sequence[Any]) -> None:
 
 
 def _webdataset(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from aim_ds.data.webdataset import convert_webdataset
+    from aim_ds.data.labels import read_class_index
+    from aim_ds.data.webdataset import LabelSpec, convert_webdataset
 
     if not 0 <= args.shard_index < args.num_shards:
         parser.error(f"--shard-index must be in [0, {args.num_shards}), got {args.shard_index}")
-    common = {"shard_index": args.shard_index, "num_shards": args.num_shards, "overwrite": args.overwrite}
+    if args.classes and not args.label_key:
+        parser.error("--classes needs --label-key (unlabelled shards have no classes)")
+    try:
+        classes = tuple(read_class_index(args.classes)) if args.classes else None
+        labels = LabelSpec(args.label_key, classes) if args.label_key else None
+    except ValueError as error:
+        parser.error(f"--label-key: {error}")
+    common = {
+        "shard_index": args.shard_index,
+        "num_shards": args.num_shards,
+        "overwrite": args.overwrite,
+        "labels": labels,
+    }
     if args.ray:
         from aim_ds.data.ray_convert import convert_webdataset_ray
 
@@ -237,10 +307,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     from aim_ds.data.writers import convert_imagefolder
 
     try:
-        if args.command == "imagefolder":
-            result = convert_imagefolder(
-                args.source, args.output, _options(args), overwrite=args.overwrite, progress=not args.quiet
-            )
+        if args.command in ("imagefolder", "hf"):
+            if args.command == "imagefolder":
+                result = convert_imagefolder(
+                    args.source, args.output, _options(args), labels=args.labels, classes=args.classes,
+                    overwrite=args.overwrite, progress=not args.quiet,
+                )  # fmt: skip
+            else:
+                from aim_ds.data.hf import convert_hf
+
+                result = convert_hf(
+                    args.source, args.output, _options(args), image_column=args.image_column,
+                    label_column=args.label_column or None, split=args.split, classes=args.classes,
+                    overwrite=args.overwrite, progress=not args.quiet,
+                )  # fmt: skip
             print(
                 f"wrote {result.beton_path}: {result.num_images} images, {len(result.skipped)} skipped, "
                 f"{result.seconds:.1f} s"

@@ -5,6 +5,7 @@ scikit-learn (china.jpg, flower.jpg, 427x640) and matplotlib (grace_hopper.jpg),
 from __future__ import annotations
 
 import io
+import json
 import tarfile
 from functools import lru_cache
 from pathlib import Path
@@ -119,4 +120,22 @@ def make_bad_tar(path: Path, kind: str) -> Path:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             archive.addfile(info, io.BytesIO(data))
+    return path
+
+
+def make_labelled_tar(path: Path, labels: list[int], classes: list[str], start: int = 0, size=(96, 72)) -> Path:
+    """An ImageNet-WebDataset-style shard: KEY.jpg + KEY.cls (the class index as text) + KEY.json (with the
+    index under "label" and the class name under "meta.synset"), per sample."""
+    with tarfile.open(path, "w") as archive:
+        for i, label in enumerate(labels):
+            key = f"{start + i:09d}"
+            members = {
+                f"{key}.jpg": jpeg_bytes(photo_variant(start + i, size, seed=11)),
+                f"{key}.cls": f"{label}\n".encode(),
+                f"{key}.json": json.dumps({"label": label, "meta": {"synset": classes[label]}}).encode(),
+            }
+            for name, data in members.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                archive.addfile(info, io.BytesIO(data))
     return path

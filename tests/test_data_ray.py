@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from data_fixtures import make_bad_tar, make_tar, read_beton_images
+from data_fixtures import make_bad_tar, make_labelled_tar, make_tar, read_beton_images
 
-from aim_ds.data.beton import beton_num_samples, is_complete, read_sidecar
+from aim_ds.data.beton import beton_num_samples, is_complete, read_class_names, read_sidecar
 from aim_ds.data.ray_convert import KILL_ONCE_ENV, convert_webdataset_ray
 from aim_ds.data.webdataset import convert_webdataset
 from aim_ds.data.writers import WriteOptions
@@ -72,3 +72,17 @@ def test_killed_task_is_retried_and_a_bad_tar_reported(
         beton = tmp_path / "out" / f"s-{i}.beton"
         assert is_complete(beton) and read_sidecar(beton)["num_images"] == 10
     assert not list((tmp_path / "out").glob("*.partial"))
+
+
+def test_ray_reads_labelled_shards(tmp_path: Path) -> None:
+    """--label-key and --classes travel to the Ray tasks: the labels and the folder's class list as locally."""
+    classes = ["n01440764", "n01443537", "n01484850"]
+    (tmp_path / "classes.txt").write_text("\n".join(classes) + "\n")
+    for i in range(2):
+        make_labelled_tar(tmp_path / f"in-{i}.tar", [2 - i, i, 1], classes, start=3 * i)
+    status = cli(["webdataset", str(tmp_path / "in-*.tar"), str(tmp_path / "out"), "--ray", "--quiet",
+                  "--label-key", "json:meta.synset", "--classes", str(tmp_path / "classes.txt")])  # fmt: skip
+    assert status == 0
+    assert read_class_names(tmp_path / "out") == classes
+    for i in range(2):
+        assert read_beton_images(tmp_path / "out" / f"in-{i}.beton")[1].tolist() == [2 - i, i, 1]

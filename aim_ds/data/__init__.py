@@ -1,11 +1,13 @@
 """Data for AIM pretraining: beton writers (used by ``python -m data_prep``) and FFCV-backed loaders.
 
-Rooms, each above what it imports: ``writers`` (-> ``images``, ``beton``) writes betons; ``loader``
+Rooms, each above what it imports: ``writers`` (-> ``images``, ``beton``, ``labels``) writes betons, and
+``webdataset``, ``ray_convert`` and ``hf`` (-> ``writers``) feed it tars and Hugging Face datasets; ``loader``
 (-> ``sources``, ``sampling``, ``kernels``, ``bicubic``) reads them; ``beton`` is the read side of a beton
 and its sidecar that both share; ``ffcv_ops`` offers the same decoders inside ``ffcv.loader.Loader``.
 """
 
 from .beton import ConversionError, inspect_betons, is_complete, read_class_names, read_sidecar
+from .hf import convert_hf
 from .images import decode_image
 from .loader import EvalLoader, TrainLoader, build_eval_loader, build_train_loader
 from .sampling import center_crop_boxes, sample_crop_boxes
@@ -22,6 +24,7 @@ __all__ = [
     "build_eval_loader",
     "build_train_loader",
     "center_crop_boxes",
+    "convert_hf",
     "convert_imagefolder",
     "convert_webdataset",
     "decode_image",

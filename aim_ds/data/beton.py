@@ -3,7 +3,8 @@
 ``OUT.beton`` is written by :mod:`aim_ds.data.writers` with two companions beside it:
 
 * ``OUT.beton.json``, the sidecar: how the beton was written (source, counts, options, skipped files);
-* ``OUT.classes.json``: the class names, index = label (image folders only).
+* ``OUT.classes.json``: the class names, index = label (image folders and Hugging Face datasets); a folder of
+  labelled shards has one ``classes.json`` for all of them instead.
 
 Every file is published through :mod:`aim_ds.io` (written as ``NAME.partial``, then renamed), and the sidecar
 goes last: a sidecar under its final name that agrees with its beton is what says "finished". A beton
@@ -34,6 +35,8 @@ from ..io import PARTIAL_SUFFIX, file_kind
 SIDECAR_SUFFIX = ".json"
 SIDECAR_FORMAT = "aim-ds-beton-sidecar/1"
 CLASSES_SUFFIX = ".classes.json"
+#: The class list of a whole folder of labelled beton shards (one per folder, not one per shard).
+FOLDER_CLASSES_NAME = "classes.json"
 #: One file per folder of shards: each beton's sample count, so that opening thousands of shards reads one
 #: file instead of every header and sidecar (:mod:`aim_ds.data.shard_index`).
 INDEX_NAME = "shards.index.json"
@@ -313,6 +316,11 @@ def classes_path(beton_path: str | os.PathLike[str]) -> Path:
     return path.with_name(stem + CLASSES_SUFFIX)
 
 
+def folder_classes_path(folder: str | os.PathLike[str]) -> Path:
+    """``FOLDER`` of shards -> ``FOLDER/classes.json`` (their shared class names, index = label)."""
+    return Path(folder) / FOLDER_CLASSES_NAME
+
+
 def read_sidecar(beton_path: str | os.PathLike[str]) -> dict[str, Any] | None:
     """The sidecar of a beton as a dict, or None when missing or unreadable. One that is not a regular file
     (a FIFO would block the read forever) raises :class:`BetonError` naming it."""
@@ -453,10 +461,22 @@ def is_complete(beton_path: str | os.PathLike[str]) -> bool:
 
 
 def read_class_names(beton_path: str | os.PathLike[str]) -> list[str]:
-    """Class names of a beton written by :func:`aim_ds.data.writers.convert_imagefolder` (index = label)."""
-    path = classes_path(beton_path)
-    if not path.exists():
-        raise FileNotFoundError(f"no class list beside {beton_path} (expected {path})")
+    """Class names (index = label) of a labelled beton, or of a folder of labelled shards.
+
+    A beton's are in ``OUT.classes.json`` beside it (image folders, Hugging Face datasets) or, for a shard,
+    in its folder's ``classes.json`` (labelled WebDataset shards); a folder's in its ``classes.json``.
+    """
+    given = Path(beton_path)
+    # A folder's own classes.json first, then FOLDER.classes.json beside it (what older code looked for).
+    candidates = [folder_classes_path(given), classes_path(given)] if given.is_dir() else [classes_path(given)]
+    if not given.is_dir():
+        candidates.append(folder_classes_path(given.parent))
+    path = next((p for p in candidates if p.exists()), None)
+    if path is None:
+        raise FileNotFoundError(
+            f"no class list for {beton_path} (expected {' or '.join(map(str, candidates))}); labelled "
+            "betons get one from data_prep (imagefolder, hf, or webdataset with --label-key and --classes)"
+        )
     try:
         names = json.loads(read_small(open_regular(path), path))
     except BetonError:
@@ -522,7 +542,9 @@ def expand_shards(pattern: str) -> list[str]:
 
 def _is_companion(name: str) -> bool:
     """Files that live beside betons but are not betons: write debris and our JSON companions."""
-    return name == INDEX_NAME or name.endswith((PARTIAL_SUFFIX, ".beton" + SIDECAR_SUFFIX, CLASSES_SUFFIX))
+    return name in (INDEX_NAME, FOLDER_CLASSES_NAME) or name.endswith(
+        (PARTIAL_SUFFIX, ".beton" + SIDECAR_SUFFIX, CLASSES_SUFFIX)
+    )
 
 
 def resolve_betons(path_or_glob: str | os.PathLike[str]) -> list[Path]:

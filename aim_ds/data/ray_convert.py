@@ -25,7 +25,7 @@ from typing import Any
 from .beton import ConversionError
 from .ffcv_write import WriterDied
 from .shard_index import refresh_shard_index
-from .webdataset import TarFailure, WebDatasetReport, convert_tar, describe_failure, plan_webdataset
+from .webdataset import LabelSpec, TarFailure, WebDatasetReport, convert_tar, describe_failure, plan_webdataset
 from .writers import WriteOptions, WriteResult
 
 #: Test hook: ``TAR_NAME:MARKER_PATH`` makes the task converting TAR_NAME SIGKILL its own worker process once
@@ -50,7 +50,9 @@ def _kill_self_mid_write(out_path: Path, marker: str) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
-def _convert_task(tar: str, out_dir: str, options: WriteOptions, kill_once: str | None) -> dict[str, Any]:
+def _convert_task(
+    tar: str, out_dir: str, options: WriteOptions, kill_once: str | None, labels: LabelSpec | None = None
+) -> dict[str, Any]:
     """One Ray task: convert one tar. Returns {"ok": True, "images": n, "skipped": k} or {"ok": False,
     "reason": ...} for a tar that can never convert; raises (so that Ray retries) on anything else."""
     from .webdataset import webdataset_output_path
@@ -60,7 +62,7 @@ def _convert_task(tar: str, out_dir: str, options: WriteOptions, kill_once: str 
         if os.path.basename(tar) == name and not os.path.exists(marker):
             _kill_self_mid_write(webdataset_output_path(tar, out_dir), marker)
     try:
-        result: WriteResult = convert_tar(tar, out_dir, options, progress=False)
+        result: WriteResult = convert_tar(tar, out_dir, options, progress=False, labels=labels)
     except WriterDied:
         raise  # a dead writer process (OOM, disk): worth another attempt
     except ConversionError as error:
@@ -99,19 +101,21 @@ def convert_webdataset_ray(
     overwrite: bool = False,
     progress: bool = True,
     max_retries: int = 2,
+    labels: LabelSpec | None = None,
 ) -> WebDatasetReport:
     """Convert this process's share of the tars as one Ray task per tar (each task asks Ray for
-    ``options.workers`` CPUs and uses that many writer processes). See the module docstring."""
+    ``options.workers`` CPUs and uses that many writer processes). See the module docstring. ``labels``:
+    as for :func:`aim_ds.data.webdataset.convert_webdataset` (each task reads its tar's labels)."""
     import ray
 
     report, todo = plan_webdataset(
-        pattern, out_dir, shard_index=shard_index, num_shards=num_shards, overwrite=overwrite
+        pattern, out_dir, shard_index=shard_index, num_shards=num_shards, overwrite=overwrite, labels=labels
     )
     if todo:
         init_ray(address)
         task = ray.remote(num_cpus=options.workers, max_retries=max_retries, retry_exceptions=True)(_convert_task)
         kill_once = os.environ.get(KILL_ONCE_ENV)
-        pending = {task.remote(tar, str(out_dir), options, kill_once): tar for tar in todo}
+        pending = {task.remote(tar, str(out_dir), options, kill_once, labels): tar for tar in todo}
         _wait_all(pending, report, out_dir, progress, attempts=max_retries + 1)
     refresh_shard_index(out_dir)
     return report

@@ -368,29 +368,62 @@ def convert_imagefolder(
     out_path: str | os.PathLike[str],
     options: WriteOptions,
     *,
+    labels: str | os.PathLike[str] | None = None,
+    classes: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> WriteResult:
-    """ImageNet-style folder -> one beton, ``OUT.classes.json`` and (last) its sidecar.
+    """An image folder -> one beton, ``OUT.classes.json`` and (last) its sidecar.
+
+    Without ``labels``, ``source`` is ``SRC/<class>/<image>`` and the labels are the sorted class folder names'
+    indices, or with ``classes`` (a class index file, :func:`aim_ds.data.labels.read_class_index`) their
+    indices in it: a folder that is not in the index is an error naming it. With ``labels``, ``source`` is flat
+    (ImageNet's val layout) and ``labels`` a labels file (:func:`aim_ds.data.labels.scan_flat_folder`);
+    ``classes`` is then required, so that the labels are the train beton's. ``OUT.classes.json`` is the index.
 
     An existing ``out_path`` (finished or not: a beton without a sidecar may come from elsewhere) is only
     replaced with ``overwrite``; ``*.partial`` debris of a killed run is not an output and is replaced.
     """
+    from .labels import read_class_index, scan_flat_folder
+
     out_path = Path(out_path)
     if out_path.exists() and not overwrite:
         state = "complete" if is_complete(out_path) else "no matching sidecar"
         raise ConversionError(f"{out_path} already exists ({state}); pass --overwrite to replace it")
-    classes, refs, labels = scan_imagefolder(source)
+    extra: dict[str, Any] = {}
+    if labels is not None:
+        if classes is None:
+            raise ConversionError(
+                f"a labels file ({labels}) needs the class index its labels refer to: pass --classes, e.g. the "
+                "train beton's train.classes.json, so that label k means the same class in both betons"
+            )
+        class_names = read_class_index(classes)
+        refs, targets = scan_flat_folder(source, labels, class_names)
+        extra = {"labels_file": str(Path(labels).resolve()), "class_index": str(Path(classes).resolve())}
+    else:
+        folder_classes, refs, targets = scan_imagefolder(source)
+        class_names = folder_classes
+        if classes is not None:
+            class_names = read_class_index(classes)
+            index = {name: k for k, name in enumerate(class_names)}
+            unknown = [name for name in folder_classes if name not in index]
+            if unknown:
+                raise ConversionError(
+                    f"{len(unknown)} class folder(s) of {source} not in the class index {classes}: "
+                    f"{', '.join(unknown[:10])}{' ...' if len(unknown) > 10 else ''}"
+                )
+            targets = [index[folder_classes[t]] for t in targets]
+            extra = {"class_index": str(Path(classes).resolve())}
     check_writable(out_path.parent)
     classes_file = classes_path(out_path)
     return write_beton(
         refs,
-        labels,
+        targets,
         out_path,
         options,
         source=str(Path(source).resolve()),
         kind="imagefolder",
-        extra_sidecar={"num_classes": len(classes), "classes_file": classes_file.name},
+        extra_sidecar={"num_classes": len(class_names), "classes_file": classes_file.name, **extra},
         progress=progress,
-        before_sidecar=lambda: atomic_write_json(classes_file, classes, indent=0),
+        before_sidecar=lambda: atomic_write_json(classes_file, class_names, indent=0),
     )
