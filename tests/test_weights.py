@@ -253,6 +253,24 @@ def test_export_name_from_model_json(sources: dict[str, Path]) -> None:
 
 
 @pytest.mark.deepspeed
+def test_zero3_export_is_a_standalone_pretrained_model(sources: dict[str, Path], tmp_path: Path) -> None:
+    """The export of a real ZeRO-3 checkpoint, moved out of its run, loads by both conventions
+    holding exactly the trained weights, pixel head included."""
+    import shutil
+
+    from aim_ds.weights.export import export_checkpoint
+
+    ckpt_dir, tag = W.resolve_deepspeed_checkpoint(sources["run"])
+    export = export_checkpoint(ckpt_dir, tag, tmp_path / "run" / "export", model_name="aim-test", overrides={}, step=2)
+    moved = Path(shutil.move(str(export), tmp_path / "shared"))
+    reference = load_file(str(sources["reference"]))
+    for model in (aim_ds.AIM.from_pretrained(moved), aim_ds.create_model("aim-test", pretrained=moved)):
+        state = model.state_dict()
+        assert set(state) == set(reference)
+        assert all(torch.equal(state[k], v.float()) for k, v in reference.items())
+
+
+@pytest.mark.deepspeed
 def test_mismatched_checkpoint_names_keys_and_shapes(sources: dict[str, Path], tmp_path: Path) -> None:
     with pytest.raises(W.WeightsMismatchError) as info:
         F.build_frozen_trunk("aim-tiny", sources["export"])
