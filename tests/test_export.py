@@ -11,6 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import aim_ds
+from aim_ds.model.pretrained import PretrainedError
 from aim_ds.weights.export import load_exported, save_export
 
 
@@ -55,7 +56,8 @@ def test_re_export_pairs_metadata_with_its_weights(tmp_path: Path) -> None:
         assert all(torch.equal(f.get_tensor(k), second[k]) for k in second)
     assert not (out / "trunk_ml_aim.safetensors").exists()
     assert torch.equal(load_file(out / "reference_forward.safetensors")["loss"], torch.ones(1))
-    assert sorted(p.name for p in out.iterdir()) == ["model.json", "model.safetensors", "reference_forward.safetensors"]
+    names = ["config.json", "model.json", "model.safetensors", "reference_forward.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == names
 
 
 def test_failed_weights_write_leaves_no_stale_metadata(tmp_path: Path) -> None:
@@ -68,9 +70,9 @@ def test_failed_weights_write_leaves_no_stale_metadata(tmp_path: Path) -> None:
     state["trunk.post_trunk_norm.bias"] = state["trunk.post_trunk_norm.weight"]  # same shape, one storage
     with pytest.raises(RuntimeError, match="share memory"):
         save_export(state, out, model_name="aim-test", overrides={}, step=20)
-    assert not (out / "model.json").exists()
+    assert not (out / "model.json").exists() and not (out / "config.json").exists()
     assert not list(out.glob("*.partial"))
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(PretrainedError, match="no config.json or model.json"):
         load_exported(out)
 
 
@@ -124,6 +126,7 @@ def test_model_json_holds_the_resolved_architecture_and_loading_uses_it(tmp_path
     changed = aim_ds.create_model("aim-test", head_depth=1, norm_eps=1e-6, head_block="mlp")
     different = {"head_depth": 1, "norm_eps": 1e-6, "head_block": "mlp"}
     save_export(changed.state_dict(), tmp_path / "f", model_name="aim-test", overrides=different, step=1)
+    (tmp_path / "f" / "config.json").unlink()  # as written before config.json existed
     meta_f = json.loads((tmp_path / "f" / "model.json").read_text())
     meta_f["overrides"] = {"head_depth": 1}  # overrides no longer say norm_eps / head_block ...
     (tmp_path / "f" / "model.json").write_text(json.dumps(meta_f))
@@ -140,10 +143,11 @@ def test_old_style_export_loads_with_its_assumed_values_named(tmp_path: Path, ca
     torch.manual_seed(0)
     model = aim_ds.create_model("aim-test").eval()
     out = save_export(model.state_dict(), tmp_path / "old", model_name="aim-test", overrides={}, step=3)
+    (out / "config.json").unlink()
     meta = json.loads((out / "model.json").read_text())
     del meta["architecture"]
     (out / "model.json").write_text(json.dumps(meta))
-    with caplog.at_level("WARNING", logger="aim_ds.weights.export"):
+    with caplog.at_level("WARNING", logger="aim_ds.model.pretrained"):
         loaded = load_exported(out).eval()
     message = " ".join(r.getMessage() for r in caplog.records)
     assert "has no 'architecture'" in message
@@ -156,6 +160,6 @@ def test_old_style_export_loads_with_its_assumed_values_named(tmp_path: Path, ca
     from aim_ds.weights.frozen import build_frozen_trunk
 
     caplog.clear()
-    with caplog.at_level("WARNING", logger="aim_ds.weights.export"):
+    with caplog.at_level("WARNING", logger="aim_ds.model.pretrained"):
         trunk, _ = build_frozen_trunk(None, out)
     assert "has no 'architecture'" in " ".join(r.getMessage() for r in caplog.records)

@@ -203,6 +203,41 @@ def test_saved_heads_reload_in_ml_aim_layout(
         assert row["top1"] == best["top1"] and row["top5"] == best["top5"]
 
 
+def test_ml_aim_export_of_a_probe_run_reproduces_its_top1(
+    cached_run: tuple[ProbeConfig, dict], digits: dict[str, Path], tmp_path: Path
+) -> None:
+    """``python -m aim_ds.weights.ml_aim`` on the run: the probe's blocks and classes in ml-aim's
+    config, the best attentive head beside the trunk; read back as trunk and head, it scores what
+    the run reported (its trained LayerNorm eps travels in the file's metadata)."""
+    from aim_ds.weights.ml_aim import main as export_main
+
+    cfg, results = cached_run
+    best = results["heads"]["attentive"]["best"]
+    exported = tmp_path / "ml_aim"
+    assert export_main(["--weights", str(digits["pretrained"]), "--head", cfg.out_dir, str(exported)]) == 0
+    config = json.loads((exported / "config.json").read_text())
+    assert config["probe_layers"] == results["layers"] and config["num_classes"] == 10
+    out = tmp_path / "eval"
+    code = _driver_main()(
+        [
+            "--config",
+            str(REPO / "run" / "configs" / "probe_aim-test.yaml"),
+            "--weights",
+            str(exported),
+            "--eval-only",
+            "--head",
+            str(exported / "model.safetensors"),
+            f"data.val_path={digits['val']}",
+            f"out_dir={out}",
+            f"features.cache_dir={tmp_path / 'cache'}",
+            "data.num_workers=1",
+        ]
+    )
+    assert code == 0
+    (row,) = json.loads((out / "results.json").read_text())["heads"]["attentive"]["per_lr"].values()
+    assert row["top1"] == best["top1"] and row["top5"] == best["top5"]
+
+
 def test_one_trunk_forward_per_batch_with_augmentation(digits: dict[str, Path], tmp_path: Path) -> None:
     """Augmented training: the trunk runs once per batch however many heads and LRs."""
     cfg = _config(

@@ -233,7 +233,7 @@ def test_frozen_trunk_is_frozen_and_bidirectional(sources: dict[str, Path]) -> N
     trunk.train()  # asking for train mode must not unfreeze it
     assert not trunk.model.training
     assert all(not p.requires_grad for p in trunk.parameters())
-    assert not hasattr(trunk.model, "head")  # pixel head dropped: not needed to probe
+    assert trunk.model.head is None  # pixel head dropped: not needed to probe
     images = _images()
     feats = trunk(images)
     assert not feats.requires_grad and not feats.is_inference()
@@ -250,6 +250,24 @@ def test_export_name_from_model_json(sources: dict[str, Path]) -> None:
     assert trunk.config.width == 64 and loaded.meta["model"] == "aim-test"
     with pytest.raises(W.WeightsError, match="no model.json"):
         F.build_frozen_trunk(None, sources["ml_aim"])
+
+
+@pytest.mark.deepspeed
+def test_zero3_export_is_a_standalone_pretrained_model(sources: dict[str, Path], tmp_path: Path) -> None:
+    """The export of a real ZeRO-3 checkpoint, moved out of its run, loads by both conventions
+    holding exactly the trained weights, pixel head included."""
+    import shutil
+
+    from aim_ds.weights.export import export_checkpoint
+
+    ckpt_dir, tag = W.resolve_deepspeed_checkpoint(sources["run"])
+    export = export_checkpoint(ckpt_dir, tag, tmp_path / "run" / "export", model_name="aim-test", overrides={}, step=2)
+    moved = Path(shutil.move(str(export), tmp_path / "shared"))
+    reference = load_file(str(sources["reference"]))
+    for model in (aim_ds.AIM.from_pretrained(moved), aim_ds.create_model("aim-test", pretrained=moved)):
+        state = model.state_dict()
+        assert set(state) == set(reference)
+        assert all(torch.equal(state[k], v.float()) for k, v in reference.items())
 
 
 @pytest.mark.deepspeed

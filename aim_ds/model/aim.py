@@ -8,9 +8,11 @@ mapping. Shapes: ``B`` batch, ``N`` patches (raster order), ``D`` trunk width, `
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -295,13 +297,46 @@ class PixelHead(nn.Module):
 class AIM(nn.Module):
     """AIM pretraining model. ``forward(images, prefix_len)`` returns ``{"loss", "pred"}``."""
 
-    def __init__(self, cfg: AIMConfig, name: str | None = None) -> None:
+    def __init__(self, cfg: AIMConfig, name: str | None = None, *, pixel_head: bool = True) -> None:
+        """``pixel_head=False``: the preprocessor and trunk only (a feature extractor; ``forward``,
+        which needs the head for its loss, then raises)."""
         super().__init__()
         self.config = cfg
         self.name = name
         self.preprocessor = Preprocessor(cfg)
         self.trunk = Trunk(cfg)
-        self.head = PixelHead(cfg)
+        self.head: PixelHead | None = PixelHead(cfg) if pixel_head else None
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        *,
+        device: str | torch.device = "cpu",
+        pixel_head: bool | None = None,
+        **overrides: Any,
+    ) -> AIM:
+        """The model saved at ``path`` (an export folder with ``config.json`` + ``model.safetensors``,
+        an older export with ``model.json``, a run folder, or an ml-aim folder/file), in eval mode.
+        Needs neither DeepSpeed nor the run folder. See :func:`aim_ds.model.pretrained.load_pretrained`."""
+        from .pretrained import load_pretrained
+
+        return load_pretrained(path, device=device, pixel_head=pixel_head, **overrides)
+
+    def save_pretrained(self, path: str | os.PathLike) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` (fp32) into the folder ``path``."""
+        from .pretrained import save_pretrained
+
+        return save_pretrained(self, path)
+
+    def rebuild_buffers(self) -> None:
+        """Recompute the position tables (non-persistent buffers, never in a state dict) on the
+        parameters' device: after a build on the meta device and a load with ``assign=True``."""
+        device = self.preprocessor.patchifier.proj.weight.device
+        cfg = self.config
+        self.preprocessor.pos_embed = sincos_pos_embed_2d(cfg.width, cfg.grid_size, device)
+        if self.head is not None:
+            self.head.pos_embed = sincos_pos_embed_2d(cfg.head_width, cfg.grid_size, device)
 
     @property
     def num_patches(self) -> int:
@@ -311,7 +346,8 @@ class AIM(nn.Module):
         """Recompute each trunk block (``enabled``) and each pixel-head block (``head``) in the
         backward pass instead of storing their activations."""
         self.trunk.grad_checkpointing = enabled
-        self.head.grad_checkpointing = head
+        if self.head is not None:
+            self.head.grad_checkpointing = head
 
     def sample_prefix_len(self, batch_size: int, generator: torch.Generator | None = None) -> Tensor:
         """Prefix lengths drawn uniformly from ``[1, N-1]``, ``[B]`` int64 on the CPU."""
@@ -356,6 +392,11 @@ class AIM(nn.Module):
             # host until the GPU catches up, every step. Device tensors are the caller's to check.
             check_prefix_len(prefix_len, self.num_patches)
         prefix_len = prefix_len.to(images.device, torch.long, non_blocking=True)
+        if self.head is None:
+            raise RuntimeError(
+                f"{self.name or 'this AIM'} was built without its pixel head (pixel_head=False): it has no loss; "
+                "use forward_features"
+            )
         features = self.forward_trunk(images, prefix_len)
         pred = self.head(features)
         return {"loss": self.forward_loss(pred, images, prefix_len), "pred": pred}
@@ -378,6 +419,26 @@ class AIM(nn.Module):
         by_index = self.trunk.block_outputs(x, layers)
         # A layer listed twice counts twice in the mean, as the caller asked.
         return torch.stack([by_index[i] for i in layers]).mean(dim=0)
+
+    def forward_features(self, images: Tensor, blocks: str | Sequence[int] | None = None) -> Tensor:
+        """The trunk as a feature extractor, under full bidirectional attention (as at evaluation).
+
+        ``images`` ``[B, 3, H, W]``, ImageNet-normalised (mean 0.485 0.456 0.406, std 0.229 0.224 0.225),
+        ``H = W = config.image_size``. Returns tokens ``[B, N, D]``:
+
+        - ``blocks=None``: the final normed output (after ``post_trunk_norm``), as timm's
+          ``forward_features``;
+        - ``"last"``, ``"best"`` or block indices: the mean of those blocks' raw outputs, the
+          features the attentive probe trains on (``"last"``: the final 6 blocks; ``"best"``: the
+          paper's best 6 for this size, see :func:`aim_ds.model.registry.probe_blocks`).
+
+        Gradients flow (fine-tuning); wrap in ``torch.inference_mode()`` to extract only.
+        """
+        if blocks is None:
+            return self.extract_features(images)
+        from .registry import probe_blocks
+
+        return self.extract_features(images, probe_blocks(blocks, self.name, self.config.depth))
 
 
 def check_prefix_len(prefix_len: Tensor, num_patches: int) -> None:

@@ -9,7 +9,11 @@ taken from it, and a test checks every ``run/configs/aim-<size>.yaml`` against i
 from __future__ import annotations
 
 import dataclasses
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -126,17 +130,77 @@ def get_model_spec(name: str) -> ModelSpec:
         raise KeyError(f"unknown model {name!r}; known models: {', '.join(list_models())}") from None
 
 
-def create_model(name: str, device: str | torch.device | None = None, **overrides) -> AIM:
-    """Build the pretraining model ``name`` with architecture ``overrides`` (AIMConfig fields).
+def create_model(
+    name_or_path: str | os.PathLike,
+    device: str | torch.device | None = None,
+    *,
+    pretrained: bool | str | os.PathLike | None = None,
+    pixel_head: bool | None = None,
+    **overrides: Any,
+) -> AIM:
+    """Build an AIM model, timm's way: a registry name, or the path of a saved model.
 
-    ``device="meta"`` builds it without allocating memory (parameter counting, sharded init).
+    - ``create_model("aim-0.6B", **overrides)``: the pretraining model with architecture ``overrides``
+      (AIMConfig fields), randomly initialised;
+    - ``create_model("aim-0.6B", pretrained=PATH)``: that model holding the weights at ``PATH`` (an
+      export folder, or a weights file such as a released ml-aim checkpoint, which fixes eps 1e-6);
+    - ``create_model(PATH)`` (a folder or file): the model saved there, its architecture from its
+      ``config.json`` (:meth:`AIM.from_pretrained`).
+
+    Pretrained models come back in eval mode. ``pretrained=True`` would mean a download: there is
+    no model hub here, so it is an error asking for a path. ``pixel_head``: see
+    :func:`aim_ds.model.pretrained.load_pretrained` (for a fresh model: None or True build it).
+    ``device="meta"`` builds a fresh model without allocating memory (parameter counting, sharded init).
     """
+    name = os.fspath(name_or_path)
+    if pretrained is True:
+        raise ValueError(
+            f"pretrained=True: aim-ds downloads nothing; pass pretrained=<export folder or file> for {name!r}"
+        )
+    if name not in _REGISTRY and (Path(name).exists() or os.sep in name):
+        if pretrained not in (None, False):
+            raise ValueError(f"create_model({name!r}, pretrained=...): give the path once, as the first argument")
+        pretrained, name = name, None
+    if pretrained not in (None, False):
+        from .pretrained import load_pretrained
+
+        if name is not None:
+            get_model_spec(name)  # an unknown name is named before any file is read
+        return load_pretrained(pretrained, name, device=device or "cpu", pixel_head=pixel_head, **overrides)
     spec = get_model_spec(name)
     cfg = spec.config.replace(**overrides) if overrides else spec.config
+    with_head = pixel_head is not False
     if device is None:
-        return AIM(cfg, name=name)
+        return AIM(cfg, name=name, pixel_head=with_head)
     with torch.device(device):
-        return AIM(cfg, name=name)
+        return AIM(cfg, name=name, pixel_head=with_head)
+
+
+def probe_blocks(blocks: str | Sequence[int], model_name: str | None, depth: int) -> list[int]:
+    """Block indices (0-based) whose outputs the probe averages into its features.
+
+    ``"last"``: the final 6 blocks (all of them when ``depth < 6``). ``"best"``: the registry's
+    ``best_probe_layers`` for ``model_name`` (docs/recipe.md: 14-19 for 0.6B and 7B, 12-17 for 1B and
+    3B), falling back to ``"last"`` for a model without one. A list: those indices (negative ones
+    count from the end). Anything else is a ValueError saying what is wrong.
+    """
+    if isinstance(blocks, str):
+        choice = blocks.strip().lower()
+        last = list(range(max(0, depth - 6), depth))
+        if choice == "last":
+            return last
+        if choice == "best":
+            best = get_model_spec(model_name).best_probe_layers if model_name in _REGISTRY else ()
+            return list(best) if best and max(best) < depth else last
+        raise ValueError(f"{blocks!r} is not 'last', 'best' or a list of block indices")
+    out = []
+    for i in blocks:
+        if not -depth <= int(i) < depth:
+            raise ValueError(f"block {i} out of range for depth {depth}")
+        out.append(int(i) % depth)
+    if not out:
+        raise ValueError("empty list of blocks")
+    return out
 
 
 def _table1(name: str, width: int, depth: int, recipe: Recipe, best: range, params: float) -> ModelSpec:
@@ -211,6 +275,7 @@ __all__ = [
     "create_model",
     "get_model_spec",
     "list_models",
+    "probe_blocks",
     "register_model",
     "table1_models",
 ]

@@ -15,7 +15,7 @@ import torch
 
 from ..config import ConfigError, load_config, parse_yaml, read_text, short
 from ..distributed import DistSection
-from ..model.registry import get_model_spec
+from ..model.registry import probe_blocks
 
 HEAD_TYPES = ("attentive", "linear")
 CACHE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -192,26 +192,10 @@ def validate_config(cfg: ProbeConfig, *, eval_only: bool = False) -> None:
 
 
 def resolve_layers(layers: Sequence[int] | str, model_name: str, depth: int) -> list[int]:
-    """Block indices (0-based) whose outputs are averaged into the probe features.
-
-    ``"last"``: the final 6 blocks (all of them when ``depth < 6``). ``"best"``: the registry's
-    ``best_probe_layers`` (docs/recipe.md: 14-19 for 0.6B and 7B, 12-17 for 1B and 3B), falling back
-    to ``"last"`` for a model without one. A list: those indices (negative ones count from the end).
-    """
-    if isinstance(layers, str):
-        choice = layers.strip().lower()
-        last = list(range(max(0, depth - 6), depth))
-        if choice == "last":
-            return last
-        if choice == "best":
-            best = tuple(getattr(get_model_spec(model_name), "best_probe_layers", ()) or ())
-            return list(best) if best and max(best) < depth else last
-        raise ValueError(f"features.layers: {layers!r} is not 'last', 'best' or a list of block indices")
-    out = []
-    for i in layers:
-        if not -depth <= int(i) < depth:
-            raise ValueError(f"features.layers: block {i} out of range for depth {depth}")
-        out.append(int(i) % depth)
-    if not out:
-        raise ValueError("features.layers: empty list")
-    return out
+    """Block indices (0-based) whose outputs are averaged into the probe features: ``"last"``,
+    ``"best"`` or a list (:func:`aim_ds.model.registry.probe_blocks`, which ``AIM.forward_features``
+    shares, so a downstream user gets the probe's features)."""
+    try:
+        return probe_blocks(layers, model_name, depth)
+    except ValueError as exc:
+        raise ValueError(f"features.layers: {exc}") from None

@@ -5,22 +5,25 @@ The weights come from the fp32 master copy in the optimizer shards of a complete
 bf16 module weights, so nothing is lost to rounding. Files written to ``<run>/export/``:
 
 - ``model.safetensors``: our full state dict (``preprocessor.*``, ``trunk.*``, ``head.*``);
-- ``model.json``: ``{"model", "overrides", "architecture", "step", "aim_ds_version", "checkpoint"}``;
-  ``architecture`` is the full resolved :class:`~aim_ds.model.aim.AIMConfig` (every field that changes the
-  function), which loading uses, so that an export keeps its meaning when a default changes;
-- ``trunk_ml_aim.safetensors`` (optional): the backbone in the released ml-aim key layout;
+- ``config.json``: ``{"model_type": "aim", "model_name", <the full resolved AIMConfig>, "aim_ds_version"}``,
+  every field that changes the function, so that the folder alone rebuilds the model
+  (``aim_ds.create_model(folder)``, ``AIM.from_pretrained(folder)``; :mod:`aim_ds.model.pretrained`) and an
+  export keeps its meaning when a default changes;
+- ``model.json``: provenance, ``{"model", "overrides", "architecture", "step", "aim_ds_version", "checkpoint"}``
+  (the architecture again, for aim-ds versions that predate ``config.json``; exports from those versions
+  have only this file and still load);
+- ``trunk_ml_aim.safetensors`` (optional): the backbone in the released ml-aim key layout (with a probe
+  head, :mod:`aim_ds.weights.ml_aim` writes the whole ml-aim model);
 - ``reference_forward.safetensors`` (end of a training run): the trained engine's outputs on fixed
   inputs, to check that the exported weights reproduce the trained model.
 
-``model.json`` is what makes the folder an export, so it is removed first and published last: while
-the other files are replaced (each atomically, through :mod:`aim_ds.io`) the folder holds no
-``model.json``, and a reader never pairs new weights with old metadata or the reverse.
+``config.json`` and ``model.json`` describe the weights, so both are removed first and published last:
+while the other files are replaced (each atomically, through :mod:`aim_ds.io`) the folder holds neither,
+and a reader never pairs new weights with old metadata or the reverse.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import os
 from pathlib import Path
@@ -30,68 +33,25 @@ import torch
 from torch import Tensor
 
 from ..io import atomic_path, atomic_write_json, remove_if_exists
-from ..model.aim import AIM, AIMConfig
-from ..model.registry import create_model, get_model_spec
+from ..model.aim import AIM
+from ..model.pretrained import (
+    CONFIG_FILE,
+    META_FILE,
+    ML_AIM_FILE,
+    WEIGHTS_FILE,
+    architecture_of,
+    config_json,
+    export_architecture,
+    load_pretrained,
+)
+from ..model.registry import create_model
 from . import checkpoint as ckpt
 from .interop import to_ml_aim
 
 logger = logging.getLogger(__name__)
 
 EXPORT_DIR = "export"
-WEIGHTS_FILE = "model.safetensors"
-META_FILE = "model.json"
-ML_AIM_FILE = "trunk_ml_aim.safetensors"
 REFERENCE_FILE = "reference_forward.safetensors"
-
-
-# AIMConfig fields that do not change the function (how attention is computed): not stored.
-_RUNTIME_FIELDS = frozenset({"attn_impl"})
-
-
-def architecture_of(cfg: AIMConfig) -> dict[str, Any]:
-    """The fields of ``cfg`` that change the model's function (widths, depths, heads, patch and image
-    size, norm eps, head block form, target normalisation, ...), as plain JSON data."""
-    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in _RUNTIME_FIELDS}
-
-
-def export_architecture(meta: dict[str, Any], where: str | os.PathLike = "model.json") -> dict[str, Any]:
-    """The architecture overrides that rebuild an export's model from ``create_model(meta["model"], ...)``.
-
-    With ``meta["architecture"]`` (exports since it was added): every stored field, so that today's
-    defaults do not leak in; a field this version does not know is a ValueError naming it. Without it
-    (older exports: a registry name and overrides only): the overrides, with a warning naming every
-    value assumed from today's registry entry and defaults.
-    """
-    name = meta.get("model")
-    overrides = dict(meta.get("overrides", {}))
-    known = {f.name for f in dataclasses.fields(AIMConfig)}
-    architecture = meta.get("architecture")
-    if architecture is not None:
-        unknown = sorted(set(architecture) - known)
-        if unknown:
-            raise ValueError(
-                f"{where}: architecture fields {unknown} are unknown to this aim-ds version (a newer export?); "
-                f"known: {', '.join(sorted(known))}"
-            )
-        missing = sorted(known - _RUNTIME_FIELDS - set(architecture))
-        if missing:
-            assumed = get_model_spec(name).config.replace(**overrides)
-            logger.warning(
-                "%s: architecture has no %s; assuming %s",
-                where,
-                ", ".join(missing),
-                ", ".join(f"{k}={getattr(assumed, k)!r}" for k in missing),
-            )
-        return {**overrides, **architecture}
-    assumed = get_model_spec(name).config.replace(**overrides)
-    logger.warning(
-        "%s has no 'architecture' (an export written before aim-ds stored it): rebuilding %r from today's "
-        "registry entry and defaults, assuming %s",
-        where,
-        name,
-        ", ".join(f"{k}={v!r}" for k, v in architecture_of(assumed).items()),
-    )
-    return overrides
 
 
 def consolidate_fp32(ckpt_dir: str | os.PathLike, tag: str) -> dict[str, Tensor]:
@@ -143,8 +103,8 @@ def save_export(
     shapes are checked against ``model_name`` with ``overrides`` first, so that ``model.json``
     rebuilds the model the weights fit. Returns ``export_dir``.
 
-    Order: check, remove the old ``model.json``, publish every other file, publish ``model.json``.
-    A failure part-way leaves no ``model.json`` (the folder is then no export), never one that
+    Order: check, remove the old ``config.json`` and ``model.json``, publish every other file, publish
+    ``config.json`` then ``model.json``. A failure part-way leaves no description (no export), never one that
     describes weights it was not written with.
     """
     from .. import __version__
@@ -164,7 +124,10 @@ def save_export(
     }
     if checkpoint is not None:
         meta["checkpoint"] = checkpoint
+    # Both descriptions go first and come back after the weights: whichever a reader finds
+    # describes the weights beside it.
     remove_if_exists(export_dir / META_FILE)
+    remove_if_exists(export_dir / CONFIG_FILE)
     _write_safetensors(export_dir / WEIGHTS_FILE, state, {"format": "pt", "model": model_name, "step": str(step)})
     if ml_aim:
         # The LayerNorm eps the weights were trained with: the ml-aim layout alone cannot say it, and
@@ -176,6 +139,9 @@ def save_export(
     if reference_forward is not None:
         tensors = {k: v.detach().cpu().contiguous() for k, v in reference_forward.items()}
         _write_safetensors(export_dir / REFERENCE_FILE, tensors, {"format": "pt", "step": str(step)})
+    atomic_write_json(
+        export_dir / CONFIG_FILE, {**config_json(reference.config, model_name), "aim_ds_version": __version__}
+    )
     atomic_write_json(export_dir / META_FILE, meta)
     return export_dir
 
@@ -232,12 +198,24 @@ def export_latest(
 
 
 def load_exported(export_dir: str | os.PathLike, device: str | torch.device = "cpu") -> AIM:
-    """Rebuild the model from ``model.json`` (its stored architecture; see :func:`export_architecture`
-    for older exports) and load ``model.safetensors`` (strict); no DeepSpeed."""
-    from safetensors.torch import load_file
+    """The exported model (pixel head included) from ``config.json``, or an older export's
+    ``model.json`` (see :func:`export_architecture`), and ``model.safetensors`` (strict); no DeepSpeed.
+    :meth:`aim_ds.AIM.from_pretrained` is the same with more choices."""
+    return load_pretrained(export_dir, device=device, pixel_head=True)
 
-    export_dir = Path(export_dir)
-    meta = json.loads((export_dir / META_FILE).read_text())
-    model = create_model(meta["model"], **export_architecture(meta, export_dir / META_FILE))
-    model.load_state_dict(load_file(str(export_dir / WEIGHTS_FILE), device=str(device)), strict=True)
-    return model.to(device)
+
+__all__ = [
+    "CONFIG_FILE",
+    "EXPORT_DIR",
+    "META_FILE",
+    "ML_AIM_FILE",
+    "REFERENCE_FILE",
+    "WEIGHTS_FILE",
+    "architecture_of",
+    "consolidate_fp32",
+    "export_architecture",
+    "export_checkpoint",
+    "export_latest",
+    "load_exported",
+    "save_export",
+]

@@ -77,7 +77,7 @@ def build_trunk(model_name: str, state_dict: dict[str, Tensor], **overrides: Any
     """
     meta_model = create_model(model_name, device="meta", **overrides)
     check_backbone(state_dict, meta_model, model_name)
-    del meta_model.head
+    meta_model.head = None  # as AIM(pixel_head=False): the probe never runs the pixel head
     try:
         keep_blocks = loaded_blocks(state_dict)
     except ValueError as exc:

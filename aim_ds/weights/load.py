@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from ..io import check_regular_file
+from ..model.pretrained import CONFIG_FILE, MODEL_TYPE, read_config
 from . import checkpoint as ckpt
 from .backbone import (
     dtype_rule,
@@ -251,11 +252,20 @@ def _backbone(state_dict: dict[str, Tensor], keep_blocks: int | None, matrix_dty
 
 
 def _read_meta(folder: Path) -> dict[str, Any]:
+    """The export's ``model.json``; failing that, the name and architecture of our ``config.json``
+    (a folder copied without its provenance file, as ``AIM.save_pretrained`` writes it)."""
     meta_file = folder / META_FILE
-    if not meta_file.is_file():
-        return {}
-    with read_errors(meta_file, "JSON"):
-        return json.loads(meta_file.read_text())
+    if meta_file.is_file():
+        with read_errors(meta_file, "JSON"):
+            return json.loads(meta_file.read_text())
+    config_file = folder / CONFIG_FILE
+    if config_file.is_file():
+        with read_errors(config_file, "JSON"):
+            config = json.loads(config_file.read_text())
+        if isinstance(config, dict) and config.get("model_type") == MODEL_TYPE:
+            name, arch = read_config(folder)
+            return {"model": name, "architecture": arch}
+    return {}
 
 
 @contextlib.contextmanager
