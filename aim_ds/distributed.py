@@ -158,15 +158,50 @@ def return_freed_memory(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
     with a fixed 1 MiB threshold, same step time; BENCHMARKS.md, "Memory planner"). It matters
     where ranks live in host memory (the CPU accelerator, optimizer offload). A user's
     ``MALLOC_MMAP_THRESHOLD_`` wins; other C libraries are left alone. Returns True when set."""
+    return _mallopt({_M_MMAP_THRESHOLD: threshold})
+
+
+# glibc's own ceiling for its moving mmap threshold on 64-bit (DEFAULT_MMAP_THRESHOLD_MAX), and the
+# trim threshold it moves along with it (twice the mmap threshold).
+GLIBC_MMAP_THRESHOLD_MAX = 32 * 1024 * 1024
+_M_TRIM_THRESHOLD = -1
+# Below this many parameters a model's freed host memory kept by glibc (about 6 bytes a parameter
+# where it was measured; BENCHMARKS.md, "Memory planner") is under 300 MB: not worth a page fault
+# per page of every activation, every step.
+SMALL_MODEL_PARAMETERS = 50_000_000
+
+
+def fit_host_allocator(parameters: int, device: torch.device) -> bool:
+    """Undo :func:`return_freed_memory` for a small model computing on the CPU: there every
+    activation and gradient above 1 MiB would get a fresh mapping and be unmapped again when freed,
+    each page faulted in and zeroed by the kernel, every micro-step. On aim-tiny (3.8M parameters,
+    ZeRO-3 on 2 CPU ranks) that doubled the page faults and the system time of a step and cost
+    its throughput about a fifth (issue 23; BENCHMARKS.md, "Training step on 2 CPU ranks"), for at
+    most a few tens of MB of memory returned. The allocator gets glibc's own steady state instead:
+    mmap threshold at its ceiling and the trim threshold at twice that, so freed blocks are reused
+    from the heap without a fault.
+
+    Left alone: models of ``SMALL_MODEL_PARAMETERS`` or more (where the freed memory glibc would
+    keep is large and a page fault per page is small beside the matmuls that fill it), any
+    device but the CPU (a GPU run's host allocations are not its activations), a user's
+    ``MALLOC_MMAP_THRESHOLD_``, and C libraries without ``mallopt``. Returns True when changed."""
+    if device.type != "cpu" or parameters >= SMALL_MODEL_PARAMETERS:
+        return False
+    return _mallopt({_M_MMAP_THRESHOLD: GLIBC_MMAP_THRESHOLD_MAX, _M_TRIM_THRESHOLD: 2 * GLIBC_MMAP_THRESHOLD_MAX})
+
+
+def _mallopt(settings: dict[int, int]) -> bool:
+    """glibc's ``mallopt(parameter, value)`` for each item; False (nothing set) under a user's
+    ``MALLOC_MMAP_THRESHOLD_``, off Linux, or without glibc."""
     if "MALLOC_MMAP_THRESHOLD_" in os.environ or not sys.platform.startswith("linux"):
         return False
     import ctypes
 
     try:
         libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(threshold)))
+        return all([bool(libc.mallopt(param, ctypes.c_int(value))) for param, value in settings.items()])
     except (OSError, AttributeError):  # not glibc (musl has no mallopt)
-        log.debug("mallopt is not available; freed host memory may stay with the process")
+        log.debug("mallopt is not available; glibc's malloc settings are left as they are")
         return False
 
 

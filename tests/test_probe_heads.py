@@ -254,3 +254,34 @@ def test_model_section_spelling(tmp_path: Path) -> None:
         load_probe_config(path, overrides=["model_overrides.depth=2"])
     with pytest.raises(ConfigError, match=r"use model\.name=aim-tiny"):
         load_probe_config(path, overrides=["model=aim-tiny"])
+
+
+def test_bank_runs_heads_in_tf32_on_cuda_only_and_puts_the_flag_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CUDA the heads' forward and backward run with TF32 matmuls (the flag is read where each
+    head's matmuls run); before and after a step the process-wide flag is as it was, so the trunk's
+    IEEE fp32 is untouched. The flag is CUDA's, so a CPU bank can stand for a CUDA one here."""
+    from aim_ds.probe.bank import tf32_matmuls
+
+    matmul = torch.backends.cuda.matmul
+    train = TrainConfig(lrs=[1e-3], weight_decays=[0.05])
+    bank = HeadBank.create(["attentive", "linear"], train.lrs, dim=8, num_heads=2, num_classes=3, train=train)
+    seen: dict[str, list[str]] = {"forward": [], "backward": []}
+    for slot in bank.slots:
+        slot.head.register_forward_hook(lambda *_: seen["forward"].append(matmul.fp32_precision))
+        slot.head.register_full_backward_hook(lambda *_: seen["backward"].append(matmul.fp32_precision))
+    feats, labels = torch.randn(4, 5, 8), torch.randint(0, 3, (4,))
+    lrs = {slot.name: 1e-3 for slot in bank.slots}
+    before = matmul.fp32_precision
+    assert before != "tf32"  # PyTorch's default: IEEE fp32 ("none")
+
+    bank.train_step(feats, labels, lrs)  # on the CPU: no TF32 anywhere
+    assert set(seen["forward"]) == set(seen["backward"]) == {before}
+
+    seen["forward"].clear(), seen["backward"].clear()
+    monkeypatch.setattr(HeadBank, "device", property(lambda self: torch.device("cuda")))
+    bank.train_step(feats, labels, lrs)
+    assert seen["forward"] == ["tf32"] * 2 and seen["backward"] == ["tf32"] * 2, seen
+    assert matmul.fp32_precision == before
+    with pytest.raises(RuntimeError), tf32_matmuls():
+        raise RuntimeError("restored on an error too")
+    assert matmul.fp32_precision == before

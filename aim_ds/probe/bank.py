@@ -7,6 +7,7 @@ every LR at once: the trunk's output for a batch is computed once and fed to eve
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,27 @@ from .heads import build_head, save_head
 
 if TYPE_CHECKING:
     from .context import ProbeContext
+
+
+@contextlib.contextmanager
+def tf32_matmuls(enabled: bool = True) -> Iterator[None]:
+    """CUDA fp32 matmuls in TF32 inside the block (``enabled``), as they were on exit.
+
+    For the probe heads only: the flag is process-wide, and the trunk's feature pass, or the
+    pretraining trunk around a live probe, keeps IEEE fp32 because it is put back here. Set through
+    ``torch.backends.cuda.matmul.fp32_precision``, read and written through that API alone: once the
+    newer API has set the flag, reading the legacy ``allow_tf32`` raises in PyTorch 2.9+, and a value
+    saved and restored here round-trips through either. The flag is CUDA's: CPU matmuls ignore it."""
+    if not enabled:
+        yield
+        return
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    matmul.fp32_precision = "tf32"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = before
 
 
 @dataclass
@@ -106,10 +128,15 @@ class HeadBank:
         for slot in self.slots:
             slot.head.train(mode)
 
-    def _autocast(self) -> Any:
-        """bf16 autocast for the heads' matmuls on CUDA (fp32 weights, AdamW and loss): at 7B the
-        24-head grid in true fp32 cost more per step than the trunk. Off elsewhere (fp32 on CPU)."""
-        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+    @contextlib.contextmanager
+    def _precision(self) -> Iterator[None]:
+        """How the heads compute on CUDA (fp32 weights, AdamW and loss): bf16 autocast for their
+        matmuls, and TF32 for any fp32 matmul autocast leaves (:func:`tf32_matmuls`): at 7B the
+        24-head grid in true fp32 cost more per step than the trunk. Neither on other devices (fp32
+        on the CPU)."""
+        on_cuda = self.device.type == "cuda"
+        with tf32_matmuls(on_cuda), torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda):
+            yield
 
     def train_step(self, feats: Tensor, labels: Tensor, lrs: dict[str, float]) -> Tensor:
         """Update every head on ``feats`` ``[B, N, D]`` (fp32, no grad) and ``labels`` ``[B]``
@@ -119,12 +146,13 @@ class HeadBank:
         self.train(True)
         losses = []
         for slot in self.slots:
-            with self._autocast():
+            with self._precision():
                 logits = slot.head(feats)
             losses.append(F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing))
         # Heads share no parameters, so one backward of the sum gives each head its own gradient.
         stacked = torch.stack(losses)
-        stacked.sum().backward()
+        with tf32_matmuls(self.device.type == "cuda"):  # the backward's fp32 matmuls as the forward's
+            stacked.sum().backward()
         self._all_reduce_grads()
         for slot in self.slots:
             assert slot.optimizer is not None
@@ -178,7 +206,7 @@ class HeadBank:
             if hits is not None:
                 hits.setdefault("labels", []).append(labels.cpu())
             for i, slot in enumerate(self.slots):
-                with self._autocast():
+                with self._precision():
                     logits = slot.head(feats)
                 k = min(5, logits.shape[1])
                 hit = logits.topk(k, dim=1).indices == labels[:, None]  # [B, k]

@@ -12,8 +12,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..distributed import barrier, check_torch_build, init_distributed, is_main, rank0_phase
+from ..distributed import barrier, check_torch_build, fit_host_allocator, init_distributed, is_main, rank0_phase
 from ..io import remove_if_exists
+from ..model.flops import matmul_params
 from ..model.registry import get_model_spec
 from ..weights.backbone import read_handover
 from ..weights.frozen import FrozenTrunk, frozen_trunk
@@ -166,6 +167,7 @@ def prepare(cfg: ProbeConfig, weights: str | os.PathLike, *, train: bool = True)
         check_torch_build()
     rank, world_size, device = init_distributed(cuda=_wants_cuda(cfg.device), group_of_one=False, dist_cfg=cfg.dist)
     model_cfg = get_model_spec(cfg.model.name).config.replace(**cfg.model.overrides)
+    fit_host_allocator(matmul_params(model_cfg)[0], device)  # the trunk: the probe's largest part
     image_size = cfg.data.image_size or model_cfg.image_size
     if image_size != model_cfg.image_size:
         raise ValueError(

@@ -20,11 +20,11 @@ import torch
 from torch import Tensor
 
 from ..config import ConfigError, save_config, short, to_dict
-from ..distributed import all_reduce_, init_distributed, is_main, world_size
+from ..distributed import all_reduce_, fit_host_allocator, init_distributed, is_main, world_size
 from ..io import atomic_write_json
 from ..metrics import MetricsLogger, device_peak_flops, flops_per_second_per_device, model_flops_utilisation
 from ..model.aim import AIMConfig
-from ..model.flops import train_flops_per_image
+from ..model.flops import matmul_params, train_flops_per_image
 from ..optim import lr_at_step, set_lr
 from ..weights import checkpoint as ckpt
 from .config import NonFiniteLossError, PretrainConfig, RunPlan, resolve_plan, resolved_config
@@ -71,6 +71,7 @@ def run(
     if joined is not None:
         joined()
     model_cfg = model_config(cfg)  # the one resolution of the architecture; passed down from here
+    fit_host_allocator(sum(matmul_params(model_cfg)), device)  # before the model's first allocation
     cfg, plan = _plan(cfg, model_cfg, world)
     ds, notes = build_ds_config(ds_base, cfg, plan, model_cfg, source=ds_source)
     _check_accelerator(ds, ds_source)
