@@ -114,7 +114,7 @@ class MetricsLogger:
         logged_until = max((int(r.get("step", 0)) for r in read_metrics(self.path)), default=0)
         trim_metrics(self.path, resume_step)
         if tensorboard:
-            self._tensorboard = _start_tensorboard(self.out_dir / TENSORBOARD_DIR, resume_step)
+            self._tensorboard = tensorboard_writer(self.out_dir / TENSORBOARD_DIR, resume_step)
         if wandb:
             self._wandb_run = _start_wandb(self.out_dir, wandb_project, wandb_run_name, config or {})
             if logged_until > resume_step:
@@ -140,7 +140,7 @@ class MetricsLogger:
         if self._wandb_run is None and self._tensorboard is None:
             return
         prefix = f"{kind}/" if kind in ("val", "probe") else "train/"
-        numbers = {prefix + name: value for name, value in _scalars(values)}
+        numbers = {prefix + name: value for name, value in scalar_items(values)}
         if self._tensorboard is not None:
             for tag, value in numbers.items():
                 self._tensorboard.add_scalar(tag, value, int(step))
@@ -167,12 +167,12 @@ class MetricsLogger:
                 log.warning("W&B finish failed (%s: %s)", type(error).__name__, error)
 
 
-def _scalars(values: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, float]]:
+def scalar_items(values: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, float]]:
     """``(name, number)`` for every number in ``values`` (nested dicts as ``outer/inner``); 1-element
     tensors count, bools, strings and None do not. Non-finite numbers stay (both sinks show them)."""
     for name, value in values.items():
         if isinstance(value, dict):
-            yield from _scalars(value, f"{prefix}{name}/")
+            yield from scalar_items(value, f"{prefix}{name}/")
             continue
         if isinstance(value, Tensor):
             if value.numel() != 1:
@@ -184,7 +184,7 @@ def _scalars(values: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, fl
             yield prefix + name, value
 
 
-def _start_tensorboard(log_dir: Path, resume_step: int) -> Any:
+def tensorboard_writer(log_dir: Path, resume_step: int = 0) -> Any:
     """A SummaryWriter on ``log_dir``. Where earlier launches left event files, TensorBoard is told to
     drop their steps past ``resume_step`` (a purge step): those steps are redone by this launch."""
     try:
