@@ -225,3 +225,26 @@ def test_wandb_id_kept_and_checked(tmp_path: Path) -> None:
     (tmp_path / "wandb_id.txt").write_text("../../etc\n")
     with pytest.raises(ValueError, match=r"wandb_id\.txt: '\.\./\.\./etc' is not a W&B run id"):
         wandb_run_id(tmp_path)
+
+
+def test_wandb_offline_one_run_across_launches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+    """The real wandb package offline: a relaunch continues the run id; a crash past the checkpoint is
+    said; a W&B that fails mid-run (here: its run finished under it) turns W&B off, not the logging."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    first = MetricsLogger(tmp_path, enabled=True, wandb=True)
+    for step in range(1, 6):
+        first.log("train", step, {"loss": 1.0 / step})
+    first.close()
+    run_id = (tmp_path / "wandb_id.txt").read_text().strip()
+    with caplog.at_level("WARNING", logger="aim_ds.metrics"):
+        second = MetricsLogger(tmp_path, enabled=True, wandb=True, resume_step=3)  # the crash lost steps 4-5
+    assert "W&B already holds steps 4-5 of this run" in caplog.text
+    second._wandb_run.finish()  # W&B gone under the logger (as when its service dies)
+    with caplog.at_level("WARNING", logger="aim_ds.metrics"):
+        second.log("train", 4, {"loss": 0.2})
+        second.log("train", 5, {"loss": 0.1})
+    assert caplog.text.count("W&B logging is off") == 1
+    second.close()
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4, 5]
+    folders = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(folders) == 2 and all(f.name.endswith(f"-{run_id}") for f in folders)
