@@ -248,3 +248,28 @@ def test_wandb_offline_one_run_across_launches(tmp_path: Path, monkeypatch: pyte
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4, 5]
     folders = sorted((tmp_path / "wandb").glob("offline-run-*"))
     assert len(folders) == 2 and all(f.name.endswith(f"-{run_id}") for f in folders)
+
+
+def test_preflight_checks_the_monitoring_set_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before any rank starts: a damaged W&B id file, or a logger whose package is missing, is exit 2."""
+    import importlib.util
+
+    from aim_ds.config import ConfigError, load_config
+    from aim_ds.train.config import PretrainConfig
+    from aim_ds.train.preflight import check_logging
+
+    config = Path(aim_ds.__file__).resolve().parents[1] / "run/configs/aim-test.yaml"
+    cfg = load_config(
+        PretrainConfig, config, overrides=[f"out_dir={tmp_path}", "log.wandb=true", "log.tensorboard=true"]
+    )
+    check_logging(cfg)
+    (tmp_path / "wandb_id.txt").write_text("not an id!\n")
+    with pytest.raises(ConfigError, match=r"log\.wandb=True: .*wandb_id\.txt: 'not an id!' is not a W&B run id"):
+        check_logging(cfg)
+    (tmp_path / "wandb_id.txt").unlink()
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else find_spec(name, *a)
+    )
+    with pytest.raises(ConfigError, match=r"log\.tensorboard=True: needs the tensorboard package"):
+        check_logging(cfg)
