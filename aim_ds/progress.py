@@ -206,7 +206,7 @@ class LineProgress:
         rate = self.n / elapsed if elapsed > 0 else float("nan")
         parts = [f"{head}{'done ' if done else ''}{count}"]
         if math.isfinite(rate):
-            parts.append(f"{rate:.3g} {self.unit}/s")
+            parts.append(f"{rate:.0f} {self.unit}/s" if rate >= 100 else f"{rate:.3g} {self.unit}/s")  # no 3.4e+03
         parts.append(f"{format_duration(elapsed)} elapsed")
         if not done and self.total and self.n and math.isfinite(rate) and rate > 0:
             parts.append(f"ETA {format_duration((self.total - self.n) / rate)}")
