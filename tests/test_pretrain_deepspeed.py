@@ -336,7 +336,13 @@ def test_wandb_and_tensorboard_continue_across_the_resume(killed_and_resumed: di
     # Two launches, one W&B run: both offline folders carry the id (`wandb sync` uploads them in order).
     assert len(folders) == 2 and all(f.name.endswith(f"-{run_id}") for f in folders), folders
     first, second = (_wandb_history(f / f"run-{run_id}.wandb") for f in folders)
-    assert sorted(first) == list(range(1, stopped_at + 1))
+    # DeepSpeed's launcher answers SIGTERM by terminating each rank's whole process tree, W&B's service
+    # process too (SLURM signals every process of the job alike): the service shuts down at once and
+    # drops the records it had not yet written. Rank 0 must then go on to its stop checkpoint with W&B
+    # turned off, not crash in the next log call. (Measured: the first launch's offline file kept none
+    # of its 6 steps.)
+    assert "W&B logging is off for the rest of this run" in killed_and_resumed["first_log"]
+    assert set(first) <= set(range(1, stopped_at + 1))
     assert sorted(second) == list(range(stopped_at + 1, STEPS + 1))  # the history goes on where it stopped
     losses = _losses(out)
     for step, items in {**first, **second}.items():
