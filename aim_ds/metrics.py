@@ -1,19 +1,24 @@
-"""Run metrics: an always-on JSON-lines file, optional Weights & Biases, loss curves, patch grids.
+"""Run metrics: an always-on JSON-lines file, optional Weights & Biases and TensorBoard, loss curves,
+patch grids.
 
 Only rank 0 writes. ``metrics.jsonl`` holds one JSON object per logged step (``kind`` "train" or
 "val", ``step``, and the values); a resumed run first drops the lines past its checkpoint so that
-the file reads as one straight run. Plots use matplotlib's Agg canvas directly (no pyplot, no
-global backend switch) so they work headless and inside any host program.
+the file reads as one straight run. TensorBoard gets the same scalars under ``out_dir/tensorboard``
+(a resumed run hides the steps past its checkpoint with TensorBoard's purge step), and W&B continues
+the same run across resumes (its id is kept in ``out_dir/wandb_id.txt``). Plots use matplotlib's Agg
+canvas directly (no pyplot, no global backend switch) so they work headless and inside any host program.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
 import os
+import re
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +30,12 @@ from .io import atomic_path, atomic_write_text
 from .model.aim import IMAGENET_MEAN, IMAGENET_STD, patchify, unpatchify
 
 METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+WANDB_ID_FILE = "wandb_id.txt"
+# W&B run ids: letters, digits, underscores and hyphens (they become part of URLs and folder names).
+_WANDB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+log = logging.getLogger(__name__)
 
 
 def read_metrics(path: str | os.PathLike, kind: str | None = None) -> list[dict[str, Any]]:
@@ -70,11 +81,13 @@ def _jsonable(value: Any) -> Any:
 
 
 class MetricsLogger:
-    """Rank-0 metrics sink: ``out_dir/metrics.jsonl`` always, W&B when ``wandb=True``.
+    """Rank-0 metrics sink: ``out_dir/metrics.jsonl`` always, W&B when ``wandb=True``, TensorBoard event
+    files under ``out_dir/tensorboard`` when ``tensorboard=True``.
 
     On other ranks every method is a no-op, so callers need no rank checks. W&B runs offline unless
     the user set ``WANDB_MODE``, and never prompts for a login; the run id is kept in
-    ``out_dir/wandb_id.txt`` so that a resumed run continues the same W&B run.
+    ``out_dir/wandb_id.txt`` so that a resumed run continues the same W&B run. A failing W&B call
+    (its service gone, a full disk) is logged once and turns W&B off: it never stops the training.
     """
 
     def __init__(
@@ -86,36 +99,102 @@ class MetricsLogger:
         wandb: bool = False,
         wandb_project: str = "aim-ds",
         wandb_run_name: str = "",
+        tensorboard: bool = False,
         config: dict[str, Any] | None = None,
     ) -> None:
         self.enabled = enabled
         self.out_dir = Path(out_dir)
         self.path = self.out_dir / METRICS_FILE
-        self._wandb_run = None
+        self._wandb_run: Any = None
+        self._tensorboard: Any = None
         if not enabled:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         # Lines past the checkpoint we resume from belong to steps that will be redone.
+        logged_until = max((int(r.get("step", 0)) for r in read_metrics(self.path)), default=0)
         trim_metrics(self.path, resume_step)
+        if tensorboard:
+            self._tensorboard = tensorboard_writer(self.out_dir / TENSORBOARD_DIR, resume_step)
         if wandb:
             self._wandb_run = _start_wandb(self.out_dir, wandb_project, wandb_run_name, config or {})
+            if logged_until > resume_step:
+                # W&B keeps a step once logged and ignores a lower one logged later.
+                log.warning(
+                    "W&B already holds steps %d-%d of this run (logged before the last launch ended without a "
+                    "checkpoint there): W&B keeps those first values and ignores the redone steps until %d; "
+                    "metrics.jsonl and TensorBoard hold the redone ones",
+                    resume_step + 1,
+                    logged_until,
+                    logged_until + 1,
+                )
 
     def log(self, kind: str, step: int, values: dict[str, Any]) -> None:
-        """Append one record ``{"kind": kind, "step": step, **values}``."""
+        """Append one record ``{"kind": kind, "step": step, **values}``; W&B and TensorBoard get its
+        numbers as ``<kind>/<name>`` (``train/loss``, ``val/loss``, ``probe/top1_...``), nested
+        dicts flattened (``loss/<head>``)."""
         if not self.enabled:
             return
         record = {"kind": kind, "step": int(step), **{k: _jsonable(v) for k, v in values.items()}}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        if self._wandb_run is None and self._tensorboard is None:
+            return
+        prefix = f"{kind}/" if kind in ("val", "probe") else "train/"
+        numbers = {prefix + name: value for name, value in scalar_items(values)}
+        if self._tensorboard is not None:
+            for tag, value in numbers.items():
+                self._tensorboard.add_scalar(tag, value, int(step))
+            self._tensorboard.flush()  # one small write per log line: TensorBoard shows the run as it goes
         if self._wandb_run is not None:
-            prefix = f"{kind}/" if kind in ("val", "probe") else "train/"
-            numeric = {prefix + k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
-            self._wandb_run.log(numeric, step=int(step))
+            try:
+                self._wandb_run.log(numbers, step=int(step))
+            except Exception as error:  # noqa: BLE001 - a logging service must not end a training run
+                self._drop_wandb(error)
+
+    def _drop_wandb(self, error: BaseException) -> None:
+        log.warning("W&B failed (%s: %s); W&B logging is off for the rest of this run", type(error).__name__, error)
+        self._wandb_run = None
 
     def close(self) -> None:
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+            self._tensorboard = None
         if self._wandb_run is not None:
-            self._wandb_run.finish()
-            self._wandb_run = None
+            run, self._wandb_run = self._wandb_run, None
+            try:
+                run.finish()
+            except Exception as error:  # noqa: BLE001 - the metrics are on disk; W&B's copy is a convenience
+                log.warning("W&B finish failed (%s: %s)", type(error).__name__, error)
+
+
+def scalar_items(values: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, float]]:
+    """``(name, number)`` for every number in ``values`` (nested dicts as ``outer/inner``); 1-element
+    tensors count, bools, strings and None do not. Non-finite numbers stay (both sinks show them)."""
+    for name, value in values.items():
+        if isinstance(value, dict):
+            yield from scalar_items(value, f"{prefix}{name}/")
+            continue
+        if isinstance(value, Tensor):
+            if value.numel() != 1:
+                continue
+            value = value.item()
+        if isinstance(value, (np.floating, np.integer)):
+            value = value.item()
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            yield prefix + name, value
+
+
+def tensorboard_writer(log_dir: Path, resume_step: int = 0) -> Any:
+    """A SummaryWriter on ``log_dir``. Where earlier launches left event files, TensorBoard is told to
+    drop their steps past ``resume_step`` (a purge step): those steps are redone by this launch."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as error:  # torch imports the tensorboard package only here
+        raise ImportError(
+            "log.tensorboard=true needs the tensorboard package (pip install tensorboard; requirements.txt pins it)"
+        ) from error
+    earlier = log_dir.is_dir() and any(log_dir.glob("events.out.tfevents.*"))
+    return SummaryWriter(log_dir=str(log_dir), purge_step=resume_step + 1 if earlier else None)
 
 
 def _start_wandb(out_dir: Path, project: str, run_name: str, config: dict[str, Any]) -> Any:
@@ -123,13 +202,8 @@ def _start_wandb(out_dir: Path, project: str, run_name: str, config: dict[str, A
     os.environ.setdefault("WANDB_SILENT", "true")
     import wandb
 
-    id_file = out_dir / "wandb_id.txt"
-    if id_file.is_file():
-        run_id = id_file.read_text().strip()
-    else:
-        run_id = uuid.uuid4().hex[:8]  # W&B's own id helper moved between versions
-        atomic_write_text(id_file, run_id)
-    return wandb.init(
+    run_id = wandb_run_id(out_dir)
+    run = wandb.init(
         project=project,
         name=run_name or out_dir.name,
         id=run_id,
@@ -137,6 +211,25 @@ def _start_wandb(out_dir: Path, project: str, run_name: str, config: dict[str, A
         dir=str(out_dir),
         config=config,
     )
+    log.info("W&B run %s (%s mode) in %s", run_id, os.environ["WANDB_MODE"], out_dir / "wandb")
+    return run
+
+
+def wandb_run_id(out_dir: str | os.PathLike) -> str:
+    """The W&B run id of the run in ``out_dir``: read from ``out_dir/wandb_id.txt``, or made and
+    written there (atomically) on the first launch. A damaged file is an error naming it."""
+    id_file = Path(out_dir) / WANDB_ID_FILE
+    if id_file.is_file():
+        run_id = id_file.read_text(errors="replace").strip()
+        if not _WANDB_ID.fullmatch(run_id):
+            raise ValueError(
+                f"{id_file}: {run_id[:80]!r} is not a W&B run id (1-64 letters, digits, '_' or '-'); "
+                "delete the file to start a new W&B run"
+            )
+        return run_id
+    run_id = uuid.uuid4().hex[:8]  # W&B's own id helper moved between versions
+    atomic_write_text(id_file, run_id + "\n")
+    return run_id
 
 
 def flops_per_second_per_device(flops_per_image: float, images_per_second: float, world_size: int) -> float:

@@ -40,6 +40,7 @@ import yaml
 
 from .io import atomic_path, atomic_write_json
 from .metrics import read_metrics
+from .progress import LineProgress
 from .weights import checkpoint as ckpt
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -353,6 +354,13 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
         writer.writerows(rows)
 
 
+def _progress_fields(row: dict[str, Any]) -> dict[str, str]:
+    """A study row's val loss and top-1 per head kind, short, for its progress line."""
+    fields = {"val_loss": f"{row['val_loss']:.4f}"}
+    fields.update({f"top1_{k}": f"{row[f'top1_{k}']:.3f}" for k in HEAD_KINDS if f"top1_{k}" in row})
+    return fields
+
+
 def study_checkpoints(run_dir: str | os.PathLike, settings: ProbeSettings, out: str | os.PathLike) -> dict[str, Any]:
     """Probe every complete checkpoint of ``run_dir`` (once per seed of ``settings.seeds``); write
     ``out/checkpoints.csv`` (step, val loss, top-1 per head kind with its 95% bootstrap interval),
@@ -364,6 +372,8 @@ def study_checkpoints(run_dir: str | os.PathLike, settings: ProbeSettings, out: 
         raise FileNotFoundError(f"{run_dir}/checkpoints holds no complete checkpoint")
     losses = val_losses(run_dir)
     rows = []
+    # Whole lines (each probe prints its own progress in between): which checkpoint, its result, the ETA.
+    report = LineProgress(total=len(checkpoints), desc="[study] checkpoints probed", unit="ckpt", interval_s=0.0)
     for step, path in checkpoints:
         hits = _probe_checkpoint(run_dir, path, settings, out)
         row: dict[str, Any] = {"step": step, "val_loss": losses.get(step, float("nan"))}
@@ -372,6 +382,9 @@ def study_checkpoints(run_dir: str | os.PathLike, settings: ProbeSettings, out: 
                 row.update(_top1_columns(kind, bootstrap_top1(hits[kind])))
         row["val_images"] = int(len(hits["labels"]))
         rows.append(row)
+        report.set_postfix(step=step, **_progress_fields(row))
+        report.update(1)
+    report.close()
     kinds = [k for k in HEAD_KINDS if f"top1_{k}" in rows[0]]
     correlation = {k: spearman([r["val_loss"] for r in rows], [r[f"top1_{k}"] for r in rows]).as_dict() for k in kinds}
     summary = {
@@ -400,6 +413,7 @@ def study_sizes(
 
     out = Path(out)
     rows, all_hits = [], []
+    report = LineProgress(total=len(run_dirs), desc="[study] sizes probed", unit="run", interval_s=0.0)
     for run_dir in map(Path, run_dirs):
         latest = ckpt.latest_complete(run_dir / "checkpoints")
         if latest is None:
@@ -415,6 +429,9 @@ def study_sizes(
                 row.update(_top1_columns(kind, bootstrap_top1(hits[kind])))
         rows.append(row)
         all_hits.append(hits)
+        report.set_postfix(model=name, **_progress_fields(row))
+        report.update(1)
+    report.close()
     order = sorted(range(len(rows)), key=lambda i: rows[i]["params"])
     rows, all_hits = [rows[i] for i in order], [all_hits[i] for i in order]
     for i in range(1, len(rows)):

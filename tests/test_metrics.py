@@ -160,3 +160,116 @@ def test_wandb_offline_without_login(tmp_path: Path, monkeypatch: pytest.MonkeyP
     run_id = (tmp_path / "wandb_id.txt").read_text().strip()
     assert list((tmp_path / "wandb").glob(f"offline-run-*-{run_id}")), "no offline run folder"
     assert len(read_metrics(tmp_path / "metrics.jsonl")) == 2
+
+
+# ----------------------------------------------------------------------------- TensorBoard and W&B
+
+
+def _scalars(log_dir: Path, tag: str) -> dict[int, float]:
+    """A tag's ``{step: value}`` as TensorBoard shows it (every event file of the folder, purges applied)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir))
+    events.Reload()
+    return {event.step: event.value for event in events.Scalars(tag)}
+
+
+def test_tensorboard_scalars_and_resume_purge(tmp_path: Path) -> None:
+    logger = MetricsLogger(tmp_path, enabled=True, tensorboard=True)
+    for step in range(1, 11):
+        logger.log("train", step, {"loss": 1.0 / step, "lr": torch.tensor(1e-3), "grad_norm": None, "epoch": 0})
+    logger.log("val", 8, {"loss": 0.25})
+    logger.log("probe", 8, {"top1": {"linear": 0.5, "attentive": 0.75}, "note": "text is skipped"})
+    # The launch ends at step 10 with its last checkpoint at 6; the next launch redoes 7-10 with other values.
+    logger.close()
+    resumed = MetricsLogger(tmp_path, enabled=True, resume_step=6, tensorboard=True)
+    for step in range(7, 13):
+        resumed.log("train", step, {"loss": 100.0 + step})
+    resumed.close()
+    loss = _scalars(tmp_path / "tensorboard", "train/loss")
+    assert sorted(loss) == list(range(1, 13))  # each step once: the first launch's 7-10 are purged
+    assert all(loss[s] == pytest.approx(1.0 / s) for s in range(1, 7))
+    assert all(loss[s] == 100.0 + s for s in range(7, 13))
+    assert _scalars(tmp_path / "tensorboard", "train/lr") == pytest.approx({s: 1e-3 for s in range(1, 7)})
+    # val at step 8 came after the purge step 7: gone with the steps it belonged to.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert "train/grad_norm" not in tags and "probe/note" not in tags
+    assert not events.Scalars("val/loss") and not events.Scalars("probe/top1/attentive")
+
+
+def test_tensorboard_probe_tags(tmp_path: Path) -> None:
+    logger = MetricsLogger(tmp_path, enabled=True, tensorboard=True)
+    logger.log("probe", 8, {"top1": {"linear": 0.5, "attentive": 0.75}, "seconds": 3})
+    logger.log("val", 8, {"loss": 0.25})
+    logger.close()
+    assert _scalars(tmp_path / "tensorboard", "probe/top1/attentive") == {8: 0.75}
+    assert _scalars(tmp_path / "tensorboard", "probe/seconds") == {8: 3.0}
+    assert _scalars(tmp_path / "tensorboard", "val/loss") == {8: 0.25}
+
+
+def test_tensorboard_off_by_default_and_off_rank_zero(tmp_path: Path) -> None:
+    MetricsLogger(tmp_path / "a", enabled=True).log("train", 1, {"loss": 1.0})
+    MetricsLogger(tmp_path / "b", enabled=False, tensorboard=True).log("train", 1, {"loss": 1.0})
+    assert not (tmp_path / "a" / "tensorboard").exists() and not (tmp_path / "b").exists()
+
+
+def test_wandb_id_kept_and_checked(tmp_path: Path) -> None:
+    from aim_ds.metrics import wandb_run_id
+
+    run_id = wandb_run_id(tmp_path)
+    assert (tmp_path / "wandb_id.txt").read_text().strip() == run_id and wandb_run_id(tmp_path) == run_id
+    (tmp_path / "wandb_id.txt").write_text("../../etc\n")
+    with pytest.raises(ValueError, match=r"wandb_id\.txt: '\.\./\.\./etc' is not a W&B run id"):
+        wandb_run_id(tmp_path)
+
+
+def test_wandb_offline_one_run_across_launches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+    """The real wandb package offline: a relaunch continues the run id; a crash past the checkpoint is
+    said; a W&B that fails mid-run (here: its run finished under it) turns W&B off, not the logging."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    first = MetricsLogger(tmp_path, enabled=True, wandb=True)
+    for step in range(1, 6):
+        first.log("train", step, {"loss": 1.0 / step})
+    first.close()
+    run_id = (tmp_path / "wandb_id.txt").read_text().strip()
+    with caplog.at_level("WARNING", logger="aim_ds.metrics"):
+        second = MetricsLogger(tmp_path, enabled=True, wandb=True, resume_step=3)  # the crash lost steps 4-5
+    assert "W&B already holds steps 4-5 of this run" in caplog.text
+    second._wandb_run.finish()  # W&B gone under the logger (as when its service dies)
+    with caplog.at_level("WARNING", logger="aim_ds.metrics"):
+        second.log("train", 4, {"loss": 0.2})
+        second.log("train", 5, {"loss": 0.1})
+    assert caplog.text.count("W&B logging is off") == 1
+    second.close()
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4, 5]
+    folders = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(folders) == 2 and all(f.name.endswith(f"-{run_id}") for f in folders)
+
+
+def test_preflight_checks_the_monitoring_set_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before any rank starts: a damaged W&B id file, or a logger whose package is missing, is exit 2."""
+    import importlib.util
+
+    from aim_ds.config import ConfigError, load_config
+    from aim_ds.train.config import PretrainConfig
+    from aim_ds.train.preflight import check_logging
+
+    config = Path(aim_ds.__file__).resolve().parents[1] / "run/configs/aim-test.yaml"
+    cfg = load_config(
+        PretrainConfig, config, overrides=[f"out_dir={tmp_path}", "log.wandb=true", "log.tensorboard=true"]
+    )
+    check_logging(cfg)
+    (tmp_path / "wandb_id.txt").write_text("not an id!\n")
+    with pytest.raises(ConfigError, match=r"log\.wandb=True: .*wandb_id\.txt: 'not an id!' is not a W&B run id"):
+        check_logging(cfg)
+    (tmp_path / "wandb_id.txt").unlink()
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else find_spec(name, *a)
+    )
+    with pytest.raises(ConfigError, match=r"log\.tensorboard=True: needs the tensorboard package"):
+        check_logging(cfg)

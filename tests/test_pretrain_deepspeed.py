@@ -3,9 +3,10 @@ ds_configs/zero3_fp32.json asks; bf16 and offload runs are in tests/test_gpu_pat
 a small beton of real photo tiles. Four launches shared by the assertions:
 
 - A: a straight run of 2k steps (gradient accumulation 2, activation checkpointing, validation,
-  periodic checkpoints, shard report, export);
+  periodic checkpoints, shard report, export, TensorBoard);
 - B: the same run killed with SIGTERM (to the whole process group, as a scheduler does) mid-run;
-- C: B started again with the same out_dir: resumes and finishes;
+- C: B started again with the same out_dir: resumes and finishes (B and C log to offline W&B and
+  TensorBoard: one W&B run and one TensorBoard history across the two launches);
 - D: a run whose loss blows up (peak LR 1e30), its model built under deepspeed.zero.Init.
 """
 
@@ -14,8 +15,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -37,6 +40,8 @@ DEEPSPEED = shutil.which("deepspeed", path=str(VENV_BIN)) or shutil.which("deeps
 STEPS = 24  # "2k"
 PERSISTENCE_THRESHOLD = 1024  # between aim-test's largest 1-D parameter (64) and smallest matrix (3072)
 LAUNCH_TIMEOUT_S = 300
+WATCHED = ("log.wandb=true", "log.tensorboard=true")  # B and C: W&B (offline) and TensorBoard across a resume
+TRAIN_SCALARS = ("loss", "lr", "grad_norm", "images_per_second", "epoch", "world_size", "step_time_s", "data_wait_s")
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -73,7 +78,7 @@ def _command(run_files: dict[str, Path], out_dir: Path, *overrides: str) -> list
 
 
 def _env() -> dict[str, str]:
-    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", WANDB_MODE="offline")
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
     return env
 
@@ -96,7 +101,7 @@ def _losses(out_dir: Path, kind: str = "train") -> dict[int, float]:
 @pytest.fixture(scope="module")
 def straight(run_files: dict[str, Path]) -> tuple[Path, subprocess.CompletedProcess]:
     out = run_files["root"] / "A"
-    result = _launch(run_files, out, "log.shard_report=true")
+    result = _launch(run_files, out, "log.shard_report=true", "log.tensorboard=true")
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     return out, result
 
@@ -107,7 +112,7 @@ def killed_and_resumed(run_files: dict[str, Path]) -> dict[str, object]:
     log_path = run_files["root"] / "B.log"
     with open(log_path, "w") as log_file:
         proc = subprocess.Popen(
-            _command(run_files, out),
+            _command(run_files, out, *WATCHED),
             cwd=ROOT,
             env=_env(),
             stdout=log_file,
@@ -136,7 +141,7 @@ def killed_and_resumed(run_files: dict[str, Path]) -> dict[str, object]:
     latest = ckpt.latest_complete(out / "checkpoints")
     assert latest is not None, first_log[-4000:]
     stopped_at = latest[0]
-    resumed = _launch(run_files, out)
+    resumed = _launch(run_files, out, *WATCHED)
     assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-4000:]
     return {
         "out": out,
@@ -165,9 +170,26 @@ def test_loss_falls(straight: tuple[Path, subprocess.CompletedProcess]) -> None:
 def test_log_fields_and_artifacts(straight: tuple[Path, subprocess.CompletedProcess]) -> None:
     out, result = straight
     record = read_metrics(out / "metrics.jsonl", "train")[-1]
-    assert {"step", "loss", "lr", "grad_norm", "images_per_second"} <= set(record)
+    assert {"step", "loss", "lr", "grad_norm", "images_per_second", "world_size", "eta_s"} <= set(record)
     assert record["lr"] == pytest.approx(0.0, abs=1e-4) and record["grad_norm"] > 0
-    assert "step 24/24 loss" in result.stdout + result.stderr
+    records = read_metrics(out / "metrics.jsonl", "train")
+    for r in records:  # the pace fields of every line: both ranks counted, the loader's wait inside the step
+        assert r["world_size"] == 2 and r["step_time_s"] > 0 and r["data_wait_s"] > 0, r  # measured, never 0
+        # The wait is the slowest rank's; rank 0's window may start a few ms after the other rank's.
+        assert r["data_wait_s"] < r["step_time_s"] + 0.05 or r["step"] == 1, r
+        assert "peak_memory_gib" not in r  # CUDA only
+    assert all(r["eta_s"] > 0 for r in records[:-1]) and record["eta_s"] == 0
+    # From the second line on, ETA = steps left x the launch's pace since its first line, which takes at
+    # least the steps' own times (the windows lie inside it; validation and checkpoints come on top).
+    for k in range(2, STEPS):
+        pace = records[k - 1]["eta_s"] / (STEPS - k)
+        assert pace >= 0.98 * sum(r["step_time_s"] for r in records[1:k]) / (k - 1), k
+    text = result.stdout + result.stderr
+    line = re.search(
+        r"step 24/24 loss \S+ lr \S+ grad_norm \S+ \S+ img/s (\S+) s/step \(data wait (\S+) s\) ranks 2 ETA 0s", text
+    )
+    assert line, text[-3000:]
+    assert float(line.group(2)) < float(line.group(1)) + 0.05
     assert "turned off" not in result.stdout + result.stderr  # nothing is downgraded on CPU
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["train"]["steps"] == STEPS and saved["train"]["micro_batch_size"] == 4
@@ -254,6 +276,81 @@ def test_export_only_matches_end_of_run_export(
 
     a, b = load_file(out / "export/model.safetensors"), load_file(copy / "export/model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _tensorboard_scalars(log_dir: Path) -> dict[str, dict[int, float]]:
+    """Every scalar tag's ``{step: value}`` as TensorBoard shows it (all event files, purges applied)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})  # 0: keep every event
+    events.Reload()
+    return {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in events.Tags()["scalars"]}
+
+
+def test_tensorboard_holds_every_scalar_of_the_log(straight: tuple[Path, subprocess.CompletedProcess]) -> None:
+    out, _ = straight
+    scalars = _tensorboard_scalars(out / "tensorboard")
+    for r in read_metrics(out / "metrics.jsonl", "train"):
+        for name in (*TRAIN_SCALARS, "eta_s"):
+            assert scalars[f"train/{name}"][r["step"]] == pytest.approx(r[name], rel=1e-6, abs=1e-6), (name, r)
+    assert sorted(scalars["train/loss"]) == list(range(1, STEPS + 1))
+    assert scalars["val/loss"] == pytest.approx(_losses(out, "val"), rel=1e-6)
+    assert not (out / "wandb").exists() and not (out / "wandb_id.txt").exists()  # W&B stays off unless asked
+
+
+def _wandb_history(run_file: Path) -> dict[int, dict[str, float]]:
+    """``{step: {key: value}}`` of the history records in a W&B ``.wandb`` file: LevelDB's log format
+    (32 KiB blocks of records, each with a 7-byte header: checksum, length, type full/first/middle/last)
+    after W&B's 7-byte file header, each record one ``wandb_internal_pb2.Record``."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, block = run_file.read_bytes(), 32768
+    assert data[:4] == b":W&B", run_file
+    history: dict[int, dict[str, float]] = {}
+    pos, pieces = 7, b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if length == 0 and kind == 0:
+            pos += block - pos % block
+            continue
+        pieces = (pieces if kind in (3, 4) else b"") + data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind not in (1, 4):  # first or middle piece: wait for the rest
+            continue
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(pieces)
+        if record.WhichOneof("record_type") == "history":
+            items = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+            history.setdefault(record.history.step.num, {}).update(items)
+    return history
+
+
+def test_wandb_and_tensorboard_continue_across_the_resume(killed_and_resumed: dict[str, object]) -> None:
+    out = killed_and_resumed["out"]
+    stopped_at = killed_and_resumed["stopped_at"]
+    run_id = (out / "wandb_id.txt").read_text().strip()
+    folders = sorted((out / "wandb").glob("offline-run-*"))
+    # Two launches, one W&B run: both offline folders carry the id (`wandb sync` uploads them in order).
+    assert len(folders) == 2 and all(f.name.endswith(f"-{run_id}") for f in folders), folders
+    first, second = (_wandb_history(f / f"run-{run_id}.wandb") for f in folders)
+    # DeepSpeed's launcher answers SIGTERM by terminating each rank's whole process tree, W&B's service
+    # process too (SLURM signals every process of the job alike): the service shuts down at once and
+    # drops the records it had not yet written. Rank 0 must then go on to its stop checkpoint with W&B
+    # turned off, not crash in the next log call. (Measured: the first launch's offline file kept none
+    # of its 6 steps.)
+    assert "W&B logging is off for the rest of this run" in killed_and_resumed["first_log"]
+    assert set(first) <= set(range(1, stopped_at + 1))
+    assert sorted(second) == list(range(stopped_at + 1, STEPS + 1))  # the history goes on where it stopped
+    losses = _losses(out)
+    for step, items in {**first, **second}.items():
+        assert items["train/loss"] == pytest.approx(losses[step], rel=1e-6), step
+        assert items["train/world_size"] == 2
+    scalars = _tensorboard_scalars(out / "tensorboard")
+    assert scalars["train/loss"] == pytest.approx(losses, rel=1e-6)  # one history, each step once
+    assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 2
 
 
 def test_sigterm_checkpoints_and_exits_cleanly(killed_and_resumed: dict[str, object]) -> None:

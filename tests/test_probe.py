@@ -166,6 +166,42 @@ def test_cache_is_reused_then_invalidated(
     assert not list(scratch_out.glob(".features-*")) and not (scratch_out / "feature_cache").exists()
 
 
+def test_tensorboard_holds_the_probe_log(
+    cached_run: tuple[ProbeConfig, dict], digits: dict[str, Path], tmp_path: Path
+) -> None:
+    """``train.tensorboard=true``: each head's loss and LR, and the mid-run scores, as TensorBoard shows
+    them, equal to probe_metrics.jsonl (cached features: no trunk pass)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg, _ = cached_run
+    out = tmp_path / "tb"
+    overrides = (f"features.cache_dir={cfg.features.cache_dir}", "train.epochs=2", "train.lrs=[3e-3]")
+    run_probe(
+        _config(
+            digits, out, *overrides, "train.log_every_steps=5", "train.eval_every_epochs=1", "train.tensorboard=true"
+        ),
+        digits["pretrained"],
+    )
+    records = [json.loads(line) for line in (out / "probe_metrics.jsonl").read_text().splitlines()]
+    events = EventAccumulator(str(out / "tensorboard" / "run_0"), size_guidance={"scalars": 0})
+    events.Reload()
+    train = [r for r in records if r["kind"] == "train"]
+    assert train and set(train[0]["loss"]) == {"attentive_lr0.003", "linear_lr0.003"}
+    for head in train[0]["loss"]:
+        shown = {e.step: e.value for e in events.Scalars(f"train/loss/{head}")}
+        assert shown == pytest.approx({r["step"]: r["loss"][head] for r in train}, rel=1e-6)
+        assert {e.step for e in events.Scalars(f"train/lr/{head}")} == set(shown)
+    (val,) = [r for r in records if r["kind"] == "val"]  # epoch 1 of 2 (the last one is results.json's)
+    top1 = events.Scalars("val/scores/attentive_lr0.003/top1")
+    assert [(e.step, e.value) for e in top1] == [
+        (val["step"], pytest.approx(val["scores"]["attentive_lr0.003"]["top1"]))
+    ]
+    # A second probe in the same folder gets its own TensorBoard run; off by default.
+    run_probe(_config(digits, out, *overrides, "train.tensorboard=true"), digits["pretrained"])
+    run_probe(_config(digits, out, *overrides), digits["pretrained"])
+    assert sorted(p.name for p in (out / "tensorboard").iterdir()) == ["run_0", "run_1"]
+
+
 def test_saved_heads_reload_in_ml_aim_layout(
     cached_run: tuple[ProbeConfig, dict], digits: dict[str, Path], tmp_path: Path
 ) -> None:

@@ -118,9 +118,19 @@ def test_live_probe_logged_beside_val_loss(run: Path) -> None:
 
 
 @pytest.mark.deepspeed
-def test_study_over_checkpoints_and_sizes(run: Path, settings: ProbeSettings, digits: dict[str, Path]) -> None:
+def test_study_over_checkpoints_and_sizes(
+    run: Path, settings: ProbeSettings, digits: dict[str, Path], capsys: pytest.CaptureFixture
+) -> None:
     out = digits["root"] / "study"
     summary = study_checkpoints(run, settings, out)
+    # One whole line per checkpoint probed (its step and result), then a closing one.
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[study] checkpoints probed")]
+    n = len(STEPS_SEEN)
+    assert [line.split(",")[0].split(": ")[1] for line in lines] == [
+        *(f"{k}/{n} ckpt ({100 * k / n:.0f}%)" for k in range(1, n + 1)),
+        f"done {n}/{n} ckpt (100%)",
+    ]
+    assert f"step={STEPS_SEEN[-1]}, val_loss=" in lines[-2] and "top1_attentive=" in lines[-2]
     with open(out / "checkpoints.csv") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["step"]) for r in rows] == STEPS_SEEN

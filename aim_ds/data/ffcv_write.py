@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..io import PARTIAL_SUFFIX
 from .beton import ConversionError
 
 #: How often the parent looks at the done counter and the workers (s).
@@ -92,7 +93,8 @@ def _run_workers(
 ) -> list[Any]:
     """Start FFCV's workers, wait for them while watching their exit codes, return their allocations."""
     from ffcv.memory_allocator import MemoryAllocator
-    from tqdm import tqdm
+
+    from ..progress import progress as progress_bar
 
     context = mp.get_context("fork")  # what FFCV uses on Linux; the dataset is inherited, not pickled
     work: Any = context.Queue()
@@ -109,7 +111,13 @@ def _run_workers(
     for process in processes:
         process.start()
     collected: list[Any] = []
-    bar = tqdm(total=writer.num_samples, desc=f"write {Path(writer.fname).name}", leave=False, disable=not progress)
+    bar = progress_bar(
+        total=writer.num_samples,
+        desc=f"write {Path(writer.fname).name.removesuffix(PARTIAL_SUFFIX)}",
+        unit="img",
+        leave=False,
+        disable=not progress,
+    )
     try:
         while len(collected) < len(processes):
             bar.update(int(done.value) - bar.n)
@@ -124,6 +132,7 @@ def _run_workers(
                     raise WriterDied(_death_message(writer.fname, process, errors))
             if all(p.exitcode == 0 for p in processes) and allocations.empty():
                 raise WriterDied(f"{writer.fname}: writer workers exited without reporting their pages")
+        bar.update(int(done.value) - bar.n)  # the closing line counts every image
     finally:
         bar.close()
         for process in processes:

@@ -126,13 +126,13 @@ def _wait_all(
 ) -> None:
     """Collect task results as they finish into ``report``, with one progress bar (tars; images, images/s)."""
     import ray
-    from tqdm import tqdm
 
+    from ..progress import progress as progress_bar
     from .webdataset import webdataset_output_path
 
     images = 0
     start = time.perf_counter()
-    bar = tqdm(total=len(pending), desc="tars (ray)", unit="tar", disable=not progress)
+    bar = progress_bar(total=len(pending), desc="tars (ray)", unit="tar", disable=not progress)
     try:
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)

@@ -266,9 +266,9 @@ def convert_webdataset(
     )
     iterator: Iterable[str] = todo
     if progress:
-        from tqdm import tqdm
+        from ..progress import progress as progress_bar
 
-        iterator = tqdm(todo, desc=f"shards (process {shard_index}/{num_shards})", unit="tar")
+        iterator = progress_bar(todo, desc=f"shards (process {shard_index}/{num_shards})", unit="tar")
     for tar in iterator:
         try:
             result = convert_tar(tar, out_dir, options, progress=progress, labels=labels)

@@ -153,9 +153,9 @@ def _validate_all(refs: Sequence[ImageRef], workers: int, progress: bool, desc: 
         iterator = pool.imap(validate_image, refs, chunksize=32)
     try:
         if progress:
-            from tqdm import tqdm
+            from ..progress import progress as progress_bar
 
-            iterator = tqdm(iterator, total=len(refs), desc=desc, unit="img", leave=False)
+            iterator = progress_bar(iterator, total=len(refs), desc=desc, unit="img", leave=False)
         return list(iterator)
     finally:
         if pool is not None:

@@ -98,6 +98,7 @@ class TrainConfig:
     seed: int = 0
     eval_every_epochs: int = 0  # 0: evaluate once, at the end
     log_every_steps: int = 50
+    tensorboard: bool = False  # event files in out_dir/tensorboard/run_N: each head's loss, LR and scores
 
 
 @dataclass

@@ -58,10 +58,11 @@ def log(msg: str) -> None:
 
 
 def progress(iterable: Any = None, **kwargs: Any) -> Any:
-    """A tqdm bar on rank 0, a silent one elsewhere."""
-    from tqdm.auto import tqdm
+    """A progress bar on rank 0 (tqdm's on a terminal, plain lines in a log file: :mod:`aim_ds.progress`),
+    a silent one elsewhere."""
+    from ..progress import progress as progress_bar
 
-    return tqdm(iterable, disable=not is_main(), dynamic_ncols=True, **kwargs)
+    return progress_bar(iterable, disable=not is_main(), dynamic_ncols=True, **kwargs)
 
 
 def _wants_cuda(name: str) -> bool:

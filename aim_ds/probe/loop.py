@@ -25,6 +25,7 @@ from torch import Tensor
 from ..config import save_config, to_dict
 from ..distributed import is_main, min_across_ranks, sum_across_ranks
 from ..io import atomic_path, atomic_write_json
+from ..metrics import TENSORBOARD_DIR, scalar_items, tensorboard_writer
 from ..optim import lr_at_step
 from .bank import HeadBank, HeadSlot, format_results, save_heads, summarise
 from .config import ProbeConfig, validate_config
@@ -111,11 +112,14 @@ class _MetricsLog:
     """``probe_metrics.jsonl`` in the run folder, one JSON record a line, written by rank 0.
 
     The file keeps its history across probe runs: each run appends, starting with a ``"run_start"``
-    record (wall time, a fresh ``run`` number) so that a reader can tell the runs apart."""
+    record (wall time, a fresh ``run`` number) so that a reader can tell the runs apart. With
+    ``tensorboard``, the numbers also go to TensorBoard event files in ``out_dir/tensorboard/run_N``
+    (``train/loss/<head>``, ``train/lr/<head>``, ``val/scores/<head>/top1``), one folder a run."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, tensorboard: bool = False) -> None:
         self.path = path
         self.enabled = is_main()
+        self.tensorboard: Any = None
         if self.enabled:
             path.parent.mkdir(parents=True, exist_ok=True)
             text = path.read_text() if path.is_file() else ""
@@ -124,11 +128,23 @@ class _MetricsLog:
                     f.write("\n")
             runs = text.count('"kind": "run_start"')
             self.write({"kind": "run_start", "run": runs, "time": time.time()})
+            if tensorboard:
+                self.tensorboard = tensorboard_writer(path.parent / TENSORBOARD_DIR / f"run_{runs}")
 
     def write(self, record: dict[str, Any]) -> None:
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+        if self.tensorboard is not None and "step" in record:
+            values = {k: v for k, v in record.items() if k not in ("kind", "step", "epoch")}
+            for name, value in scalar_items(values):
+                self.tensorboard.add_scalar(f"{record['kind']}/{name}", value, int(record["step"]))
+            self.tensorboard.flush()
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
 
 
 @contextlib.contextmanager
@@ -313,7 +329,11 @@ def run_probe(
                 bias=cfg.heads.bias,
                 device=ctx.device,
             )
-            step, history = _train(ctx, bank, features, _MetricsLog(out_dir / "probe_metrics.jsonl"))
+            metrics = _MetricsLog(out_dir / "probe_metrics.jsonl", tensorboard=cfg.train.tensorboard)
+            try:
+                step, history = _train(ctx, bank, features, metrics)
+            finally:
+                metrics.close()
         hits: dict[str, list[Tensor]] = {}
         scores = bank.evaluate(features.val(), hits=hits)
     _write_val_hits(out_dir, hits, ctx.rank, ctx.world_size)

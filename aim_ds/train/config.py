@@ -96,6 +96,7 @@ class LogSection:
     wandb: bool = False  # offline unless WANDB_MODE is set
     wandb_project: str = "aim-ds"
     wandb_run_name: str = ""  # empty: the out_dir's name
+    tensorboard: bool = False  # event files under out_dir/tensorboard: every scalar of the step log
     peak_flops_per_device: float = 0.0  # FLOP/s, for MFU; 0: the device's bf16 dense peak (aim_ds.devices)
     shard_report: bool = False  # debug: write out_dir/shards_rank{r}.json (ZeRO-3 partition sizes)
 

@@ -20,12 +20,13 @@ import torch
 from torch import Tensor
 
 from ..config import ConfigError, save_config, short, to_dict
-from ..distributed import all_reduce_, fit_host_allocator, init_distributed, is_main, world_size
+from ..distributed import all_reduce_, collective_device, fit_host_allocator, init_distributed, is_main, world_size
 from ..io import atomic_write_json
 from ..metrics import MetricsLogger, device_peak_flops, flops_per_second_per_device, model_flops_utilisation
 from ..model.aim import AIMConfig
 from ..model.flops import matmul_params, train_flops_per_image
 from ..optim import lr_at_step, set_lr
+from ..progress import format_duration
 from ..weights import checkpoint as ckpt
 from .config import NonFiniteLossError, PretrainConfig, RunPlan, resolve_plan, resolved_config
 from .data import _batches_per_epoch, build_loaders, draw_prefix_len, iterate_batches
@@ -110,6 +111,7 @@ def run(
         wandb=cfg.log.wandb,
         wandb_project=cfg.log.wandb_project,
         wandb_run_name=cfg.log.wandb_run_name,
+        tensorboard=cfg.log.tensorboard,
         config=to_dict(cfg),
     )
     train_loader, val_loader = build_loaders(cfg, plan, rank, world, device)
@@ -246,28 +248,65 @@ def _warn_config_changes(saved: dict[str, Any], current: dict[str, Any]) -> None
 
 
 class _LogWindow:
-    """Images, summed loss and wall time since the last log line: the logged loss is the mean over
-    the window's steps (the step's own loss at ``log.every_steps=1``). The loss sum stays on the
-    device; it is read only when a line is logged."""
+    """Images, summed loss, wall time and time spent waiting for the loader since the last log line:
+    the logged loss is the mean over the window's steps (the step's own loss at
+    ``log.every_steps=1``). The loss sum stays on the device; it is read only when a line is logged."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.reset()
 
     def reset(self) -> None:
-        self.start, self.images, self.steps = time.perf_counter(), 0, 0
+        self.start, self.images, self.steps, self.data_wait = time.perf_counter(), 0, 0, 0.0
         self.loss = torch.zeros((), dtype=torch.float32, device=self.device)
 
     def restart_clock(self) -> None:
         """Keep validation and checkpoint time out of images/s."""
         self.start = time.perf_counter()
 
-    def add(self, images: int, loss: Tensor) -> None:
+    def add(self, images: int, loss: Tensor, data_wait: float) -> None:
         self.images, self.steps = self.images + images, self.steps + 1
         self.loss += loss
+        self.data_wait += data_wait
 
     def images_per_second(self) -> float:
         return self.images / max(time.perf_counter() - self.start, 1e-9)
+
+    def step_seconds(self) -> float:
+        """Mean wall time of the window's optimizer steps (validation and checkpoints left out)."""
+        return (time.perf_counter() - self.start) / max(self.steps, 1)
+
+
+class _Eta:
+    """Time left, from this launch's pace since its first log line: everything the run does between
+    steps (validation, checkpoints, live probes) is in it, and the first window's start-up (numba,
+    DeepSpeed's first gathers, cuDNN tuning) is not. Before the second line: the first window's
+    step time."""
+
+    def __init__(self) -> None:
+        self.since: tuple[int, float] | None = None  # (step, time) of this launch's first log line
+
+    def seconds(self, step: int, total_steps: int, step_seconds: float) -> float:
+        now = time.perf_counter()
+        if self.since is None or step <= self.since[0]:
+            self.since = self.since or (step, now)
+            per_step = step_seconds
+        else:
+            per_step = (now - self.since[1]) / (step - self.since[0])
+        return max(total_steps - step, 0) * per_step
+
+
+def _window_maxima(data_wait: float, device: torch.device) -> tuple[float, float]:
+    """``(data wait per step, peak GiB allocated since the last line)``, each the largest over the
+    ranks (the slowest loader holds every rank back; the fullest device is the one that runs out).
+    Every rank calls this at the same step. Peak memory is 0.0 off CUDA; the peak counter restarts."""
+    peak = 0.0
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 2**30
+        torch.cuda.reset_peak_memory_stats(device)
+    maxima = all_reduce_(torch.tensor([data_wait, peak], dtype=torch.float64, device=collective_device()), "max")
+    data_wait, peak = maxima.tolist()
+    return data_wait, peak
 
 
 class _StepStats:
@@ -338,7 +377,9 @@ def _train_loop(job: Job, step: int, epoch: int, batch_in_epoch: int) -> tuple[s
     if stop is None:
         stop = StopRequest(Path(cfg.out_dir) / STOP_FILE, repeat_after_s=cfg.stop.repeat_after_s)
         stop.install()
-    window = _LogWindow(job.device)
+    window, eta = _LogWindow(job.device), _Eta()
+    if job.device.type == "cuda":  # the first line's peak covers its own steps, not the set-up before them
+        torch.cuda.reset_peak_memory_stats(job.device)
     pending: _StepStats | None = None  # the previous step's stats, not yet read
     last_saved = step
     engine.train()
@@ -352,9 +393,9 @@ def _train_loop(job: Job, step: int, epoch: int, batch_in_epoch: int) -> tuple[s
                 min_lr=cfg.optim.min_lr,
             )
             set_lr(job.optimizer, lr)
-            loss, flag, epoch, batch_in_epoch = _optimizer_step(job, step, batches, stop)
+            loss, flag, epoch, batch_in_epoch, data_wait = _optimizer_step(job, step, batches, stop)
             step += 1
-            window.add(cfg.train.batch_size, loss)
+            window.add(cfg.train.batch_size, loss, data_wait)
             grad_norm = _grad_norm(engine, job.device)
             stats = torch.stack([loss, flag, grad_norm if grad_norm is not None else torch.zeros_like(loss)])
             stats = _StepStats(step, stats, has_grad_norm=grad_norm is not None)
@@ -368,7 +409,16 @@ def _train_loop(job: Job, step: int, epoch: int, batch_in_epoch: int) -> tuple[s
             if step % max(cfg.log.every_steps, 1) == 0 or step == plan.total_steps:
                 _, _, grad_norm = stats.values()
                 mean_loss = float(window.loss) / window.steps  # the one host read of the window
-                _log_step(job, step, mean_loss, lr, grad_norm, window.images_per_second(), epoch, flops_per_image)
+                step_seconds = window.step_seconds()
+                data_wait, peak_gib = _window_maxima(window.data_wait / window.steps, job.device)
+                timing = _Timing(
+                    images_per_second=window.images_per_second(),
+                    step_seconds=step_seconds,
+                    data_wait_seconds=data_wait,
+                    eta_seconds=eta.seconds(step, plan.total_steps, step_seconds),
+                    peak_memory_gib=peak_gib,
+                )
+                _log_step(job, step, mean_loss, lr, grad_norm, timing, epoch, flops_per_image)
                 window.reset()
             if job.val_loader is not None and cfg.val.every_steps > 0 and step % cfg.val.every_steps == 0:
                 if step < plan.total_steps:  # the last one comes with the end of the run
@@ -391,15 +441,19 @@ def _train_loop(job: Job, step: int, epoch: int, batch_in_epoch: int) -> tuple[s
             stop.restore()
 
 
-def _optimizer_step(job: Job, step: int, batches: Any, stop: StopRequest) -> tuple[Tensor, Tensor, int, int]:
+def _optimizer_step(job: Job, step: int, batches: Any, stop: StopRequest) -> tuple[Tensor, Tensor, int, int, float]:
     """The forward/backward passes of one optimizer step and the update. Returns ``(loss, flag,
-    epoch, batch_in_epoch)``: the loss averaged over micro-steps and ranks and the number of ranks
-    asked to stop (both 0-d fp32 device tensors, not read here), and the data position after the
-    step's last micro-batch."""
+    epoch, batch_in_epoch, data_wait)``: the loss averaged over micro-steps and ranks and the number
+    of ranks asked to stop (both 0-d fp32 device tensors, not read here), the data position after the
+    step's last micro-batch, and the seconds this rank waited for the loader's micro-batches."""
     plan, engine = job.plan, job.engine
     loss_sum = torch.zeros((), dtype=torch.float32, device=job.device)
+    data_wait = 0.0
     for micro in range(plan.grad_accum_steps):
+        # The loader prefetches: this is the time the step stood still for data, not the loading time.
+        asked = time.perf_counter()
         epoch, index, images = next(batches)
+        data_wait += time.perf_counter() - asked
         # Drawn on the host; the model checks it there before copying it to the images' device.
         prefix_len = draw_prefix_len(images.shape[0], plan.num_patches, job.cfg.train.seed, job.rank, step, micro)
         loss = engine(images, prefix_len=prefix_len)["loss"]
@@ -411,7 +465,20 @@ def _optimizer_step(job: Job, step: int, batches: Any, stop: StopRequest) -> tup
             flag = _stop_flag(job.device, stop.requested)
             stats = all_reduce_(torch.stack([loss_sum / plan.grad_accum_steps, flag]), "sum")
         engine.step()
-    return stats[0] / job.world, stats[1], epoch, index + 1
+    return stats[0] / job.world, stats[1], epoch, index + 1, data_wait
+
+
+@dataclass(frozen=True)
+class _Timing:
+    """A log window's pace: images/s, mean seconds per optimizer step, seconds per step spent
+    waiting for the loader (the most over ranks), seconds left, and the peak GiB allocated on the
+    fullest GPU since the last line (0.0 off CUDA)."""
+
+    images_per_second: float
+    step_seconds: float
+    data_wait_seconds: float
+    eta_seconds: float
+    peak_memory_gib: float
 
 
 def _log_step(
@@ -420,7 +487,7 @@ def _log_step(
     loss: float,
     lr: float,
     grad_norm: float | None,
-    images_per_second: float,
+    timing: _Timing,
     epoch: int,
     flops_per_image: float,
 ) -> None:
@@ -428,20 +495,28 @@ def _log_step(
         "loss": loss,
         "lr": lr,
         "grad_norm": grad_norm,
-        "images_per_second": images_per_second,
+        "images_per_second": timing.images_per_second,
         "epoch": epoch,
+        "world_size": job.world,
+        "step_time_s": timing.step_seconds,
+        "data_wait_s": timing.data_wait_seconds,
+        "eta_s": timing.eta_seconds,
     }
     norm = grad_norm if grad_norm is not None else float("nan")
     line = (
         f"step {step}/{job.plan.total_steps} loss {loss:.4f} lr {lr:.3e} grad_norm {norm:.3f} "
-        f"{images_per_second:.1f} img/s"
+        f"{timing.images_per_second:.1f} img/s {timing.step_seconds:.3f} s/step "
+        f"(data wait {timing.data_wait_seconds:.3f} s) ranks {job.world}"
     )
     if job.device.type == "cuda":  # FLOP/s and MFU mean little on CPU
-        flops = flops_per_second_per_device(flops_per_image, images_per_second, job.world)
+        flops = flops_per_second_per_device(flops_per_image, timing.images_per_second, job.world)
         peak = device_peak_flops(job.cfg.log.peak_flops_per_device, job.device)
         mfu = model_flops_utilisation(flops, peak)
-        values.update(tflops_per_device=flops / 1e12, mfu=mfu, peak_tflops=peak / 1e12)
-        line += f" {flops / 1e12:.1f} TFLOP/s/GPU MFU {mfu:.1%}"
+        values.update(
+            tflops_per_device=flops / 1e12, mfu=mfu, peak_tflops=peak / 1e12, peak_memory_gib=timing.peak_memory_gib
+        )
+        line += f" {flops / 1e12:.1f} TFLOP/s/GPU MFU {mfu:.1%} peak mem {timing.peak_memory_gib:.2f} GiB"
+    line += f" ETA {format_duration(timing.eta_seconds)}"
     job.logger.log("train", step, values)
     if job.is_main:
         log.info(line)

@@ -8,6 +8,7 @@ rewritten. It needs no process group: every rank runs it on its own and they all
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import tempfile
@@ -178,6 +179,23 @@ def check_paths(cfg: PretrainConfig) -> None:
         _writable("out_dir (its checkpoints/ folder)", ckpt_dir)
 
 
+def check_logging(cfg: PretrainConfig) -> None:
+    """W&B and TensorBoard, when asked for, can start: their packages are installed and the W&B id a
+    resumed run continues (``out_dir/wandb_id.txt``) is whole. Found here, not on rank 0 after the
+    engine is built while the other ranks wait for it."""
+    for key, package in (("wandb", "wandb"), ("tensorboard", "tensorboard")):
+        if getattr(cfg.log, key) and importlib.util.find_spec(package) is None:
+            raise _bad(f"log.{key}", True, f"needs the {package} package (pip install {package}; requirements.txt)")
+    if cfg.log.wandb:
+        from ..metrics import WANDB_ID_FILE, wandb_run_id
+
+        if (Path(cfg.out_dir) / WANDB_ID_FILE).is_file():
+            try:
+                wandb_run_id(cfg.out_dir)
+            except (OSError, ValueError) as exc:
+                raise _bad("log.wandb", True, str(exc)) from None
+
+
 def check_config(cfg: PretrainConfig, world_size: int | None = None) -> None:
     """Fields, the model (registry name and overrides), the batch split for ``world_size`` ranks
     (default: the launcher's ``WORLD_SIZE``, 1 for a plain process), then paths: the first problem
@@ -186,6 +204,7 @@ def check_config(cfg: PretrainConfig, world_size: int | None = None) -> None:
     from .live_probe import check_live_probe
 
     check_fields(cfg)
+    check_logging(cfg)
     model_cfg = model_config(cfg)
     image_size = cfg.data.image_size or model_cfg.image_size
     if image_size != model_cfg.image_size:
