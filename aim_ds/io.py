@@ -18,7 +18,7 @@ import shutil
 import stat
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 PARTIAL_SUFFIX = ".partial"
 
@@ -54,6 +54,16 @@ def file_kind(mode: int) -> str:
     return "not a regular file"
 
 
+def not_regular_message(path: str | os.PathLike, kind: str, what: str | None = None) -> str:
+    """The one wording of a refusal of a non-regular file ``path`` (``kind`` from :func:`file_kind`).
+    With ``what`` ("config file"): "config file 'x' is a FIFO, not a regular file". Without it, in the
+    form of the data readers' errors, which start with the path: "x: a FIFO, not a regular file: only
+    regular files are read"."""
+    if what is None:
+        return f"{path}: {kind}, not a regular file: only regular files are read"
+    return f"{what} '{path}' is {kind}, not a regular file"
+
+
 def check_regular_file(path: str | os.PathLike, what: str, error: type[Exception] = ValueError) -> Path:
     """``path`` (symlinks followed) when it is a regular file; otherwise raise ``error`` naming
     ``what`` and ``path``. Opening a FIFO blocks until a writer comes and a device may never end,
@@ -66,26 +76,60 @@ def check_regular_file(path: str | os.PathLike, what: str, error: type[Exception
     except OSError as exc:
         raise error(f"{what} '{path}' cannot be read ({exc.strerror or exc})") from None
     if not stat.S_ISREG(mode):
-        raise error(f"{what} '{path}' is {file_kind(mode)}, not a regular file") from None
+        raise error(not_regular_message(path, file_kind(mode), what)) from None
     return path
+
+
+def open_regular_fd(path: str | os.PathLike, error: type[Exception] = ValueError, what: str | None = None) -> int:
+    """A blocking read-only descriptor of ``path`` (symlinks followed) if it is a regular file; anything
+    else (FIFO, socket, device, folder) raises ``error`` naming it (:func:`not_regular_message`).
+
+    The file is opened non-blocking, so a FIFO cannot hang the open, and checked on the open descriptor,
+    so nothing can be swapped in between the check and the reads. An ``OSError`` of the open itself (no
+    such file, no permission) propagates unchanged: what a missing file means is the caller's call (a
+    missing sidecar is "none", a missing config an error)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        # A socket cannot be opened at all (ENXIO): name what it is rather than the errno.
+        try:
+            mode = os.stat(path).st_mode
+        except OSError:
+            mode = stat.S_IFREG
+        if not stat.S_ISREG(mode):
+            raise error(not_regular_message(path, file_kind(mode), what)) from None
+        raise
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise error(not_regular_message(path, file_kind(mode), what))
+        os.set_blocking(fd, True)
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def open_regular(path: str | os.PathLike, error: type[Exception] = ValueError, what: str | None = None) -> BinaryIO:
+    """:func:`open_regular_fd` as a binary file object (close it, or use it in a ``with``)."""
+    return os.fdopen(open_regular_fd(path, error, what), "rb")
 
 
 def read_regular_file(
     path: str | os.PathLike, what: str, error: type[Exception] = ValueError, *, limit: int | None = None
 ) -> bytes:
-    """The bytes of the regular file ``path``, refusing anything else without blocking: the file is
-    opened non-blocking and checked on the open descriptor, so a FIFO swapped in after a check cannot
-    hang the read. ``limit``: refuse a file larger than this many bytes (a config is small)."""
+    """The bytes of the regular file ``path``, refusing anything else without blocking
+    (:func:`open_regular_fd`); every failure is ``error`` naming ``what`` and ``path``. ``limit``: refuse
+    a file larger than this many bytes (a config is small), checked before anything is read."""
     path = Path(path)
-    check_regular_file(path, what, error)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        file = open_regular(path, error, what)
+    except FileNotFoundError:
+        raise error(f"{what} '{path}' does not exist") from None
     except OSError as exc:
         raise error(f"{what} '{path}' cannot be read ({exc.strerror or exc})") from None
-    with os.fdopen(fd, "rb") as f:
-        mode, size = os.fstat(fd).st_mode, os.fstat(fd).st_size
-        if not stat.S_ISREG(mode):
-            raise error(f"{what} '{path}' is {file_kind(mode)}, not a regular file")
+    with file as f:
+        size = os.fstat(f.fileno()).st_size
         if limit is not None and size > limit:
             raise error(f"{what} '{path}' is {size} bytes, more than the {limit} a {what} may have")
         data = f.read() if limit is None else f.read(limit + 1)

@@ -347,6 +347,19 @@ def test_fifo_as_probe_weights(files: dict[str, Path], tmp_path: Path) -> None:
     _one_error(proc, str(weights), "is a FIFO")
 
 
+def test_fifo_as_probe_head(files: dict[str, Path], tmp_path: Path) -> None:
+    """A FIFO as ``--head`` (the safetensors reader would wait on it forever): exit 2 naming it, before
+    the trunk is read (the weights named here do not exist: the head is checked first)."""
+    config = _probe_config(tmp_path, files["betons"])
+    head = _fifo(tmp_path / "head.safetensors")
+    command = [str(ROOT / "run/probe.py"), "--config", str(config), "--weights", str(tmp_path / "no_weights")]
+    proc = subprocess.run(
+        [sys.executable, *command, "--head", str(head), "--eval-only"],
+        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    _one_error(proc, f"head file '{head}' is a FIFO, not a regular file")
+
+
 def test_export_only_without_a_complete_checkpoint(trained: Path, tmp_path: Path) -> None:
     out, tag = _copy(trained, tmp_path)
     (tag / ckpt.COMPLETE_MARKER).unlink()

@@ -106,13 +106,38 @@ def cached_run(digits: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
     return cfg, run_probe(cfg, digits["pretrained"])
 
 
-def test_attentive_probe_beats_chance(cached_run: tuple[ProbeConfig, dict]) -> None:
+@pytest.fixture(scope="module")
+def random_init_run(digits: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The same probe (recipe, data, seed) on the random-init trunk: what pretraining must beat. Its own
+    cache folder, so that test_cache_is_reused_then_invalidated still sees these weights as new."""
+    out = tmp_path_factory.mktemp("probe_random_init")
+    cfg = _config(digits, out, f"features.cache_dir={out / 'cache'}", "train.epochs=12", "train.lrs=[3e-3,1e-2]")
+    return run_probe(cfg, digits["random_init"])
+
+
+#: How much better the pretrained trunk's linear probe must be, per LR. Measured on this recipe (2 cores,
+#: CPU, 2026-12-03): linear 0.8025 / 0.88 (LR 3e-3 / 1e-2) against 0.7175 / 0.80 for the random-init trunk;
+#: attentive 0.70 / 0.8425 against 0.69 / 0.84.
+LINEAR_MARGIN = 0.05
+
+
+def test_pretrained_trunk_beats_the_random_init_trunk(
+    cached_run: tuple[ProbeConfig, dict], random_init_run: dict
+) -> None:
+    """A random-init aim-test trunk already reaches ~0.8 on the digits (chance is 0.1), so beating chance
+    proves nothing; the same heads on the pretrained trunk must beat the same heads on the random one.
+    The linear probe carries the margin: it reads the averaged block outputs as they are, while the
+    attentive head learns its own pooling and reaches the random trunk's level after 100 pretraining
+    steps, so for it only "not worse" is asserted."""
     cfg, results = cached_run
-    best = results["heads"]["attentive"]["best"]
-    assert best["images"] == 400
-    assert best["top1"] > 0.5, results["heads"]  # chance is 0.1
-    assert best["top5"] >= best["top1"]
-    assert results["heads"]["linear"]["best"]["top1"] > 0.3
+    pretrained, random_init = results["heads"], random_init_run["heads"]
+    assert results["weights_fingerprint"] != random_init_run["weights_fingerprint"]
+    for name, row in pretrained["linear"]["per_lr"].items():
+        baseline = random_init["linear"]["per_lr"][name]["top1"]
+        assert row["top1"] >= baseline + LINEAR_MARGIN, (name, row, baseline)
+    assert pretrained["attentive"]["best"]["top1"] >= random_init["attentive"]["best"]["top1"] - 0.02, pretrained
+    best = pretrained["attentive"]["best"]
+    assert best["images"] == 400 and best["top5"] >= best["top1"]
     written = json.loads((Path(cfg.out_dir) / "results.json").read_text())
     assert written["heads"]["attentive"]["best"]["top1"] == best["top1"]
     assert set(written["heads"]["attentive"]["per_lr"]) == {f"attentive_lr{lr:g}" for lr in cfg.train.lrs}

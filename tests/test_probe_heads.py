@@ -3,7 +3,12 @@ trip, the per-LR bank, layer choice, config checks."""
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -27,6 +32,7 @@ from aim_ds.probe import (
     save_head,
     validate_config,
 )
+from aim_ds.weights.load import WeightsError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -117,6 +123,67 @@ def test_released_head_without_bias_and_with_backbone(tmp_path: Path) -> None:
     x = torch.randn(2, 4, 64)
     expected = head(x) - head.linear.bias  # same head, minus the bias the file lacks
     torch.testing.assert_close(loaded.eval()(x), expected)
+
+
+_LOAD_HEADS = """
+import json, sys
+from aim_ds.probe import load_head
+for path in sys.argv[1:]:
+    try:
+        load_head(path, num_heads=2)
+        print(json.dumps([path, "loaded"]), flush=True)
+    except Exception as exc:
+        print(json.dumps([path, type(exc).__name__ + ": " + str(exc)]), flush=True)
+"""
+
+
+def _load_heads_in_a_child(paths: list[Path], timeout_s: float = 60) -> dict[str, str]:
+    """``load_head`` of each path in a child process: a read blocked on a FIFO (a regression) ends in
+    a timeout that fails the test instead of hanging it (the safetensors reader blocks in native code
+    holding the GIL, so neither a thread nor a signal could interrupt it in this process)."""
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", _LOAD_HEADS, *map(str, paths)],
+            env=dict(os.environ, PYTHONPATH=str(REPO)),
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+        )
+    except subprocess.TimeoutExpired as exc:
+        done = (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else exc.stdout or ""
+        pytest.fail(f"load_head still blocked after {timeout_s} s; finished: {done!r}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return dict(json.loads(line) for line in proc.stdout.splitlines())
+
+
+def test_head_that_is_not_a_regular_file_is_refused_by_name(tmp_path: Path) -> None:
+    """--head naming a FIFO (it blocked the probe forever), a socket, a device or a folder: one
+    WeightsError naming the path and what it is, without blocking; a file holding no head is named too."""
+    fifo = tmp_path / "head.safetensors"
+    os.mkfifo(fifo)
+    fifo_pth = tmp_path / "head.pth"
+    os.mkfifo(fifo_pth)
+    sock_path = tmp_path / "head_socket.safetensors"
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(sock_path))
+    cases = {
+        fifo: "is a FIFO, not a regular file",
+        fifo_pth: "is a FIFO, not a regular file",
+        sock_path: "is a socket, not a regular file",
+        Path("/dev/zero"): "is a character device, not a regular file",
+        tmp_path: "is a folder, not a regular file",
+        tmp_path / "missing.safetensors": "does not exist",
+    }
+    try:
+        results = _load_heads_in_a_child(list(cases))
+    finally:
+        server.close()
+    for path, why in cases.items():
+        assert results[str(path)] == f"WeightsError: head file '{path}' {why}", results
+    weights_only = tmp_path / "backbone.pth"
+    torch.save({"trunk.post_trunk_norm.weight": torch.ones(4)}, weights_only)
+    with pytest.raises(WeightsError, match=f"^{weights_only}: not a probe head"):
+        load_head(weights_only, num_heads=2)
 
 
 def test_linear_head_round_trip() -> None:

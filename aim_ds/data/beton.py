@@ -26,11 +26,12 @@ import os
 import re
 import stat
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
-from ..io import PARTIAL_SUFFIX, file_kind
+from .. import io as aim_io
+from ..io import PARTIAL_SUFFIX
 
 SIDECAR_SUFFIX = ".json"
 SIDECAR_FORMAT = "aim-ds-beton-sidecar/1"
@@ -350,36 +351,17 @@ def read_small(file: Any, path: str | os.PathLike[str]) -> str:
 MAX_JSON_BYTES = 256 << 20
 
 
-def open_regular_fd(path: str | os.PathLike[str]) -> int:
-    """A read-only descriptor of ``path`` if it is a regular file (symlinks followed); otherwise raises
-    :class:`BetonError` naming it and what it is. Opened without blocking first, so a FIFO cannot hang the
-    open, then checked on the open descriptor, so nothing can swap the file between check and read."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    except OSError:
-        check_regular_file(path)  # a socket cannot be opened at all (ENXIO): name what it is
-        raise
-    try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise BetonError(f"{path}: {file_kind(mode)}, not a regular file: only regular files are read")
-        os.set_blocking(fd, True)
-        return fd
-    except BaseException:
-        os.close(fd)
-        raise
-
-
-def open_regular(path: str | os.PathLike[str]) -> Any:
-    """:func:`open_regular_fd` as a binary file object."""
-    return os.fdopen(open_regular_fd(path), "rb")
+def open_regular(path: str | os.PathLike[str]) -> BinaryIO:
+    """:func:`aim_ds.io.open_regular` raising :class:`BetonError`: a binary file object of ``path`` if it is
+    a regular file, else an error naming it and what it is (a FIFO would hang every rank)."""
+    return aim_io.open_regular(path, BetonError)
 
 
 def check_regular_file(path: str | os.PathLike[str]) -> None:
     """Raise :class:`BetonError` naming ``path`` unless it is a regular file (no open: a stat)."""
     mode = os.stat(path).st_mode
     if not stat.S_ISREG(mode):
-        raise BetonError(f"{path}: {file_kind(mode)}, not a regular file: only regular files are read")
+        raise BetonError(aim_io.not_regular_message(path, aim_io.file_kind(mode)))
 
 
 class BetonError(ValueError):

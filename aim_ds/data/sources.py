@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .beton import BetonError, check_jpeg_sizes, open_regular_fd, read_beton, read_header, resolve_betons
+from ..io import open_regular_fd
+from .beton import BetonError, check_jpeg_sizes, read_beton, read_header, resolve_betons
 from .shard_index import index_path, shard_counts
 
 SourceSpec = str | os.PathLike | Sequence[tuple[str | os.PathLike, float]]
@@ -44,7 +45,7 @@ class _OpenFiles:
         with self._lock:
             fd = self._fds.pop(path, None)
             if fd is None:
-                fd = open_regular_fd(path)  # a FIFO swapped in is refused, not waited on
+                fd = open_regular_fd(path, BetonError)  # a FIFO swapped in is refused, not waited on
                 while len(self._fds) >= self.limit:
                     os.close(self._fds.popitem(last=False)[1])
             self._fds[path] = fd

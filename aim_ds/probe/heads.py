@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..io import atomic_path
-from ..weights.load import read_errors, read_state_dict_file
+from ..io import atomic_path, check_regular_file
+from ..weights.load import WeightsError, read_errors, read_state_dict_file
 from .config import HEAD_TYPES
 
 _BACKBONE_PREFIXES = ("preprocessor.", "trunk.")
@@ -159,15 +159,27 @@ def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     return state, metadata
 
 
+def check_head_file(path: str | os.PathLike) -> Path:
+    """``path`` when it is a regular file; else :class:`~aim_ds.weights.load.WeightsError` naming it and
+    what it is (missing, a FIFO, a socket, a device, a folder). Reading a FIFO would block forever (the
+    safetensors reader opens the file blocking), so every ``--head`` passes this before anything opens it."""
+    return check_regular_file(path, "head file", WeightsError)
+
+
 def load_head(path: str | os.PathLike, num_heads: int) -> tuple[str, nn.Module, dict[str, Any]]:
     """``(kind, head, metadata)`` from a safetensors or torch file in either layout. A released
-    ml-aim checkpoint holding backbone and head together works too (the backbone keys are ignored)."""
-    path = Path(path)
+    ml-aim checkpoint holding backbone and head together works too (the backbone keys are ignored).
+    Anything but a regular file holding a head raises :class:`~aim_ds.weights.load.WeightsError` naming
+    ``path``."""
+    path = check_head_file(path)
     if path.suffix == ".safetensors":
         with read_errors(path, "a safetensors file"):
             state, metadata = _read_safetensors(path)
     else:
         state, metadata = read_state_dict_file(path), {}
         state = {k: v for k, v in state.items() if not k.startswith(_BACKBONE_PREFIXES)}
-    kind, head = head_from_state_dict(state, num_heads)
+    try:
+        kind, head = head_from_state_dict(state, num_heads)
+    except KeyError as exc:  # a weights file without a head, or a head of another layout
+        raise WeightsError(f"{path}: {exc.args[0]}") from None
     return kind, head, metadata

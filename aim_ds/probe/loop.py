@@ -22,11 +22,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..config import save_config, to_dict
+from ..config import ConfigError, save_config, to_dict
 from ..distributed import is_main, min_across_ranks, sum_across_ranks
 from ..io import atomic_path, atomic_write_json
 from ..metrics import TENSORBOARD_DIR, scalar_items, tensorboard_writer
 from ..optim import lr_at_step
+from ..weights.load import WeightsError
 from .bank import HeadBank, HeadSlot, format_results, save_heads, summarise
 from .config import ProbeConfig, validate_config
 from .context import (
@@ -40,7 +41,7 @@ from .context import (
     trunk_batches,
 )
 from .features import FeatureStore, feature_store, iterate_store
-from .heads import load_head
+from .heads import check_head_file, load_head
 
 
 class _Features:
@@ -170,7 +171,7 @@ def load_bank(ctx: ProbeContext, head_paths: Sequence[str | os.PathLike]) -> Hea
     for path in head_paths:
         kind, head, meta = load_head(path, ctx.trunk.config.num_heads)
         if head.linear.weight.shape != (num_classes, dim):
-            raise ValueError(
+            raise WeightsError(
                 f"head {path}: classifier shape {list(head.linear.weight.shape)} does not fit "
                 f"{num_classes} classes x width {dim}"
             )
@@ -307,7 +308,9 @@ def run_probe(
     eval_only = eval_only or cfg.train.epochs == 0
     validate_config(cfg, eval_only=eval_only)
     if eval_only and not head_paths:
-        raise ValueError("evaluation only (--eval-only or train.epochs=0) needs at least one --head PATH")
+        raise ConfigError("evaluation only (--eval-only or train.epochs=0) needs at least one --head PATH")
+    for path in head_paths:  # before the trunk is built: a bad --head fails in seconds, not after the load
+        check_head_file(path)
     torch.manual_seed(cfg.train.seed)
     ctx = prepare(cfg, weights, train=not eval_only)
     out_dir = Path(cfg.out_dir)

@@ -173,8 +173,9 @@ def save(engine: Any, ckpt_dir: str | os.PathLike, step: int, client_state: dict
     """Save a complete checkpoint for ``step`` on every rank, mark it complete, prune old ones.
 
     Every rank writes into ``<tag>.partial``; once all have written and rank 0 has marked it
-    complete, it replaces ``<tag>`` (an existing complete ``<tag>``, re-saved by a resumed run that
-    stopped again at once, is moved aside and removed only after the swap). ``client_state`` must
+    complete, it replaces ``<tag>`` (an existing complete ``<tag>``, say one a resume did not start
+    from, is moved aside and removed only after the swap; a resumed run itself saves only after a
+    step, so it never re-saves the step it resumed from). ``client_state`` must
     be plain data (DeepSpeed stores it with rank 0's model states). Returns the checkpoint folder.
     """
     ckpt_dir = Path(ckpt_dir)
