@@ -1,4 +1,8 @@
-"""``python -m aim_ds.plan``: the plan of one run config on the given hardware (see :mod:`aim_ds.plan`)."""
+"""``aim-plan`` (``python -m aim_ds.plan``): the plan of one run config on the given hardware (see :mod:`aim_ds.plan`).
+
+A driver, not part of the planner: it reads the pretraining run config (:mod:`aim_ds.train.config`), which
+the planner below the training package must not import.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +10,11 @@ import argparse
 import dataclasses
 import sys
 
-from ..config import ConfigError
+from ..config import ConfigError, load_config
 from ..devices import DEFAULT_GPU, GPUS, gpu_spec
-from . import __doc__ as PLAN_DOC
-from .memory import (
+from ..ds_config import load_ds_config
+from ..plan import __doc__ as PLAN_DOC
+from ..plan.memory import (
     GIB,
     HEADROOM_FRACTION,
     Hardware,
@@ -18,15 +23,18 @@ from .memory import (
     host_memory_bytes,
     runtime_bytes,
 )
-from .report import make_plan
+from ..plan.report import make_plan
+from ..shipped import resolve_config
+from ..train.config import PretrainConfig, resolve_plan
+from ..train.engine import model_config
 
 ZEROPP = {"zero_quantized_weights": True, "zero_quantized_gradients": True}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m aim_ds.plan", description=(PLAN_DOC or "").split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="run config YAML (run/configs/*.yaml)")
-    parser.add_argument("--deepspeed", required=True, help="DeepSpeed config JSON (ds_configs/*.json)")
+    parser = argparse.ArgumentParser(prog="aim-plan", description=(PLAN_DOC or "").split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="run config: a YAML path or a shipped name (aim-7B, ...)")
+    parser.add_argument("--deepspeed", required=True, help="DeepSpeed config: a JSON path or a shipped name (zero3)")
     parser.add_argument("--gpus", type=int, default=8, help="GPUs (ranks) per node")
     parser.add_argument("--nodes", type=int, default=1)
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: DeepSpeed's CPU accelerator")
@@ -73,14 +81,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..config import load_config
-    from ..train.config import PretrainConfig, resolve_plan
-    from ..train.engine import load_ds_config, model_config
-
+    """The planner's command line: 0 fits, 1 does not fit (the knob to change on stderr), 2 bad input."""
     args = parse_args(argv)
     try:
-        cfg = load_config(PretrainConfig, args.config, overrides=args.overrides)
-        ds = load_ds_config(args.deepspeed)
+        cfg = load_config(PretrainConfig, resolve_config(args.config, "run", "--config"), overrides=args.overrides)
+        ds = load_ds_config(resolve_config(args.deepspeed, "deepspeed", "--deepspeed"))
         if args.zeropp:
             ds.setdefault("zero_optimization", {}).update(ZEROPP, zero_hpz_partition_size=args.gpus)
         gpu = gpu_spec(args.gpu)

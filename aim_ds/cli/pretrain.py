@@ -2,6 +2,8 @@
 
     deepspeed run/pretrain.py --deepspeed ds_configs/zero3.json --config run/configs/aim-0.6B.yaml \
         [key=value ...]                       # e.g. train.steps=1000 out_dir=runs/aim-0.6B
+    deepspeed $(which aim-pretrain) --deepspeed zero3 --config aim-0.6B [key=value ...]   # installed
+    aim-pretrain --deepspeed zero3_fp32 --config aim-test ...   # one process, no launcher
     DS_ACCELERATOR=cpu deepspeed --num_gpus 2 run/pretrain.py --deepspeed ds_configs/zero3.json \
         --config run/configs/aim-tiny.yaml    # CPU, two ranks, fp32, gloo
     python run/pretrain.py --export-only runs/aim-tiny   # safetensors from the newest checkpoint
@@ -32,15 +34,14 @@ import sys
 import warnings
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from aim_ds.config import ConfigError, load_config  # noqa: E402
-from aim_ds.train.config import NonFiniteLossError, PretrainConfig  # noqa: E402
-from aim_ds.train.engine import load_ds_config  # noqa: E402
-from aim_ds.train.lock import RunLock, RunLockedError  # noqa: E402
-from aim_ds.train.loop import run  # noqa: E402
-from aim_ds.train.preflight import check_config  # noqa: E402
-from aim_ds.train.stopping import (  # noqa: E402
+from ..config import ConfigError, load_config
+from ..ds_config import load_ds_config
+from ..shipped import resolve_config
+from ..train.config import NonFiniteLossError, PretrainConfig
+from ..train.lock import RunLock, RunLockedError
+from ..train.loop import run
+from ..train.preflight import check_config
+from ..train.stopping import (
     EXIT_BAD_INPUT,
     EXIT_FINISHED,
     EXIT_NON_FINITE,
@@ -48,15 +49,20 @@ from aim_ds.train.stopping import (  # noqa: E402
     STOP_FILE,
     StopRequest,
 )
-from aim_ds.weights import checkpoint as ckpt  # noqa: E402
-from aim_ds.weights.zero_shards import ShardError  # noqa: E402
+from ..weights import checkpoint as ckpt
+from ..weights.zero_shards import ShardError
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="run config YAML (run/configs/*.yaml)")
     parser.add_argument(
-        "--deepspeed", "--deepspeed_config", dest="deepspeed", help="DeepSpeed engine config JSON (ds_configs/*.json)"
+        "--config", help="run config: a YAML path, or a shipped name (aim-test, aim-tiny, ..., aim-0.6B, ..., aim-7B)"
+    )
+    parser.add_argument(
+        "--deepspeed",
+        "--deepspeed_config",
+        dest="deepspeed",
+        help="DeepSpeed engine config: a JSON path, or a shipped name (zero3, zero3_fp32, zero3_offload, zero2)",
     )
     parser.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # set by the launcher
     parser.add_argument(
@@ -80,7 +86,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def export_only(run_dir: str) -> int:
     """Consolidate the newest complete checkpoint of ``run_dir`` into ``run_dir/export`` (under the
     run folder's lock; the shards are read without unpickling code, see aim_ds.weights.zero_shards)."""
-    from aim_ds.weights.export import export_latest
+    from ..weights.export import export_latest
 
     ckpt.check_manifest(run_dir)
     cfg = load_config(PretrainConfig, Path(run_dir) / "config.yaml")
@@ -109,7 +115,7 @@ def train(args: argparse.Namespace) -> int:
     def agree_on_lock() -> None:
         """Every rank stops at once when rank 0 was refused the lock (not only rank 0, leaving the
         others in a collective until the process group's timeout)."""
-        from aim_ds.distributed import max_across_ranks
+        from ..distributed import max_across_ranks
 
         if max_across_ranks(int(refused is not None)):
             raise refused or RunLockedError(f"rank 0 could not take {lock.path} (its log names the holder)")
@@ -140,6 +146,7 @@ def train(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The driver (``aim-pretrain``, ``run/pretrain.py``): returns the exit code documented above."""
     args = parse_args(argv)
     # DeepSpeed calls torch.distributed's *_tensor collectives, which torch now flags on every call.
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
@@ -148,6 +155,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     log = logging.getLogger("aim_ds")
     try:
+        # A shipped name (aim-0.6B, zero3) becomes the packaged file's path; an existing path wins.
+        if args.config:
+            args.config = resolve_config(args.config, "run", "--config")
+        if args.deepspeed:
+            args.deepspeed = resolve_config(args.deepspeed, "deepspeed", "--deepspeed")
         if args.print_out_dir:
             print(load_config(PretrainConfig, args.config, overrides=args.overrides).out_dir)
             return EXIT_FINISHED

@@ -1,8 +1,10 @@
 """Probe a frozen AIM trunk: attentive and linear heads, an LR sweep in one run.
 
-    python run/probe.py --config run/configs/probe_aim-test.yaml --weights RUN/export [key=value ...]
-    deepspeed --num_gpus 8 run/probe.py --config run/configs/probe_aim-0.6B.yaml --weights RUN
-    python run/probe.py --config ... --weights aim_600m.pth --head aim_600m.pth --eval-only
+    aim-probe --config probe_aim-test --weights RUN/export [key=value ...]      # or python run/probe.py
+    deepspeed --num_gpus 8 $(which aim-probe) --config probe_aim-0.6B --weights RUN
+    aim-probe --config ... --weights aim_600m.pth --head aim_600m.pth --eval-only
+
+``--config``: a probe YAML path, or a shipped name (``probe_aim-test`` ... ``probe_aim-7B``).
 
 ``--weights``: an export folder or its model.safetensors, a DeepSpeed checkpoint (run folder,
 checkpoints/ or a tag folder), or a released ml-aim backbone (.safetensors / .pth). The logic
@@ -14,20 +16,18 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+import torch.distributed as dist
 
-import torch.distributed as dist  # noqa: E402
-
-from aim_ds.config import ConfigError  # noqa: E402
-from aim_ds.probe import load_probe_config, run_probe  # noqa: E402
-from aim_ds.weights.load import WeightsError, WeightsMismatchError  # noqa: E402
+from ..config import ConfigError
+from ..probe import load_probe_config, run_probe
+from ..shipped import resolve_config
+from ..weights.load import WeightsError, WeightsMismatchError
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="run/configs/probe_<name>.yaml")
+    parser.add_argument("--config", required=True, help="probe YAML path, or a shipped name (probe_aim-0.6B, ...)")
     parser.add_argument("--weights", required=True, help="trunk weights: export, DeepSpeed checkpoint or ml-aim file")
     parser.add_argument(
         "--head", action="append", default=[], help="a trained head to evaluate (repeatable; ours or ml-aim layout)"
@@ -44,9 +44,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The driver (``aim-probe``, ``run/probe.py``): 0 done, 2 bad input (one line on stderr)."""
     args = parse_args(argv)
     try:
-        cfg = load_probe_config(args.config, overrides=args.overrides)
+        cfg = load_probe_config(resolve_config(args.config, "probe", "--config"), overrides=args.overrides)
         run_probe(cfg, args.weights, head_paths=args.head, eval_only=args.eval_only)
     except (ConfigError, WeightsError, WeightsMismatchError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -147,7 +147,7 @@ def save_export(
     A failure part-way leaves no ``model.json`` (the folder is then no export), never one that
     describes weights it was not written with.
     """
-    from .. import __version__
+    from ..version import __version__
 
     with torch.device("meta"):
         reference = create_model(model_name, **overrides)
