@@ -76,7 +76,9 @@ def resolve_config(value: str | os.PathLike, kind: Kind, option: str = "--config
         raise ConfigError(f"{option} {text}: no such {label} file (or give a shipped name: {names})")
     found = shipped_path(text, kind)
     if found is None:
-        raise ConfigError(f"{option} {text}: neither a file nor a shipped {label}; shipped names: {names}")
+        other = next((k for k in _KINDS if k != kind and shipped_path(text, k) is not None), None)  # type: ignore[arg-type]
+        hint = f" ({text} is a shipped {_KINDS[other][2]})" if other else ""
+        raise ConfigError(f"{option} {text}: neither a file nor a shipped {label}{hint}; shipped names: {names}")
     return str(found)
 
 

@@ -4,8 +4,8 @@
         [key=value ...]                       # e.g. train.steps=1000 out_dir=runs/aim-0.6B
     deepspeed $(which aim-pretrain) --deepspeed zero3 --config aim-0.6B [key=value ...]   # installed
     aim-pretrain --deepspeed zero3_fp32 --config aim-test ...   # one process, no launcher
-    DS_ACCELERATOR=cpu deepspeed --num_gpus 2 run/pretrain.py --deepspeed ds_configs/zero3.json \
-        --config run/configs/aim-tiny.yaml    # CPU, two ranks, fp32, gloo
+    DS_ACCELERATOR=cpu deepspeed --num_gpus 2 run/pretrain.py --deepspeed ds_configs/zero3_fp32.json \
+        --config run/configs/aim-tiny.yaml    # CPU, two ranks, fp32, gloo (zero3.json: bf16, on CPU too)
     python run/pretrain.py --export-only runs/aim-tiny   # safetensors from the newest checkpoint
 
     sbatch [--nodes N] scripts/slurm/pretrain.sbatch --config C --deepspeed D [key=value ...]
