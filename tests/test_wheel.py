@@ -153,6 +153,11 @@ def test_convert_pretrain_probe_outside_the_checkout(installed: dict[str, Path])
     )  # fmt: skip
     _ok(pretrain)
     assert (work / "run/export/model.safetensors").is_file()
+    # deepspeed --module: the launcher runs `python -m aim_ds.cli.pretrain` on each rank (here one, asking only
+    # for the run folder the config and overrides give).
+    module = _ok(_run([*launcher[:3], "--num_gpus", "1", "--master_port", str(free_port()), "--module", "aim_ds.cli.pretrain",
+                       "--config", "aim-test", "--deepspeed", "zero3", "--print-out-dir", "out_dir=from_module"], work, env))  # fmt: skip
+    assert "from_module" in module.stdout, module.stdout[-2000:]
     assert len((work / "run/metrics.jsonl").read_text().splitlines()) >= 3
 
     probe = _run(
