@@ -45,7 +45,7 @@ def configs_dir(kind: Kind) -> Path:
 def shipped_names(kind: Kind) -> list[str]:
     """The names (file stems) of the shipped configs of ``kind``, sorted. Probe configs are the
     ``probe_*`` YAMLs; pretraining configs are the others."""
-    folder, suffix, _ = _KINDS[kind]
+    suffix = _KINDS[kind][1]
     directory = configs_dir(kind)
     stems = sorted(p.stem for p in directory.iterdir() if p.suffix == suffix) if directory.is_dir() else []
     if kind == "deepspeed":
