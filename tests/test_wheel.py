@@ -163,7 +163,7 @@ def test_convert_pretrain_probe_outside_the_checkout(installed: dict[str, Path])
     probe = _run(
         [str(bin_dir / "aim-probe"), "--config", "probe_aim-test", "--weights", "run/export",
          "data.train_path=train.beton", "data.val_path=val.beton", "data.num_workers=1", "train.epochs=1",
-         "train.lrs=[1e-3]", "device=cpu", "out_dir=probe"],
+         "train.lrs=[1e-3]", "train.batch_size=32", "device=cpu", "out_dir=probe"],
         work, env,
     )  # fmt: skip
     _ok(probe)
