@@ -16,7 +16,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .config import ConfigError
-from .model.flops import H100_BF16_DENSE_FLOPS
+
+# Peak dense bf16 throughput of an H100 SXM (NVIDIA's datasheet, without sparsity), FLOP/s: the
+# default MFU denominator of the training log and the GPU benchmark.
+H100_BF16_DENSE_FLOPS = 989e12
 
 GIB = 1024**3
 GB = 1e9

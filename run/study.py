@@ -3,7 +3,7 @@ over training, and do bigger models probe better? The logic lives in :mod:`aim_d
 
     # on existing runs (same data and steps for the sizes): every checkpoint of RUN_A, the final one of each
     python run/study.py --out study_out --checkpoints-run RUN_A --size-runs RUN_A RUN_B RUN_C \\
-        --probe-config run/configs/probe_aim-tiny.yaml --train-beton T.beton --val-beton V.beton [key=value ...]
+        --probe-config probe_aim-tiny --train-beton T.beton --val-beton V.beton [key=value ...]
     # make study: sklearn digits -> betons, pretrain each --sizes for --steps (a checkpoint and a val loss every
     # --every steps, all kept), then the study on them
     python run/study.py --out study_out --pretrain
@@ -55,7 +55,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--checkpoints-run", default=None, help="run folder whose every checkpoint is probed")
     parser.add_argument("--size-runs", nargs="*", default=[], help="run folders of different sizes, same data/steps")
-    parser.add_argument("--probe-config", default=str(ROOT / "run" / "configs" / "probe_aim-tiny.yaml"))
+    parser.add_argument("--probe-config", default="probe_aim-tiny", help="probe YAML path or shipped name")
     parser.add_argument("--train-beton", default=None, help="labelled train .beton for the probes")
     parser.add_argument("--val-beton", default=None, help="labelled val .beton for the probes")
     parser.add_argument("overrides", nargs="*", help="probe-config overrides, e.g. train.epochs=5")

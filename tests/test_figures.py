@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT / "BENCHMARKS.md"
 
 # Where quotes may live: the documents, the run configs, and every comment or help text in code.
-SCANNED = ("*.md", "docs/**/*.md", "run/**/*.yaml", "run/**/*.py", "Makefile", "scripts/**/*.sh",
+SCANNED = ("*.md", "docs/**/*.md", "aim_ds/configs/**/*.yaml", "run/**/*.py", "aim_ds/cli/*.py", "Makefile", "scripts/**/*.sh",
            "scripts/**/*.sbatch", "aim_ds/**/*.py", "aim_ds/**/*.yaml", "data_prep/**/*.py", "bench/**/*.py")  # fmt: skip
 # The shipped run configs, wherever they live (a checkout's run/configs, or package data under aim_ds/).
 RUN_CONFIGS = ("run/configs/*.yaml", "aim_ds/**/configs/*.yaml")
@@ -166,7 +166,7 @@ def fig_errors() -> list[str]:
 @functools.cache
 def plan_output(argv: tuple[str, ...]) -> str:
     """What ``python -m aim_ds.plan ARGV`` prints, run in this process (no DeepSpeed launch)."""
-    from aim_ds.plan import main
+    from aim_ds.cli.plan import main
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):

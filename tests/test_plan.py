@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from aim_ds.cli.plan import main
 from aim_ds.model.aim import Block
 from aim_ds.model.attention import build_mask
 from aim_ds.model.flops import train_flops_per_image
@@ -23,7 +24,6 @@ from aim_ds.plan import (
     check_run,
     count_parameters,
     engine_settings,
-    main,
     measure_activations,
     model_state_bytes,
     optimizer_step_bytes,

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from aim_ds.cli.plan import main
 from aim_ds.config import ConfigError
 from aim_ds.devices import GPUS, GPUSpec, gpu_spec, match_gpu
 from aim_ds.metrics import device_peak_flops
@@ -23,7 +24,6 @@ from aim_ds.plan import (
     default_headroom,
     engine_settings,
     fits,
-    main,
     make_plan,
     model_state_bytes,
     step_seconds,

@@ -246,7 +246,7 @@ def _sidecar(
     beton_bytes: int,
 ) -> dict[str, Any]:
     """The sidecar's content: how ``out_path`` was written (``seconds``: wall time of the whole write)."""
-    from .. import __version__
+    from ..version import __version__
 
     return {
         "format": SIDECAR_FORMAT,

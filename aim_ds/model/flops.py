@@ -10,6 +10,7 @@ norms, biases and position embeddings are left out as negligible.
 
 from __future__ import annotations
 
+from ..devices import H100_BF16_DENSE_FLOPS  # noqa: F401  (re-exported: the MFU's default denominator)
 from .aim import AIMConfig
 
 
@@ -29,8 +30,3 @@ def train_flops_per_image(cfg: AIMConfig) -> float:
     trunk, head = matmul_params(cfg)
     attention = 12 * cfg.depth * cfg.width * tokens**2
     return float(6 * (trunk + head) * tokens + attention)
-
-
-# Peak dense bf16 throughput of an H100 SXM (NVIDIA's datasheet, without sparsity), FLOP/s: the
-# default MFU denominator of the training log and the GPU benchmark.
-H100_BF16_DENSE_FLOPS = 989e12

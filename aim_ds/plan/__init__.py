@@ -1,12 +1,13 @@
 """Memory and time planner for a pretraining run, before any GPU is booked.
 
-    python -m aim_ds.plan --config run/configs/aim-7B.yaml --deepspeed ds_configs/zero3.json --gpus 8 \
+    aim-plan --config aim-7B --deepspeed zero3 --gpus 8 \           # or python -m aim_ds.plan, same arguments
         [--nodes 4] [--gpu A100-80GB] [--gpu-memory-gb 80] [--host-memory-gb 1000] [--mfu 0.4] \
         [--pcie-gbs 50] [--nvlink-gbs 360] [--network-gbs 360] [--zeropp] [key=value ...]
 
 What the peak is made of, and how each term is obtained, is in :mod:`aim_ds.plan.memory`
 (the bytes each step moves over PCIe, NVLink and the network: :func:`traffic`); the GPUs known by
-name in :mod:`aim_ds.devices`; the printed plan, the does-not-fit message and the driver's start-up
+name in :mod:`aim_ds.devices`; the command line in :mod:`aim_ds.cli.plan` (a driver: it reads the
+pretraining run config); the printed plan, the does-not-fit message and the driver's start-up
 check in :mod:`aim_ds.plan.report`. Memory figures are counted (DeepSpeed's estimator, the ZeRO
 knobs) or measured (activations); step times and run hours are predictions at an assumed MFU.
 """
@@ -40,18 +41,9 @@ from .memory import (
 )
 from .report import RunSizing, check_run, local_hardware, make_plan
 
-
-def main(argv: list[str] | None = None) -> int:
-    """The CLI (:mod:`aim_ds.plan.__main__`)."""
-    from .__main__ import main as cli
-
-    return cli(argv)
-
-
 __all__ = [
     "GIB",
     "fits",
-    "main",
     "Activations",
     "EngineSettings",
     "Hardware",

@@ -13,6 +13,7 @@ import torch
 from ..config import ConfigError
 from ..devices import detect_gpu
 from ..distributed import min_across_ranks
+from ..ds_config import resolve_auto_knobs
 from ..model.aim import AIMConfig
 from ..model.flops import H100_BF16_DENSE_FLOPS
 from .memory import (
@@ -215,8 +216,6 @@ def make_plan(
     """Plan ``micro_batch`` with ``checkpointing`` and the choices that fit, as text and numbers.
     ``peak_flops`` defaults to ``hw.gpu``'s bf16 dense peak; ``steps`` (the run's optimizer steps)
     adds the predicted hours and GPU-hours."""
-    from ..train.engine import resolve_auto_knobs
-
     ds = copy.deepcopy(ds)
     resolve_auto_knobs(ds, model_cfg)  # "auto" knobs as the driver will fill them
     engine = engine_settings(ds, device=hw.device)

@@ -139,7 +139,7 @@ class LiveProbeSection:
     top-1 beside the val loss (``metrics.jsonl`` kind ``probe``, W&B ``probe/``, ``loss.png``)."""
 
     every_steps: int = 0  # 0: off
-    config: str = ""  # probe YAML; "": run/configs/probe_<model.name>.yaml
+    config: str = ""  # probe YAML path or shipped name; "": the shipped probe_<model.name>
     train_path: str = ""  # labelled .beton (python -m data_prep imagefolder ...)
     val_path: str = ""
     overrides: list[str] = field(default_factory=lambda: ["train.epochs=10", "train.weight_decays=[0.05]"])

@@ -2,7 +2,7 @@
 val loss and its probe accuracy move together (the paper's Fig. 4) while it runs.
 
 Every rank takes part in gathering the (ZeRO-3 partitioned) weights; rank 0 then writes them as an
-export and probes it in a fresh process (:func:`aim_ds.study.probe_in_subprocess`): the training
+export and probes it in a fresh process (:func:`aim_ds.probe.runner.probe_in_subprocess`): the training
 process group spans every rank, and a probe in this process would issue collectives the other ranks
 never join. The probe runs where it fits (``probe.device``: a GPU no rank trains on, else the CPU) on
 a bounded subset (``probe.max_train_images``, ``probe.max_val_images``) with a scratch feature cache
@@ -24,7 +24,8 @@ from torch import Tensor
 from ..config import ConfigError
 from ..distributed import rank0_phase
 from ..metrics import plot_loss
-from ..study import ProbeSettings, best_top1, probe_in_subprocess
+from ..probe.runner import ProbeSettings, best_top1, probe_in_subprocess
+from ..shipped import resolve_config, shipped_path
 from ..weights.checkpoint import tag_for_step
 from ..weights.export import save_export
 from .config import PretrainConfig
@@ -39,17 +40,28 @@ def live_probe_due(cfg: PretrainConfig, step: int) -> bool:
     return every > 0 and step % every == 0
 
 
-def check_live_probe(cfg: PretrainConfig, root: Path) -> ProbeSettings | None:
+def check_live_probe(cfg: PretrainConfig) -> ProbeSettings | None:
     """The probe settings of ``cfg.probe``, or None when it is off; ``ConfigError`` naming the key
-    for settings that cannot run (checked before any training)."""
+    for settings that cannot run (checked before any training). ``probe.config`` is a probe YAML's
+    path or a shipped name; unset, the shipped ``probe_<model.name>`` (from the package, so a run
+    needs no checkout)."""
     section = cfg.probe
     if section.every_steps <= 0:
         return None
     if not section.train_path or not section.val_path:
         raise ConfigError("probe.every_steps > 0 needs probe.train_path and probe.val_path (labelled .beton files)")
-    config = section.config or str(root / "run" / "configs" / f"probe_{cfg.model.name}.yaml")
+    if section.config:
+        config = resolve_config(section.config, "probe", "probe.config")
+    else:
+        shipped = shipped_path(f"probe_{cfg.model.name}", "probe")
+        if shipped is None:
+            raise ConfigError(
+                f"probe.config: no probe config ships for model {cfg.model.name} (probe_{cfg.model.name}); "
+                "set probe.config to a probe YAML"
+            )
+        config = str(shipped)
     if not Path(config).is_file():
-        raise ConfigError(f"probe.config: {config} does not exist; set probe.config to a probe YAML")
+        raise ConfigError(f"probe.config: {config} is not a file; set probe.config to a probe YAML")
     for key in ("max_train_images", "max_val_images"):
         if getattr(section, key) < 0:
             raise ConfigError(f"probe.{key}={getattr(section, key)}: must be >= 0 (0: every image)")

@@ -371,7 +371,7 @@ def _train_loop(job: Job, step: int, epoch: int, batch_in_epoch: int) -> tuple[s
         raise ConfigError(f"the training data gives no full micro-batch of {plan.micro_batch_size} images per rank")
     batches = iterate_batches(job.train_loader, epoch, batch_in_epoch, per_epoch)
     flops_per_image = train_flops_per_image(job.model_cfg)
-    probe_settings = check_live_probe(cfg, Path(__file__).resolve().parents[2])
+    probe_settings = check_live_probe(cfg)
     stop = active()  # the driver's (installed before the engine was built), else this loop's own
     own_stop = stop is None
     if stop is None:

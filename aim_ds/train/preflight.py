@@ -216,7 +216,7 @@ def check_config(cfg: PretrainConfig, world_size: int | None = None) -> None:
             f"must be 0 (image_size * 256 / 224) or >= the image size {image_size}: the centre crop needs it",
         )
     # The live probe's settings, here rather than after the engine is built.
-    check_live_probe(cfg, Path(__file__).resolve().parents[2])
+    check_live_probe(cfg)
     world = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
     resolve_plan(cfg, world, image_size, model_cfg.num_patches)
     check_paths(cfg)

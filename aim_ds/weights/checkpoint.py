@@ -42,6 +42,7 @@ import torch.distributed as dist
 
 from ..distributed import Rank0PhaseError, barrier, min_across_ranks, rank, rank0_phase, world_size
 from ..io import PARTIAL_SUFFIX, atomic_dir, atomic_write_json, partial_path, remove_if_exists, replace_dir
+from ..shipped import child_pythonpath
 from .zero_shards import ShardError, read_weights_only, weights_only_loads
 
 COMPLETE_MARKER = "COMPLETE"
@@ -203,7 +204,7 @@ def save(engine: Any, ckpt_dir: str | os.PathLike, step: int, client_state: dict
 
 def write_manifest(run_dir: str | os.PathLike) -> None:
     """Mark ``run_dir`` as a run folder of this project (kept when present)."""
-    from .. import __version__
+    from ..version import __version__
 
     path = Path(run_dir) / MANIFEST
     if not path.is_file():
@@ -440,8 +441,7 @@ def convert_to_universal(path: str | os.PathLike) -> Path:
         command = universal_command(path)
         command[command.index("--output_folder") + 1] = str(tmp)
         # The child imports aim_ds from wherever this process did (a checkout run without installing).
-        root = str(Path(__file__).resolve().parents[2])
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
+        env = dict(os.environ, PYTHONPATH=child_pythonpath(os.environ.get("PYTHONPATH")))
         done = subprocess.run(command, capture_output=True, text=True, env=env)
         if done.returncode != 0:
             lines = done.stderr.strip().splitlines() or ["no message"]

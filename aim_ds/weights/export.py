@@ -107,7 +107,7 @@ def save_export(
     ``config.json`` then ``model.json``. A failure part-way leaves no description (no export), never one that
     describes weights it was not written with.
     """
-    from .. import __version__
+    from ..version import __version__
 
     with torch.device("meta"):
         reference = create_model(model_name, **overrides)
