@@ -18,8 +18,8 @@ demo: setup
 # aim-tiny / aim-mini pretrained for the same 120 steps on 2 CPU ranks (a checkpoint and val loss every
 # 20 steps, all kept), every aim-tiny checkpoint probed (5-epoch probes), then the sizes (how long it takes:
 # BENCHMARKS.md, "The study"). Figures in study_out/study/.
-# Longer: make study STUDY_ARGS="--steps 600 --every 100 train.epochs=20"
-STUDY_ARGS ?= --steps 120 --every 20 train.epochs=5
+# Longer: make study STUDY_ARGS="--steps 600 --every 60 train.epochs=20"
+STUDY_ARGS ?= --steps 120 --every 12 train.epochs=5
 study: setup
 	$(PY) run/study.py --out study_out --pretrain $(STUDY_ARGS)
 
