@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -246,8 +247,9 @@ def test_wandb_offline_one_run_across_launches(tmp_path: Path, monkeypatch: pyte
     assert caplog.text.count("W&B logging is off") == 1
     second.close()
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4, 5]
+    # Two offline launches within one second: wandb names the second folder <time>-<id>-1.
     folders = sorted((tmp_path / "wandb").glob("offline-run-*"))
-    assert len(folders) == 2 and all(f.name.endswith(f"-{run_id}") for f in folders)
+    assert len(folders) == 2 and all(re.search(rf"-{run_id}(-\d+)?$", f.name) for f in folders)
 
 
 def test_preflight_checks_the_monitoring_set_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

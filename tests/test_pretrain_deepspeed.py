@@ -334,7 +334,7 @@ def test_wandb_and_tensorboard_continue_across_the_resume(killed_and_resumed: di
     run_id = (out / "wandb_id.txt").read_text().strip()
     folders = sorted((out / "wandb").glob("offline-run-*"))
     # Two launches, one W&B run: both offline folders carry the id (`wandb sync` uploads them in order).
-    assert len(folders) == 2 and all(f.name.endswith(f"-{run_id}") for f in folders), folders
+    assert len(folders) == 2 and all(re.search(rf"-{run_id}(-\d+)?$", f.name) for f in folders), folders
     first, second = (_wandb_history(f / f"run-{run_id}.wandb") for f in folders)
     # DeepSpeed's launcher answers SIGTERM by terminating each rank's whole process tree, W&B's service
     # process too (SLURM signals every process of the job alike): the service shuts down at once and
