@@ -338,10 +338,15 @@ def test_wandb_and_tensorboard_continue_across_the_resume(killed_and_resumed: di
     first, second = (_wandb_history(f / f"run-{run_id}.wandb") for f in folders)
     # DeepSpeed's launcher answers SIGTERM by terminating each rank's whole process tree, W&B's service
     # process too (SLURM signals every process of the job alike): the service shuts down at once and
-    # drops the records it had not yet written. Rank 0 must then go on to its stop checkpoint with W&B
-    # turned off, not crash in the next log call. (Measured: the first launch's offline file kept none
-    # of its 6 steps.)
-    assert "W&B logging is off for the rest of this run" in killed_and_resumed["first_log"]
+    # drops the records it had not yet written. Rank 0 must then go on to its stop checkpoint, with W&B
+    # turned off if a log call met the dead service (whether one does depends on timing: both were seen),
+    # never crashing in it. (Measured once: the first launch's offline file kept none of its 6 steps.)
+    # wandb's own atexit teardown may print a traceback at interpreter exit, after the checkpoint: no
+    # traceback may pass through aim-ds's code.
+    first_log = killed_and_resumed["first_log"]
+    assert not re.search(r'File "[^"]*/aim_ds/', first_log), first_log[-3000:]
+    assert first_log.count("W&B logging is off for the rest of this run") <= 1
+    assert f"stopped at step {stopped_at}" in first_log
     assert set(first) <= set(range(1, stopped_at + 1))
     assert sorted(second) == list(range(stopped_at + 1, STEPS + 1))  # the history goes on where it stopped
     losses = _losses(out)
