@@ -27,6 +27,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -197,26 +198,43 @@ def _probe_checkpoint(run_dir: Path, path: Path, settings: ProbeSettings, out: P
     """Per head kind, the best head's per-image top-1 hits ``bool [seeds, images]`` of checkpoint
     ``path``, one probe per seed of ``settings.seeds``; a probe newer than the checkpoint is reused."""
     per_seed = []
-    for seed in settings.seeds:
-        probe_dir = _probe_dir(out, run_dir, path, seed)
-        done = probe_dir / "results.json"
-        fresh = done.is_file() and done.stat().st_mtime > (path / ckpt.COMPLETE_MARKER).stat().st_mtime
-        try:
-            hits = read_val_hits(probe_dir) if fresh else None
-        except FileNotFoundError:
-            hits = None
-        if hits is None:
-            name, overrides = run_model(run_dir)
-            seeded = dataclasses.replace(settings, overrides=(*settings.overrides, f"train.seed={seed}"))
-            probe_weights(path, name, overrides, seeded, probe_dir)
-            hits = read_val_hits(probe_dir)
-        per_seed.append(hits)
+    # The seeds' probes share one trunk pass: a feature cache for this checkpoint only, removed after
+    # (the cache is keyed by the weights, so it can never serve another checkpoint).
+    shared = out / "probes" / run_dir.name / f".features_{path.name}"
+    try:
+        for seed in settings.seeds:
+            probe_dir = _probe_dir(out, run_dir, path, seed)
+            done = probe_dir / "results.json"
+            fresh = done.is_file() and done.stat().st_mtime > (path / ckpt.COMPLETE_MARKER).stat().st_mtime
+            try:
+                hits = read_val_hits(probe_dir) if fresh else None
+            except FileNotFoundError:
+                hits = None
+            if hits is None:
+                name, overrides = run_model(run_dir)
+                cache = ("features.cache=true", f"features.cache_dir={shared}") if len(settings.seeds) > 1 else ()
+                seeded = dataclasses.replace(settings, overrides=(*settings.overrides, *cache, f"train.seed={seed}"))
+                probe_weights(path, name, overrides, seeded, probe_dir)
+                hits = read_val_hits(probe_dir)
+            per_seed.append(hits)
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
     labels = per_seed[0]["labels"]
     for hits in per_seed[1:]:
         if not np.array_equal(hits["labels"], labels):
             raise RuntimeError(f"probes of {path} saw the val images in different orders; intervals need one order")
     kinds = [k for k in HEAD_KINDS if all(k in h for h in per_seed)]
     return {"labels": labels, **{k: np.stack([h[k] for h in per_seed]) for k in kinds}}
+
+
+def _probe_description(settings: ProbeSettings) -> dict[str, Any]:
+    """What the study's probes were trained and scored on, for ``checkpoints.json`` and the summary."""
+    return {
+        "config": settings.config,
+        "train": settings.train_path,
+        "val": settings.val_path,
+        "overrides": list(settings.overrides),
+    }
 
 
 def _top1_columns(kind: str, interval: Interval) -> dict[str, float]:
@@ -268,6 +286,7 @@ def study_checkpoints(run_dir: str | os.PathLike, settings: ProbeSettings, out: 
         "run": str(run_dir),
         "rows": rows,
         "probe_seeds": list(settings.seeds),
+        "probe": _probe_description(settings),
         "spearman_val_loss_vs_top1": correlation,
     }
     out.mkdir(parents=True, exist_ok=True)
@@ -435,6 +454,13 @@ def _checkpoint_finding(checkpoints: dict[str, Any]) -> list[str]:
             f"- {kind}: Spearman rho(val loss, top-1) = {c['rho']:+.2f} over n = {c['n']} checkpoints, "
             f"two-sided p = {c['p_value']:.3g}: {verdict}."
         )
+    probe = checkpoints.get("probe")
+    if probe:
+        extra = f" ({', '.join(probe['overrides'])})" if probe["overrides"] else ""
+        lines += [
+            "",
+            f"Probe: `{probe['config']}`{extra}; heads trained on `{probe['train']}`, scored on `{probe['val']}`.",
+        ]
     lines += [
         "",
         f"Top-1 intervals: percentile bootstrap over the {rows[0].get('val_images', '?')} val images"

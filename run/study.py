@@ -32,9 +32,15 @@ from aim_ds.io import atomic_write_text  # noqa: E402
 from aim_ds.study import ProbeSettings, render_summary, study_checkpoints, study_sizes  # noqa: E402
 from aim_ds.weights import checkpoint as ckpt  # noqa: E402
 
-# The study's fixed probe (set before any result was seen; not tuned to make a finding appear):
-# the aim-tiny probe grid's 5 LRs, one weight decay, 20 epochs, cached features.
-STUDY_PROBE_OVERRIDES = ("train.epochs=20", "train.weight_decays=[0.05]")
+# The study's probe: the aim-tiny probe grid's 5 LRs, one weight decay, the demo's 30 epochs, cached
+# features. With --probe-labels few (the default) the heads train on 10 labelled images per class
+# (run/demo.py's split, batch 25 as in the demo): with all ~144 per class an attentive head learns digits
+# from a random trunk's tokens (90% in the demo), so its top-1 would measure the head, not the trunk.
+STUDY_PROBE_OVERRIDES = ("train.epochs=30", "train.weight_decays=[0.05]")
+PROBE_LABELS = {
+    "few": (f"digits_train_{demo.FEW_PER_CLASS}_per_class.beton", ("train.batch_size=25",)),
+    "all": ("digits_train.beton", ()),
+}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -44,14 +50,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sizes", nargs="+", default=["aim-test", "aim-tiny", "aim-mini"], help="registry names")
     parser.add_argument("--checkpoints-model", default="aim-tiny", help="with --pretrain: the run probed at every step")
     parser.add_argument("--steps", type=int, default=600, help="with --pretrain: optimizer steps of every size")
-    parser.add_argument("--every", type=int, default=100, help="with --pretrain: checkpoint and val-loss interval")
+    parser.add_argument("--every", type=int, default=60, help="with --pretrain: checkpoint and val-loss interval")
     parser.add_argument("--batch-size", type=int, default=32, help="with --pretrain: global batch of every size")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--probe-seeds",
         type=int,
-        default=1,
+        default=3,
         help="probes per checkpoint (train.seed 0..N-1): the top-1 intervals then cover the heads' training noise too",
+    )
+    parser.add_argument(
+        "--probe-labels",
+        choices=sorted(PROBE_LABELS),
+        default="few",
+        help="with --pretrain: probe heads trained on 10 labelled digits per class (few) or on all (all)",
     )
     parser.add_argument("--checkpoints-run", default=None, help="run folder whose every checkpoint is probed")
     parser.add_argument("--size-runs", nargs="*", default=[], help="run folders of different sizes, same data/steps")
@@ -90,6 +102,9 @@ def pretrain_sizes(stages: demo.Stages, out: Path, args: argparse.Namespace) -> 
             f"val.every_steps={args.every}",  # a val loss beside every checkpoint
             f"out_dir={run_dir}",
         ]
+        if size != args.checkpoints_model:
+            # Only the final checkpoint of the other sizes is probed: no checkpoint or val loss before it.
+            overrides += [f"checkpoint.every_steps={args.steps}", f"val.every_steps={args.steps}"]
         config = ROOT / "run" / "configs" / f"{size}.yaml"
         stages.run(
             f"pretrain {size}",
@@ -110,11 +125,12 @@ def main(argv: list[str] | None = None) -> int:
     overrides = list(args.overrides)
     if args.pretrain:
         runs = pretrain_sizes(stages, out, args)
-        train_beton = train_beton or str(out / "digits_train.beton")
+        beton, label_overrides = PROBE_LABELS[args.probe_labels]
+        train_beton = train_beton or str(out / beton)
         val_beton = val_beton or str(out / "digits_val.beton")
         checkpoints_run = checkpoints_run or str(runs.get(args.checkpoints_model, next(iter(runs.values()))))
         size_runs = size_runs or [str(p) for p in runs.values()]
-        overrides = [*STUDY_PROBE_OVERRIDES, *overrides]
+        overrides = [*STUDY_PROBE_OVERRIDES, *label_overrides, *overrides]
     if not train_beton or not val_beton:
         raise SystemExit("give --train-beton and --val-beton (labelled betons), or --pretrain")
     if args.probe_seeds < 1:

@@ -175,6 +175,9 @@ def test_study_over_checkpoints_and_sizes(
     # A second probe seed: its own probe, and the top-1 is the mean over both seeds.
     second = json.loads((out / "probes" / run.name / f"{ckpt.tag_for_step(STEPS)}_seed1" / "results.json").read_text())
     assert second["config"]["train"]["seed"] == 1
+    # Several seeds share one trunk pass through a scratch cache of this checkpoint, removed afterwards.
+    assert second["feature_cache"]["persistent"] is True
+    assert not list((out / "probes" / run.name).glob(".features_*"))
     first = json.loads(result.read_text())
     for kind in ("attentive", "linear"):
         mean = (first["heads"][kind]["best"]["top1"] + second["heads"][kind]["best"]["top1"]) / 2
