@@ -7,7 +7,8 @@ a small beton of real photo tiles. Four launches shared by the assertions:
 - B: the same run killed with SIGTERM (to the whole process group, as a scheduler does) mid-run;
 - C: B started again with the same out_dir: resumes and finishes (B and C log to offline W&B and
   TensorBoard: one W&B run and one TensorBoard history across the two launches);
-- D: a run whose loss blows up (peak LR 1e30), its model built under deepspeed.zero.Init.
+- D: a run whose loss blows up (peak LR 1e30), its model built under deepspeed.zero.Init;
+- E: a run whose run lock another job takes over mid-run: it stops without a checkpoint (exit 4).
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ import yaml
 
 from aim_ds.distributed import free_port
 from aim_ds.metrics import read_metrics
+from aim_ds.train.lock import LOCK_FILE, RunLock
+from aim_ds.train.stopping import EXIT_LOCK_LOST
 from aim_ds.weights import checkpoint as ckpt
 
 pytestmark = pytest.mark.deepspeed
@@ -420,3 +423,56 @@ def test_non_finite_loss_stops_without_saving(
     # zero.Init instead of in full, so it must match A's up to float32 rounding (one ulp has been
     # seen: the partitioned build's gathers can change a reduction's order).
     assert _losses(out)[1] == pytest.approx(_losses(straight[0])[1], rel=1e-6, abs=0)
+
+
+def test_lock_taken_over_mid_run_stops_without_a_checkpoint(run_files: dict[str, Path]) -> None:
+    """A job whose heartbeat stalled (NFS refusing utime) has its lock taken over by another job: it
+    must stop within a few steps on every rank, save nothing more, leave the new lock alone and exit
+    4 (not 75: a requeue would bring a second writer back)."""
+    out = run_files["root"] / "E"
+    every = 4
+    log_path = run_files["root"] / "E.log"
+    overrides = (
+        "train.steps=400",  # far more than the test lets it run
+        f"checkpoint.every_steps={every}",
+        "checkpoint.keep_last=0",  # keep all: a pruned tag would hide what was written
+        "val.every_steps=0",
+        "lock.stale_after_s=2",  # a beat every 0.5 s
+    )
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen(
+            _command(run_files, out, *overrides),
+            cwd=ROOT,
+            env=_env(),
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            deadline = time.monotonic() + LAUNCH_TIMEOUT_S
+            while time.monotonic() < deadline and proc.poll() is None and max(_losses(out), default=0) < every + 1:
+                time.sleep(0.05)
+            assert proc.poll() is None, log_path.read_text()[-3000:]
+            # What a job that judged the lock stale does (RunLock.acquire): set the judged record aside
+            # and link its own in its place.
+            taker = RunLock(out)
+            taker._take_over((out / LOCK_FILE).read_bytes())
+            assert taker._create()
+            theirs = (out / LOCK_FILE).read_bytes()
+            # A step logged after this read started after the take-over: its checkpoint must not come.
+            last_seen = max(_losses(out))
+            code = proc.wait(timeout=LAUNCH_TIMEOUT_S)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    text = log_path.read_text()
+    assert code == EXIT_LOCK_LOST, text[-3000:]
+    assert (out / LOCK_FILE).read_bytes() == theirs  # neither touched nor released by the loser
+    saved = [step for step, _ in ckpt.list_tags(out / "checkpoints")]
+    assert saved and max(saved) <= last_seen, (saved, last_seen)
+    assert all(ckpt.is_complete(out / "checkpoints" / ckpt.tag_for_step(s)) for s in saved)
+    assert max(_losses(out)) <= last_seen + every, text[-3000:]  # at the next checkpoint at the latest
+    lines = [line for line in text.splitlines() if f"taken over by PID {os.getpid()} on host" in line]
+    assert len(lines) == 1 and "ERROR" in lines[0] and "without a checkpoint" in lines[0], text[-3000:]
+    assert "Traceback" not in text and "stopped at step" not in text, text[-3000:]
+    assert not (out / "export").exists()
