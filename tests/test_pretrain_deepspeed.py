@@ -344,10 +344,10 @@ def test_wandb_and_tensorboard_continue_across_the_resume(killed_and_resumed: di
     # drops the records it had not yet written. Rank 0 must then go on to its stop checkpoint, with W&B
     # turned off if a log call met the dead service (whether one does depends on timing: both were seen),
     # never crashing in it. (Measured once: the first launch's offline file kept none of its 6 steps.)
-    # wandb's own atexit teardown may print a traceback at interpreter exit, after the checkpoint: no
-    # traceback may pass through aim-ds's code.
+    # The stop then shuts W&B down itself (MetricsLogger.close: finish + teardown, bounded): wandb's own
+    # exit hook, which printed a ConnectionResetError traceback at interpreter exit, has nothing left to do.
     first_log = killed_and_resumed["first_log"]
-    assert not re.search(r'File "[^"]*/aim_ds/', first_log), first_log[-3000:]
+    assert "Traceback" not in first_log and "Exception ignored" not in first_log, first_log[-3000:]
     assert first_log.count("W&B logging is off for the rest of this run") <= 1
     assert f"stopped at step {stopped_at}" in first_log
     assert set(first) <= set(range(1, stopped_at + 1))
