@@ -241,6 +241,21 @@ def test_check_reads_the_lock_now(tmp_path: Path, monkeypatch) -> None:
         assert lock.check() and "was removed while this job held it" in lock.lost_why
 
 
+def test_a_lock_that_cannot_be_read_for_a_moment_is_not_lost(tmp_path: Path, caplog) -> None:
+    """A failed read is no verdict (an NFS hiccup must not stop a healthy job): here the lock is
+    briefly not a regular file, then back."""
+    with caplog.at_level("WARNING"), RunLock(tmp_path, stale_after_s=600) as lock:
+        path = tmp_path / LOCK_FILE
+        os.rename(path, tmp_path / "aside")
+        os.mkfifo(path)
+        assert not lock.check() and not lock.check()
+        assert caplog.text.count("cannot read the lock to check") == 1
+        path.unlink()
+        os.rename(tmp_path / "aside", path)
+        assert not lock.check() and not lock.lost
+    assert not path.exists()  # still this job's: released
+
+
 # ----------------------------------------------------------------------------- fuzzing the record
 
 _VALID = {

@@ -267,6 +267,7 @@ class RunLock:
         self.lost_why: str | None = None  # what happened to it, naming the new holder when there is one
         self._raw = b""
         self._utime_failed = False
+        self._read_failed = False
         self._stop_beat = threading.Event()
         self._beat: threading.Thread | None = None
 
@@ -437,12 +438,16 @@ class RunLock:
             return self.lost
         try:
             found = self._read()
-        except RunLockedError as exc:  # no longer a regular file: not ours either
-            found, why = None, f"{self.path} was replaced ({exc})"
-        else:
-            why = f"{self.path} was removed while this job held it"
+        except (RunLockedError, OSError) as exc:
+            # No verdict from a read that failed (an NFS hiccup must not stop a healthy job): the next
+            # beat reads again. Said once.
+            if not self._read_failed:
+                self._read_failed = True
+                log.warning("%s: cannot read the lock to check it is still this job's (%s)", self.path, exc)
+            return False
         if found is not None and found[0] == self._raw:
             return False
+        why = f"{self.path} was removed while this job held it"
         if found is not None:
             holder = parse_record(found[0])
             who = holder.job() if holder is not None else "an unreadable record"
