@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import re
+import threading
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -34,6 +35,9 @@ TENSORBOARD_DIR = "tensorboard"
 WANDB_ID_FILE = "wandb_id.txt"
 # W&B run ids: letters, digits, underscores and hyphens (they become part of URLs and folder names).
 _WANDB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+# How long close() waits for W&B to finish the run and shut its service down; offline that is a local
+# flush. A stop must not wait on a service that is gone (a launcher's SIGTERM kills it with the rank).
+WANDB_CLOSE_TIMEOUT_S = 20.0
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +92,9 @@ class MetricsLogger:
     the user set ``WANDB_MODE``, and never prompts for a login; the run id is kept in
     ``out_dir/wandb_id.txt`` so that a resumed run continues the same W&B run. A failing W&B call
     (its service gone, a full disk) is logged once and turns W&B off: it never stops the training.
+    :meth:`close` finishes the W&B run and shuts W&B's service down itself (bounded, a failure is one
+    warning), so that W&B's own exit hook has nothing left to do: that hook prints a traceback at
+    interpreter exit when the service was killed with the rank (a launcher's SIGTERM).
     """
 
     def __init__(
@@ -106,6 +113,7 @@ class MetricsLogger:
         self.out_dir = Path(out_dir)
         self.path = self.out_dir / METRICS_FILE
         self._wandb_run: Any = None
+        self._wandb_started = False  # W&B's service runs for this process (even once the run was dropped)
         self._tensorboard: Any = None
         if not enabled:
             return
@@ -117,6 +125,7 @@ class MetricsLogger:
             self._tensorboard = tensorboard_writer(self.out_dir / TENSORBOARD_DIR, resume_step)
         if wandb:
             self._wandb_run = _start_wandb(self.out_dir, wandb_project, wandb_run_name, config or {})
+            self._wandb_started = True
             if logged_until > resume_step:
                 # W&B keeps a step once logged and ignores a lower one logged later.
                 log.warning(
@@ -159,12 +168,9 @@ class MetricsLogger:
         if self._tensorboard is not None:
             self._tensorboard.close()
             self._tensorboard = None
-        if self._wandb_run is not None:
-            run, self._wandb_run = self._wandb_run, None
-            try:
-                run.finish()
-            except Exception as error:  # noqa: BLE001 - the metrics are on disk; W&B's copy is a convenience
-                log.warning("W&B finish failed (%s: %s)", type(error).__name__, error)
+        if self._wandb_started:
+            run, self._wandb_run, self._wandb_started = self._wandb_run, None, False
+            _close_wandb(run, WANDB_CLOSE_TIMEOUT_S)
 
 
 def scalar_items(values: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, float]]:
@@ -213,6 +219,36 @@ def _start_wandb(out_dir: Path, project: str, run_name: str, config: dict[str, A
     )
     log.info("W&B run %s (%s mode) in %s", run_id, os.environ["WANDB_MODE"], out_dir / "wandb")
     return run
+
+
+def _close_wandb(run: Any, timeout_s: float) -> None:
+    """Finish ``run`` (None: it was dropped after a failure) and tear W&B's service down, waiting at
+    most ``timeout_s``; a failure or a timeout is one warning. ``wandb.teardown`` first unregisters
+    W&B's exit hook, then tells the service to stop: after it, interpreter exit has nothing left of
+    W&B to tear down, whether the service answered or was already gone. In a thread: a dead or
+    stuck service must not hold the stop up, and W&B may raise SystemExit from its teardown."""
+    failure: list[str] = []
+
+    def close() -> None:
+        import wandb
+
+        try:
+            if run is not None:
+                run.finish()
+        except BaseException as error:  # noqa: BLE001 - the metrics are on disk; W&B's copy is a convenience
+            failure.append(f"finish: {type(error).__name__}: {error}")
+        try:
+            wandb.teardown()
+        except BaseException as error:  # noqa: BLE001 - its service may be gone (killed with the rank)
+            failure.append(f"teardown: {type(error).__name__}: {error}")
+
+    worker = threading.Thread(target=close, name="wandb-close", daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    if worker.is_alive():
+        log.warning("W&B did not finish within %g s; its local files may miss the last records", timeout_s)
+    elif failure:
+        log.warning("W&B did not close cleanly (%s); metrics.jsonl holds every record", "; ".join(failure))
 
 
 def wandb_run_id(out_dir: str | os.PathLike) -> str:

@@ -3,6 +3,8 @@
 - a lock whose holder is gone on another host is taken over once it stops beating, a beating one is
   refused; a record of an earlier run of the same SLURM job is stale at once;
 - take-over is atomic: many processes taking over one stale lock at once, exactly one holds it;
+- a holder whose lock another job took over notices (heartbeat, or a read before a checkpoint),
+  names the new holder and leaves its lock alone on release;
 - a record that is valid JSON with a non-numeric PID, or any mutation of a record (hypothesis), is a
   decision, never a traceback; a FIFO named run.lock is refused without blocking;
 - a process blocked where no step boundary comes ends on a second signal, or by the watchdog.
@@ -24,7 +26,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from aim_ds.train.lock import LOCK_FILE, Holder, RunLock, RunLockedError, judge, parse_record
+from aim_ds.train.lock import LOCK_FILE, Holder, RunLock, RunLockedError, RunLockLostError, judge, parse_record
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -181,6 +183,77 @@ def test_take_over_is_atomic(tmp_path: Path, monkeypatch) -> None:
     go.touch()
     outcomes = [r.communicate(timeout=120)[0].decode().strip() for r in racers]
     assert sorted(outcomes) == ["held"] + ["refused"] * 3, outcomes
+
+
+_TAKER = """
+import os, sys
+from pathlib import Path
+from aim_ds.train.lock import LOCK_FILE, RunLock
+# What acquire() does once it judged the lock stale: set the judged record aside, link its own.
+taker = RunLock(sys.argv[1])
+taker._take_over((Path(sys.argv[1]) / LOCK_FILE).read_bytes())
+assert taker._create()
+print(os.getpid(), flush=True)
+"""
+
+
+def _take_over_from_another_process(run: Path) -> tuple[int, bytes]:
+    """Another job (a real process, SLURM job 777) takes the lock of ``run`` over the way acquire()
+    does after judging it stale. Returns its PID and the record it left."""
+    env = dict(_env(), SLURM_JOB_ID="777", SLURM_RESTART_COUNT="0")
+    out = subprocess.run([sys.executable, "-c", _TAKER, str(run)], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return int(out.stdout), (run / LOCK_FILE).read_bytes()
+
+
+def test_heartbeat_notices_a_take_over_and_leaves_the_new_lock_alone(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    lock = RunLock(tmp_path, stale_after_s=0.4)  # a beat every 0.1 s
+    lock.acquire()
+    try:
+        pid, theirs = _take_over_from_another_process(tmp_path)
+        deadline = time.monotonic() + 10
+        while not lock.lost and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert lock.lost, "the heartbeat did not notice the take-over"
+        assert f"taken over by PID {pid} on host {socket.gethostname()} (SLURM job 777, restart 0)" in lock.lost_why
+        time.sleep(0.3)  # three more beat intervals: a beating loser would touch the new lock
+        mtime = (tmp_path / LOCK_FILE).stat().st_mtime_ns
+        time.sleep(0.3)
+        assert (tmp_path / LOCK_FILE).stat().st_mtime_ns == mtime
+    finally:
+        lock.release()
+    assert (tmp_path / LOCK_FILE).read_bytes() == theirs  # the new holder's lock, untouched
+    error = RunLockLostError(12, lock.lost_why)
+    assert str(error).endswith("stopping at optimizer step 12 without a checkpoint") and f"PID {pid}" in str(error)
+
+
+def test_check_reads_the_lock_now(tmp_path: Path, monkeypatch) -> None:
+    """Before a checkpoint the loop does not wait for the next beat: check() reads the file."""
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    with RunLock(tmp_path, stale_after_s=600) as lock:  # no beat during the test
+        assert not lock.check()
+        pid, theirs = _take_over_from_another_process(tmp_path)
+        assert lock.check() and f"PID {pid}" in lock.lost_why
+    assert (tmp_path / LOCK_FILE).read_bytes() == theirs
+    with RunLock(tmp_path / "gone", stale_after_s=600) as lock:
+        (tmp_path / "gone" / LOCK_FILE).unlink()
+        assert lock.check() and "was removed while this job held it" in lock.lost_why
+
+
+def test_a_lock_that_cannot_be_read_for_a_moment_is_not_lost(tmp_path: Path, caplog) -> None:
+    """A failed read is no verdict (an NFS hiccup must not stop a healthy job): here the lock is
+    briefly not a regular file, then back."""
+    with caplog.at_level("WARNING"), RunLock(tmp_path, stale_after_s=600) as lock:
+        path = tmp_path / LOCK_FILE
+        os.rename(path, tmp_path / "aside")
+        os.mkfifo(path)
+        assert not lock.check() and not lock.check()
+        assert caplog.text.count("cannot read the lock to check") == 1
+        path.unlink()
+        os.rename(tmp_path / "aside", path)
+        assert not lock.check() and not lock.lost
+    assert not path.exists()  # still this job's: released
 
 
 # ----------------------------------------------------------------------------- fuzzing the record

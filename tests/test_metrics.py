@@ -252,6 +252,59 @@ def test_wandb_offline_one_run_across_launches(tmp_path: Path, monkeypatch: pyte
     assert len(folders) == 2 and all(re.search(rf"-{run_id}(-\d+)?$", f.name) for f in folders)
 
 
+_SERVICE_KILLED = """
+import os, signal, sys, time
+from pathlib import Path
+from aim_ds.metrics import MetricsLogger
+
+def children(pid):
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            stat = (proc / "stat").read_text()
+        except (OSError, ValueError):
+            continue
+        if proc.name.isdigit() and int(stat[stat.rfind(")") + 2 :].split()[1]) == pid:
+            found.append(int(proc.name))
+    return found
+
+logger = MetricsLogger(sys.argv[1], enabled=True, wandb=True)
+logger.log("train", 1, {"loss": 1.0})
+services = children(os.getpid())
+assert services, "no W&B service process"
+for pid in services:  # what DeepSpeed's launcher does to a rank's process tree on SIGTERM
+    os.kill(pid, signal.SIGKILL)
+time.sleep(0.5)
+if sys.argv[2] == "log":
+    logger.log("train", 2, {"loss": 0.5})  # meets the dead service: W&B is turned off
+logger.close()
+print("closed", flush=True)
+"""
+
+
+@pytest.mark.parametrize("after_kill", ["log", "close"])
+def test_wandb_service_killed_leaves_no_traceback_at_exit(tmp_path: Path, after_kill: str) -> None:
+    """W&B's service killed under a live logger (a launcher's SIGTERM): close() shuts W&B down itself,
+    with one warning, and W&B's exit hook finds nothing left to tear down (it used to print a
+    ConnectionResetError traceback from teardown_atexit at interpreter exit)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, WANDB_MODE="offline", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    out = subprocess.run(
+        [sys.executable, "-c", _SERVICE_KILLED, str(tmp_path), after_kill],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "closed", out.stderr[-3000:]
+    assert "Traceback" not in out.stderr and "Exception ignored" not in out.stderr, out.stderr[-3000:]
+    assert out.stderr.count("W&B did not close cleanly") == 1, out.stderr[-3000:]
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2][: 2 if after_kill == "log" else 1]
+
+
 def test_preflight_checks_the_monitoring_set_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Before any rank starts: a damaged W&B id file, or a logger whose package is missing, is exit 2."""
     import importlib.util

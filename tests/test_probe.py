@@ -5,6 +5,7 @@ to betons with data_prep, probed on a briefly pretrained aim-test trunk."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -339,6 +340,61 @@ def test_driver_rejects_bad_input(digits: dict[str, Path], tmp_path: Path, capsy
     assert "model_overrides was renamed: use model.overrides" in capsys.readouterr().err
     assert main(["--config", config, "--weights", str(digits["pretrained"]), "model=aim-tiny"]) == 2
     assert "use model.name=aim-tiny" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def three_class_val(digits: dict[str, Path]) -> Path:
+    """A val beton of three of the ten digit classes: a class list that differs from the train one."""
+    from aim_ds.data.writers import WriteOptions, convert_imagefolder
+
+    folder = digits["root"] / "png3" / "val"
+    folder.mkdir(parents=True)
+    for name in sorted(p.name for p in (digits["root"] / "png" / "val").iterdir())[:3]:
+        (folder / name).symlink_to(digits["root"] / "png" / "val" / name)
+    out = digits["root"] / "val3.beton"
+    convert_imagefolder(folder, out, WriteOptions(write_mode="raw", workers=1), progress=False)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["device=gpu"], "device='gpu': not one of auto, cpu, cuda"),
+        (["data.image_size=64"], "data.image_size=64: differs from aim-test's image_size 32"),
+        (["features.layers=[99]"], "features.layers=[99]: "),
+        (["VAL3"], "different class lists (10 classes in the train beton, 3 in the val one)"),
+        (["MISSING"], "missing.beton: no beton found at "),
+        (
+            ["data.max_train_images=100", "train.batch_size=128"],
+            "train.batch_size=128: larger than the training set (data.train_path=",  # before any feature
+        ),
+    ],
+    ids=["device", "image_size", "layers", "class_lists", "missing_beton", "batch_over_train_set"],
+)
+def test_cli_bad_input_is_one_line_and_exit_2(
+    digits: dict[str, Path], three_class_val: Path, tmp_path: Path, overrides: list[str], message: str
+) -> None:
+    """Through the real command (a subprocess): one line on stderr naming the key, exit 2, no traceback."""
+    import subprocess
+    import sys
+
+    placeholders = {
+        "VAL3": f"data.val_path={three_class_val}",
+        "MISSING": f"data.train_path={tmp_path / 'missing.beton'}",
+    }
+    overrides = [placeholders.get(o, o) for o in overrides]
+    command = [
+        sys.executable, str(REPO / "run" / "probe.py"), "--config", "probe_aim-test",
+        "--weights", str(digits["pretrained"]),
+        f"data.train_path={digits['train']}", f"data.val_path={digits['val']}", f"out_dir={tmp_path / 'out'}",
+        f"features.cache_dir={tmp_path / 'cache'}", "data.num_workers=1", "device=cpu", *overrides,
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "Traceback" not in result.stderr + result.stdout, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr[-3000:]
 
 
 @pytest.mark.deepspeed

@@ -1,4 +1,4 @@
-"""Per-step host-to-device copies made once instead: the loop's stop flag and the loader's ImageNet
+"""Per-step host-to-device copies made once instead: the loop's stop flags and the loader's ImageNet
 mean/std are built once per device (the real loop's per-step count is in tests/test_gpu_path.py);
 the probe bank hands back its losses as one tensor, read once when a line is logged."""
 
@@ -32,13 +32,15 @@ def _count_tensor_builds(run) -> int:
     return calls[0]
 
 
-def test_stop_flag_is_built_once_per_device_and_value() -> None:
+def test_stop_flags_are_built_once_per_device_and_values() -> None:
     cpu = torch.device("cpu")
-    loop._stop_flag.cache_clear()
-    first = loop._stop_flag(cpu, False)
-    assert loop._stop_flag(cpu, False) is first and float(first) == 0.0
-    assert float(loop._stop_flag(cpu, True)) == 1.0
-    assert _count_tensor_builds(lambda: [loop._stop_flag(cpu, bool(i % 2)) for i in range(10)]) == 0
+    loop._stop_flags.cache_clear()
+    first = loop._stop_flags(cpu, False, False)
+    assert loop._stop_flags(cpu, False, False) is first and first.tolist() == [0.0, 0.0]
+    assert loop._stop_flags(cpu, True, False).tolist() == [1.0, 0.0]
+    assert loop._stop_flags(cpu, False, True).tolist() == [0.0, 1.0]
+    builds = _count_tensor_builds(lambda: [loop._stop_flags(cpu, bool(i % 2), bool(i % 3)) for i in range(12)])
+    assert builds == 1  # (True, True) is the one pair not built above
 
 
 def test_normalisation_is_built_once_per_device() -> None:

@@ -17,12 +17,16 @@ job has it; a holder that stopped beating for lock.stale_after_s is taken over, 
 A stop request (SIGTERM, SIGINT, SIGUSR1, the file <out_dir>/stop.request, the launcher gone)
 checkpoints at the next step boundary; a second SIGTERM/SIGINT stop.repeat_after_s later, or
 stop.timeout_s without the stop ending, ends the process at once (exit 128 + signal).
+A job whose lock another job took over (its heartbeat stalled for lock.stale_after_s) stops every
+rank at the next step without a checkpoint and leaves the other job's lock alone (exit 4).
 
 Exit codes (for requeue loops; scripts/slurm/pretrain.sbatch reads them):
    0  finished (or already finished), or stopped at train.stop_after_steps as configured
   75  stopped on request with a checkpoint: start the same command again to resume
    2  bad input: configuration, locked or unresumable run folder, damaged weights
    3  non-finite loss or gradient norm (nothing saved)
+   4  the run lock was taken over by another job, which owns the run folder now (nothing saved;
+      do not requeue)
 """
 
 from __future__ import annotations
@@ -38,12 +42,13 @@ from ..config import ConfigError, load_config
 from ..ds_config import load_ds_config
 from ..shipped import resolve_config
 from ..train.config import NonFiniteLossError, PretrainConfig
-from ..train.lock import RunLock, RunLockedError
+from ..train.lock import RunLock, RunLockedError, RunLockLostError
 from ..train.loop import run
 from ..train.preflight import check_config
 from ..train.stopping import (
     EXIT_BAD_INPUT,
     EXIT_FINISHED,
+    EXIT_LOCK_LOST,
     EXIT_NON_FINITE,
     EXIT_STOPPED,
     STOP_FILE,
@@ -132,6 +137,7 @@ def train(args: argparse.Namespace) -> int:
             ckpt.check_manifest(cfg.out_dir)
             if lock.held:
                 ckpt.write_manifest(cfg.out_dir)
+                stop.lock = lock  # the loop stops every rank when another job takes it over
         result = run(
             cfg, ds_base, ds_source=args.deepspeed, check_memory=not args.skip_memory_check, joined=agree_on_lock
         )
@@ -176,6 +182,10 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as exc:
         log.error("%s", exc)
         return EXIT_NON_FINITE
+    except RunLockLostError as exc:
+        # Rank 0 names the holder; the other ranks' line would only repeat that it happened.
+        log.log(logging.ERROR if os.environ.get("RANK", "0") == "0" else logging.INFO, "%s", exc)
+        return EXIT_LOCK_LOST
 
 
 if __name__ == "__main__":

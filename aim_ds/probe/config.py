@@ -188,6 +188,8 @@ def validate_config(cfg: ProbeConfig, *, eval_only: bool = False) -> None:
         )
     if cfg.train.epochs < 0:
         raise ConfigError(f"train.epochs must be >= 0, got {cfg.train.epochs}")
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"device={short(cfg.device)}: not one of auto, cpu, cuda")
     if cfg.heads.num_queries < 1:
         raise ConfigError(f"heads.num_queries must be >= 1, got {cfg.heads.num_queries}")
 
@@ -199,4 +201,4 @@ def resolve_layers(layers: Sequence[int] | str, model_name: str, depth: int) -> 
     try:
         return probe_blocks(layers, model_name, depth)
     except ValueError as exc:
-        raise ValueError(f"features.layers: {exc}") from None
+        raise ConfigError(f"features.layers={short(layers)}: {exc}") from None

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..config import ConfigError
 from ..distributed import barrier, check_torch_build, fit_host_allocator, init_distributed, is_main, rank0_phase
 from ..io import remove_if_exists
 from ..model.flops import matmul_params
@@ -49,6 +50,7 @@ class ProbeContext:
     resize_size: int
     per_rank_batch: int  # training images per rank per step
     eval_batch: int  # images per rank per extraction/evaluation batch
+    train_images: int = 0  # training images read over all ranks (0 for evaluation only)
 
 
 def log(msg: str) -> None:
@@ -67,7 +69,7 @@ def progress(iterable: Any = None, **kwargs: Any) -> Any:
 
 def _wants_cuda(name: str) -> bool:
     if name not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device: {name!r} is not one of auto, cpu, cuda")
+        raise ConfigError(f"device={name!r}: not one of auto, cpu, cuda")
     return name == "cuda" or (name == "auto" and torch.cuda.is_available())
 
 
@@ -148,16 +150,59 @@ def load_frozen_trunk(
     return trunk, loaded
 
 
-def _class_names(cfg: ProbeConfig, train: bool) -> list[str]:
+def _beton_images(key: str, value: str) -> int:
+    """The images of the beton (or shards) at ``value`` (config key ``key``), from their checked
+    headers (a missing file, a FIFO, a JPEG renamed ``.beton``, a truncated one: ConfigError naming the
+    key). Headers only, a few bytes per shard: the probe starts again at every live probe."""
+    from ..data.beton import BetonError, beton_num_samples, resolve_betons
+
+    try:
+        return sum(beton_num_samples(shard) for shard in resolve_betons(value))
+    except (BetonError, OSError, ValueError) as exc:
+        raise ConfigError(f"{key}={value}: {exc}") from None
+
+
+def _classes(key: str, value: str) -> list[str]:
     from ..data import read_class_names
 
-    class_names = list(read_class_names(cfg.data.train_path if train else cfg.data.val_path))
-    if train and list(read_class_names(cfg.data.val_path)) != class_names:
-        raise ValueError(
-            f"the train and val betons have different class lists ({len(class_names)} classes in the train "
-            "one); write both from folders with the same class sub-folders"
+    try:
+        return list(read_class_names(value))
+    except (OSError, ValueError) as exc:  # BetonError is a ValueError
+        raise ConfigError(f"{key}={value}: {exc}") from None
+
+
+def check_data(cfg: ProbeConfig, *, train: bool) -> tuple[list[str], int]:
+    """The probe's data before anything is built from it: the val beton, and with ``train`` the train
+    one, are betons with class lists, and the same lists. Returns the class names and the number of
+    training images read (at most ``data.max_train_images``; 0 without ``train``)."""
+    _beton_images("data.val_path", cfg.data.val_path)
+    val_names = _classes("data.val_path", cfg.data.val_path)
+    if not train:
+        return val_names, 0
+    images = _beton_images("data.train_path", cfg.data.train_path)
+    class_names = _classes("data.train_path", cfg.data.train_path)
+    if val_names != class_names:
+        raise ConfigError(
+            f"data.train_path={cfg.data.train_path} and data.val_path={cfg.data.val_path}: different class lists "
+            f"({len(class_names)} classes in the train beton, {len(val_names)} in the val one); write both from "
+            "folders with the same class sub-folders"
         )
-    return class_names
+    return class_names, min(images, cfg.data.max_train_images) if cfg.data.max_train_images else images
+
+
+def check_batch_fits(cfg: ProbeConfig, world_size: int, images: int, per_rank_steps: int | None = None) -> None:
+    """Raise ConfigError when ``train.batch_size`` gives no full step per epoch from ``images``
+    training images over ``world_size`` ranks (or when a rank's loader, ``per_rank_steps``, has none)."""
+    per_rank = cfg.train.batch_size // world_size
+    if images // world_size >= per_rank and per_rank_steps != 0:
+        return
+    raise ConfigError(
+        f"train.batch_size={cfg.train.batch_size}: larger than the training set (data.train_path="
+        f"{cfg.data.train_path}: {images} images"
+        + (f" with data.max_train_images={cfg.data.max_train_images}" if cfg.data.max_train_images else "")
+        + (f", {images // world_size} per rank over {world_size} ranks" if world_size > 1 else "")
+        + "); lower train.batch_size"
+    )
 
 
 def prepare(cfg: ProbeConfig, weights: str | os.PathLike, *, train: bool = True) -> ProbeContext:
@@ -171,17 +216,21 @@ def prepare(cfg: ProbeConfig, weights: str | os.PathLike, *, train: bool = True)
     fit_host_allocator(matmul_params(model_cfg)[0], device)  # the trunk: the probe's largest part
     image_size = cfg.data.image_size or model_cfg.image_size
     if image_size != model_cfg.image_size:
-        raise ValueError(
-            f"data.image_size {image_size} differs from {cfg.model.name}'s image_size {model_cfg.image_size} "
+        raise ConfigError(
+            f"data.image_size={image_size}: differs from {cfg.model.name}'s image_size {model_cfg.image_size} "
             "(the fixed position embedding is built for that grid); set model.overrides.image_size too"
         )
     if cfg.train.batch_size % world_size:
-        raise ValueError(
-            f"train.batch_size {cfg.train.batch_size} is not divisible by the world size {world_size}; "
+        raise ConfigError(
+            f"train.batch_size={cfg.train.batch_size}: not divisible by the world size {world_size}; "
             f"set train.batch_size to a multiple of {world_size}"
         )
     layers = resolve_layers(cfg.features.layers, cfg.model.name, model_cfg.depth)
     trunk, loaded = load_frozen_trunk(cfg, weights, layers, rank, world_size, device)
+    # After the weights (a bad --weights is named first, whatever the data), before any feature.
+    class_names, images = check_data(cfg, train=train)
+    if train and cfg.train.epochs > 0:
+        check_batch_fits(cfg, world_size, images)
     per_rank = cfg.train.batch_size // world_size
     return ProbeContext(
         cfg=cfg,
@@ -190,7 +239,7 @@ def prepare(cfg: ProbeConfig, weights: str | os.PathLike, *, train: bool = True)
         weights_path=str(weights),
         weights_source=loaded.source,
         layers=layers,
-        class_names=_class_names(cfg, train),
+        class_names=class_names,
         device=device,
         rank=rank,
         world_size=world_size,
@@ -198,6 +247,7 @@ def prepare(cfg: ProbeConfig, weights: str | os.PathLike, *, train: bool = True)
         resize_size=cfg.data.resize_size or int(round(image_size * 256 / 224)),
         per_rank_batch=per_rank,
         eval_batch=cfg.data.eval_batch_size or per_rank,
+        train_images=images,
     )
 
 

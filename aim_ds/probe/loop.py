@@ -33,6 +33,7 @@ from .config import ProbeConfig, validate_config
 from .context import (
     ProbeContext,
     build_train_images,
+    check_batch_fits,
     eval_batches,
     iterate_loader,
     log,
@@ -191,10 +192,8 @@ def _plan(ctx: ProbeContext, features: _Features) -> _Schedule:
     # Every rank must take the same number of steps, or the gradient all-reduce hangs.
     steps_per_epoch = min_across_ranks(local_steps)
     if steps_per_epoch == 0:
-        raise ValueError(
-            f"train.batch_size {cfg.train.batch_size} is larger than the training set "
-            f"({local_steps * ctx.per_rank_batch} images on a rank); lower train.batch_size"
-        )
+        # prepare() checked the count: a rank's loader gave fewer full batches than the images promised.
+        check_batch_fits(cfg, ctx.world_size, ctx.train_images, per_rank_steps=0)
     total_steps = steps_per_epoch * cfg.train.epochs
     warmup_steps = min(total_steps, int(round(cfg.train.warmup_epochs * steps_per_epoch)))
     return _Schedule(steps_per_epoch, total_steps, warmup_steps)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..config import ConfigError
 from ..shipped import child_pythonpath, resolve_config
 
 # Environment variables of a launched job; a probe subprocess without them runs as a plain single process.
@@ -102,14 +103,14 @@ def subprocess_device(choice: str, env: dict[str, str]) -> tuple[str, str, str]:
     if choice.startswith("cuda:"):
         index = choice.partition(":")[2]
         if not index.isdigit():
-            raise ValueError(f"probe.device={choice!r}: use cpu, auto or cuda:N (N a GPU number)")
+            raise ConfigError(f"probe.device={choice!r}: use cpu, auto or cuda:N (N a GPU number)")
         n = int(index)
         if visible and n >= len(visible):
-            raise ValueError(f"probe.device={choice}: only {len(visible)} GPUs are visible ({','.join(visible)})")
+            raise ConfigError(f"probe.device={choice}: only {len(visible)} GPUs are visible ({','.join(visible)})")
         gpu = visible[n] if visible else str(n)
         return gpu, "cuda", f"GPU {gpu}"
     if choice != "auto":
-        raise ValueError(f"probe.device={choice!r}: use cpu, auto or cuda:N")
+        raise ConfigError(f"probe.device={choice!r}: use cpu, auto or cuda:N")
     from ..distributed import on_cuda
 
     if not on_cuda():

@@ -18,6 +18,11 @@ Taking over is atomic: the stale file is renamed to a private name and compared 
 judged; when a quicker job had already replaced it with its own fresh lock, that lock is linked
 back and the take-over retried, so two jobs never both hold the folder.
 
+A holder whose heartbeat stalled (a file system that refuses ``utime`` for a while) may find its
+lock taken over while it still runs. It notices (:meth:`RunLock.check`, at each beat and before
+each checkpoint) and the training loop stops every rank at the same step without saving
+(:class:`RunLockLostError`, exit 4), leaving the new holder's lock alone: one writer per folder.
+
 :class:`LauncherWatch` lets a rank notice that the job around it is gone: the ``deepspeed`` runner
 exits at once on SIGTERM while its launcher and the ranks go on training; the ranks then
 checkpoint and stop (see :mod:`aim_ds.train.stopping`).
@@ -75,6 +80,18 @@ class RunLockedError(ConfigError):
     """The run folder is held by another live job."""
 
 
+class RunLockLostError(RuntimeError):
+    """Another job took this job's run lock over (or it was removed) while this job trained: raised on
+    every rank at the same step, before anything more is saved. Not a ConfigError: the driver exits
+    with its own code (4), which a requeue loop must not requeue, since the run belongs to the other job."""
+
+    def __init__(self, step: int, who: str | None) -> None:
+        # ``who``: rank 0's description of what happened to the lock; None on the other ranks.
+        what = who or "rank 0 lost the run lock (its log names the job that holds it)"
+        super().__init__(f"{what}; stopping at optimizer step {step} without a checkpoint")
+        self.step = step
+
+
 @dataclass(frozen=True)
 class Holder:
     """A parsed lock record. A field that is missing or of the wrong type is None: the decision then
@@ -89,6 +106,12 @@ class Holder:
 
     def name(self) -> str:
         return f"PID {self.pid if self.pid is not None else '?'} on host {self.host or '?'}"
+
+    def job(self) -> str:
+        """:meth:`name` with the SLURM job when the record has one."""
+        if self.slurm_job is None:
+            return self.name()
+        return f"{self.name()} (SLURM job {self.slurm_job}, restart {self.slurm_restart or 0})"
 
     def since(self) -> str:
         if self.start_time is None:
@@ -240,8 +263,11 @@ class RunLock:
         self.path = Path(run_dir) / LOCK_FILE
         self.stale_after_s = float(stale_after_s)
         self.held = False
-        self.lost = False  # set by the heartbeat when another job replaced this lock
+        self.lost = False  # set by the heartbeat (or check()) when another job replaced this lock
+        self.lost_why: str | None = None  # what happened to it, naming the new holder when there is one
         self._raw = b""
+        self._utime_failed = False
+        self._read_failed = False
         self._stop_beat = threading.Event()
         self._beat: threading.Thread | None = None
 
@@ -348,6 +374,7 @@ class RunLock:
         for _ in range(100_000):
             if self._create():
                 self.held = True
+                self.lost, self.lost_why = False, None
                 self._start_heartbeat()
                 return
             found = self._read()
@@ -389,27 +416,55 @@ class RunLock:
         self._beat.start()
 
     def _heartbeat(self) -> None:
-        """Touch the lock while it is ours; notice (once) when another job has replaced it."""
+        """Touch the lock while it is ours; stop beating once another job has replaced it."""
         interval = self.stale_after_s / 4
         while not self._stop_beat.wait(interval):
-            try:
-                found = self._read()
-            except RunLockedError:
-                found = None
-            if found is None or found[0] != self._raw:
-                self.lost = True
-                log.error("%s was removed or replaced by another job while this one held it", self.path)
+            if self.check():
                 return
-            with contextlib.suppress(OSError):
+            try:
                 os.utime(self.path)
+            except OSError as exc:
+                # Not fatal (the next beat may work), but a holder that cannot beat is taken over after
+                # lock.stale_after_s: check() then stops this job. Said once, not every beat.
+                if not self._utime_failed:
+                    self._utime_failed = True
+                    log.warning("%s: the heartbeat cannot touch the lock (%s)", self.path, exc.strerror or exc)
+
+    def check(self) -> bool:
+        """Whether this job has lost the lock: read the file now and compare it byte for byte with
+        the record this job wrote. Once lost, stays lost (:attr:`lost_why` says to whom); a lock never
+        held is not lost. Called by the heartbeat, and by rank 0 before each checkpoint."""
+        if self.lost or not self.held:
+            return self.lost
+        try:
+            found = self._read()
+        except (RunLockedError, OSError) as exc:
+            # No verdict from a read that failed (an NFS hiccup must not stop a healthy job): the next
+            # beat reads again. Said once.
+            if not self._read_failed:
+                self._read_failed = True
+                log.warning("%s: cannot read the lock to check it is still this job's (%s)", self.path, exc)
+            return False
+        if found is not None and found[0] == self._raw:
+            return False
+        why = f"{self.path} was removed while this job held it"
+        if found is not None:
+            holder = parse_record(found[0])
+            who = holder.job() if holder is not None else "an unreadable record"
+            why = f"{self.path} was taken over by {who} (since {holder.since() if holder else 'an unknown time'})"
+        self.lost_why = why
+        self.lost = True  # last: a reader that sees lost also sees lost_why
+        log.debug("%s", why)
+        return True
 
     def release(self) -> None:
-        """Stop beating and remove the lock file if it is still this process's."""
+        """Stop beating and remove the lock file if it is still this process's; a lost lock (another
+        job's now) is not even read again."""
         if self._beat is not None:
             self._stop_beat.set()
             self._beat.join()
             self._beat = None
-        if self.held:
+        if self.held and not self.lost:
             with contextlib.suppress(RunLockedError):
                 found = self._read()
                 if found is not None and found[0] == self._raw:

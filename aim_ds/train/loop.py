@@ -1,8 +1,9 @@
 """The run: set-up on every rank, resume, the optimizer-step loop, and the end of the run.
 
 :func:`run` is what ``run/pretrain.py`` calls after parsing. It raises :class:`ConfigError` for a
-configuration that cannot run and :class:`NonFiniteLossError` (on every rank at once) when the loss
-or gradient norm stops being finite; the driver maps them to exit codes 2 and 3.
+configuration that cannot run, :class:`NonFiniteLossError` (on every rank at once) when the loss
+or gradient norm stops being finite and :class:`RunLockLostError` (likewise) when another job took
+the run lock over; the driver maps them to exit codes 2, 3 and 4.
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ from .evaluate import validate
 from .finish import finish
 from .job import Job
 from .live_probe import check_live_probe, live_probe, live_probe_due
-from .stopping import STOP_FILE, StopRequest, active, save_or_stop
+from .lock import RunLockLostError
+from .stopping import STOP_FILE, StopRequest, active, ensure_lock_held, save_or_stop
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +126,7 @@ def run(
             return RunResult("already_finished", step, out_dir)
         status, step = _train_loop(job, step, epoch, batch_in_epoch)
         if status == "finished":
+            ensure_lock_held(active(), step)  # the end of the run writes into the folder too
             finish(job, step)
         return RunResult(status, step, out_dir)
     finally:
@@ -310,13 +313,13 @@ def _window_maxima(data_wait: float, device: torch.device) -> tuple[float, float
 
 
 class _StepStats:
-    """One optimizer step's ``[loss, stop flag, gradient norm]`` (loss averaged over micro-steps
-    and ranks, flag summed over ranks), copied to the host without waiting for the device: a
+    """One optimizer step's ``[loss, stop flag, lock-lost flag, gradient norm]`` (loss averaged over
+    micro-steps and ranks, flags summed over ranks), copied to the host without waiting for the device: a
     CUDA tensor goes to pinned memory with an event, read later by :meth:`values`. Reading a step's
     stats one step late keeps the host from waiting on the device every step."""
 
-    def __init__(self, step: int, stats: Tensor, *, has_grad_norm: bool) -> None:
-        self.step, self.has_grad_norm = step, has_grad_norm
+    def __init__(self, step: int, stats: Tensor, *, has_grad_norm: bool, stop: StopRequest) -> None:
+        self.step, self.has_grad_norm, self.stop = step, has_grad_norm, stop
         self.event = None
         if stats.device.type == "cuda":
             self.host = torch.empty(stats.shape, dtype=stats.dtype, pin_memory=True)
@@ -326,18 +329,22 @@ class _StepStats:
         else:
             self.host = stats.detach()
 
-    def values(self) -> tuple[float, bool, float | None]:
-        """``(loss, stop_requested, grad_norm)``, ``grad_norm`` None when the engine computes none.
-        Waits for the copy (not for later steps' work)."""
+    def values(self) -> tuple[float, bool, bool, float | None]:
+        """``(loss, stop_requested, lock_lost, grad_norm)``, ``grad_norm`` None when the engine
+        computes none. Waits for the copy (not for later steps' work)."""
         if self.event is not None:
             self.event.synchronize()
-        loss, flag, norm = self.host.numpy().tolist()  # a host array: no tensor read, no device sync
-        return loss, flag > 0, norm if self.has_grad_norm else None
+        loss, flag, lost, norm = self.host.numpy().tolist()  # a host array: no tensor read, no device sync
+        return loss, flag > 0, lost > 0, norm if self.has_grad_norm else None
 
     def check(self) -> bool:
-        """Raise :class:`NonFiniteLossError` naming this step when its loss or gradient norm is not
-        finite; else return whether any rank asked to stop."""
-        loss, stop_requested, norm = self.values()
+        """Raise :class:`RunLockLostError` when rank 0's run lock was taken over by this step (the
+        folder is another job's: nothing more is written, whatever the loss), then
+        :class:`NonFiniteLossError` naming this step when its loss or gradient norm is not finite;
+        else return whether any rank asked to stop."""
+        loss, stop_requested, lock_lost, norm = self.values()
+        if lock_lost:
+            raise RunLockLostError(self.step, self.stop.lock_lost_why())
         if not math.isfinite(loss):
             raise NonFiniteLossError(self.step, "loss", loss)
         if norm is not None and not math.isfinite(norm):
@@ -393,12 +400,13 @@ def _train_loop(job: Job, step: int, epoch: int, batch_in_epoch: int) -> tuple[s
                 min_lr=cfg.optim.min_lr,
             )
             set_lr(job.optimizer, lr)
-            loss, flag, epoch, batch_in_epoch, data_wait = _optimizer_step(job, step, batches, stop)
+            loss, flags, epoch, batch_in_epoch, data_wait = _optimizer_step(job, step, batches, stop)
             step += 1
             window.add(cfg.train.batch_size, loss, data_wait)
             grad_norm = _grad_norm(engine, job.device)
-            stats = torch.stack([loss, flag, grad_norm if grad_norm is not None else torch.zeros_like(loss)])
-            stats = _StepStats(step, stats, has_grad_norm=grad_norm is not None)
+            norm = grad_norm.reshape(1) if grad_norm is not None else torch.zeros_like(flags[:1])
+            stats = torch.cat([loss.reshape(1), flags, norm])
+            stats = _StepStats(step, stats, has_grad_norm=grad_norm is not None, stop=stop)
             # The previous step first: a non-finite value there names that step, one step late.
             stop_now = pending.check() if pending is not None else False
             pending = None
@@ -407,7 +415,7 @@ def _train_loop(job: Job, step: int, epoch: int, batch_in_epoch: int) -> tuple[s
             else:
                 pending = stats
             if step % max(cfg.log.every_steps, 1) == 0 or step == plan.total_steps:
-                _, _, grad_norm = stats.values()
+                grad_norm = stats.values()[3]
                 mean_loss = float(window.loss) / window.steps  # the one host read of the window
                 step_seconds = window.step_seconds()
                 data_wait, peak_gib = _window_maxima(window.data_wait / window.steps, job.device)
@@ -434,6 +442,7 @@ def _train_loop(job: Job, step: int, epoch: int, batch_in_epoch: int) -> tuple[s
             if stopping:
                 return "stopped", step
         if last_saved != step:
+            ensure_lock_held(stop, step)
             job.save(step, epoch, batch_in_epoch)
         return "finished", step
     finally:
@@ -442,9 +451,10 @@ def _train_loop(job: Job, step: int, epoch: int, batch_in_epoch: int) -> tuple[s
 
 
 def _optimizer_step(job: Job, step: int, batches: Any, stop: StopRequest) -> tuple[Tensor, Tensor, int, int, float]:
-    """The forward/backward passes of one optimizer step and the update. Returns ``(loss, flag,
-    epoch, batch_in_epoch, data_wait)``: the loss averaged over micro-steps and ranks and the number
-    of ranks asked to stop (both 0-d fp32 device tensors, not read here), the data position after the
+    """The forward/backward passes of one optimizer step and the update. Returns ``(loss, flags,
+    epoch, batch_in_epoch, data_wait)``: the loss averaged over micro-steps and ranks (0-d) and
+    ``[ranks asked to stop, ranks whose run lock was taken over]`` (``[2]``; fp32 device tensors,
+    not read here), the data position after the
     step's last micro-batch, and the seconds this rank waited for the loader's micro-batches."""
     plan, engine = job.plan, job.engine
     loss_sum = torch.zeros((), dtype=torch.float32, device=job.device)
@@ -461,11 +471,12 @@ def _optimizer_step(job: Job, step: int, batches: Any, stop: StopRequest) -> tup
         loss_sum += loss.detach().float()
         if micro == plan.grad_accum_steps - 1:
             # One all-reduce carries the loss for the log, the non-finite check (NaN on any rank
-            # makes the sum NaN) and the stop flag, so that all ranks decide alike.
-            flag = _stop_flag(job.device, stop.requested)
-            stats = all_reduce_(torch.stack([loss_sum / plan.grad_accum_steps, flag]), "sum")
+            # makes the sum NaN) and the stop flags, so that all ranks decide alike. Only rank 0
+            # holds the lock: its lost flag is what stops the others.
+            flags = _stop_flags(job.device, stop.requested, stop.lock_lost)
+            stats = all_reduce_(torch.cat([(loss_sum / plan.grad_accum_steps).reshape(1), flags]), "sum")
         engine.step()
-    return stats[0] / job.world, stats[1], epoch, index + 1, data_wait
+    return stats[0] / job.world, stats[1:], epoch, index + 1, data_wait
 
 
 @dataclass(frozen=True)
@@ -522,12 +533,13 @@ def _log_step(
         log.info(line)
 
 
-@functools.lru_cache(maxsize=8)
-def _stop_flag(device: torch.device, requested: bool) -> Tensor:
-    """The 0-d fp32 stop flag (1 or 0) on ``device``, made once per device and value: building it
-    each step (``torch.tensor(x, device=cuda)``) would copy from pageable host memory and wait for
-    the stream every step. Never written to: the all-reduce takes a stacked copy."""
-    return torch.full((), float(requested), dtype=torch.float32, device=device)
+@functools.lru_cache(maxsize=16)
+def _stop_flags(device: torch.device, requested: bool, lock_lost: bool) -> Tensor:
+    """The fp32 flags ``[stop requested, lock lost]`` (each 1 or 0) on ``device``, made once per
+    device and values: building them each step (``torch.tensor(x, device=cuda)``) would copy from
+    pageable host memory and wait for the stream every step. Never written to: the all-reduce
+    takes a concatenated copy."""
+    return torch.tensor([float(requested), float(lock_lost)], dtype=torch.float32, device=device)
 
 
 def _grad_norm(engine: Any, device: torch.device) -> Tensor | None:

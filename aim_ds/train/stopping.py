@@ -13,6 +13,12 @@ Requests a rank takes (any one is enough: the flag is summed over ranks):
   launcher, which SIGKILLs its ranks 30 s after its own SIGTERM; rank 0 removes it after the stop;
 - the launcher around the rank is gone (:class:`~aim_ds.train.lock.LauncherWatch`).
 
+Rank 0 also carries the run lock (:attr:`StopRequest.lock`). When another job has taken it over, the
+loop stops every rank at the same step by the same all-reduce, but without a checkpoint and with
+:class:`~aim_ds.train.lock.RunLockLostError`: the run folder is the other job's now. Rank 0 also
+reads the lock right before each checkpoint (one collective says the verdict to all ranks), so that
+no checkpoint starts once the heartbeat could have known.
+
 A process blocked where no step boundary comes (a stuck read, a collective whose peer hangs) would
 otherwise only die by SIGKILL: a watcher thread sees every signal as it arrives (through
 ``signal.set_wakeup_fd``, which works while the main thread is stuck in C), and ends the process
@@ -33,9 +39,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..distributed import max_across_ranks
 from ..weights import checkpoint as ckpt
 from .job import Job
-from .lock import LauncherWatch
+from .lock import LauncherWatch, RunLock, RunLockLostError
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +52,7 @@ EXIT_FINISHED = 0  # finished, or stopped at train.stop_after_steps as configure
 EXIT_BAD_INPUT = 2
 EXIT_NON_FINITE = 3
 EXIT_STOPPED = 75  # stopped on request with a checkpoint: start it again (EX_TEMPFAIL)
+EXIT_LOCK_LOST = 4  # another job took the run lock over: stopped without a checkpoint; never requeue
 _HARD = (signal.SIGTERM, signal.SIGINT)
 _CAUGHT = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
@@ -76,6 +84,16 @@ class StopRequest:
         self._pipe: tuple[int, int] | None = None
         self._watcher: threading.Thread | None = None
         self.watch = LauncherWatch()
+        self.lock: RunLock | None = None  # rank 0's run lock, once held (the driver sets it)
+
+    @property
+    def lock_lost(self) -> bool:
+        """Whether the run lock this rank holds was taken over (the heartbeat's verdict; no file read)."""
+        return self.lock is not None and self.lock.lost
+
+    def lock_lost_why(self) -> str | None:
+        """What happened to the lock (rank 0, once lost), None otherwise."""
+        return self.lock.lost_why if self.lock is not None and self.lock.lost else None
 
     @property
     def requested(self) -> bool:
@@ -190,6 +208,15 @@ def _end(message: str, code: int) -> None:
     os._exit(code)
 
 
+def ensure_lock_held(stop: StopRequest | None, step: int) -> None:
+    """Every rank, before anything is written for ``step`` (a checkpoint, the end of the run): rank 0
+    reads its lock now, and every rank raises :class:`RunLockLostError` when it was taken over."""
+    lock = stop.lock if stop is not None else None
+    lost = lock is not None and lock.check()
+    if max_across_ranks(int(lost)):
+        raise RunLockLostError(step, stop.lock_lost_why() if stop is not None else None)
+
+
 def save_or_stop(
     job: Job, step: int, epoch: int, batch_in_epoch: int, *, stop_now: bool, stop: StopRequest
 ) -> tuple[bool, bool]:
@@ -203,6 +230,7 @@ def save_or_stop(
     periodic = cfg.checkpoint.every_steps > 0 and step % cfg.checkpoint.every_steps == 0
     stopping = stop_now or stop_after
     if periodic or stopping:
+        ensure_lock_held(stop, step)
         job.save(step, epoch, batch_in_epoch)
     if stopping and job.is_main:
         # stop_now may come from another rank's request; this rank names its own when it has one.
