@@ -305,7 +305,7 @@ def test_feature_cache_larger_than_its_disk_is_refused(betons: dict[str, Path], 
             sys.executable, str(ROOT / "run/probe.py"), "--config", str(ROOT / "run/configs/probe_aim-test.yaml"),
             "--weights", str(tmp_path / "weights"), f"data.train_path={betons['train']}",
             f"data.val_path={betons['val']}", f"out_dir={tmp_path / 'probe'}", "train.augment=false",
-            f"features.cache_dir={small}", "data.num_workers=1", "device=cpu",
+            "train.batch_size=50", f"features.cache_dir={small}", "data.num_workers=1", "device=cpu",
         ]  # fmt: skip
         proc = subprocess.run(command, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
         assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
