@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import IO
 
 import pytest
 import torch
@@ -101,6 +102,19 @@ def _losses(out_dir: Path, kind: str = "train") -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(out_dir / "metrics.jsonl", kind)}
 
 
+def _start(run_files: dict[str, Path], out: Path, log_file: IO[str], *overrides: str) -> subprocess.Popen:
+    """The job launched in its own process group (so that a signal reaches the launcher and both
+    ranks), its output going to ``log_file``."""
+    return subprocess.Popen(
+        _command(run_files, out, *overrides),
+        cwd=ROOT,
+        env=_env(),
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
 @pytest.fixture(scope="module")
 def straight(run_files: dict[str, Path]) -> tuple[Path, subprocess.CompletedProcess]:
     out = run_files["root"] / "A"
@@ -114,14 +128,7 @@ def killed_and_resumed(run_files: dict[str, Path]) -> dict[str, object]:
     out = run_files["root"] / "B"
     log_path = run_files["root"] / "B.log"
     with open(log_path, "w") as log_file:
-        proc = subprocess.Popen(
-            _command(run_files, out, *WATCHED),
-            cwd=ROOT,
-            env=_env(),
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        proc = _start(run_files, out, log_file, *WATCHED)
         deadline = time.monotonic() + LAUNCH_TIMEOUT_S
         signalled_at = None
         while time.monotonic() < deadline and proc.poll() is None:
@@ -440,14 +447,7 @@ def test_lock_taken_over_mid_run_stops_without_a_checkpoint(run_files: dict[str,
         "lock.stale_after_s=2",  # a beat every 0.5 s
     )
     with open(log_path, "w") as log_file:
-        proc = subprocess.Popen(
-            _command(run_files, out, *overrides),
-            cwd=ROOT,
-            env=_env(),
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        proc = _start(run_files, out, log_file, *overrides)
         try:
             deadline = time.monotonic() + LAUNCH_TIMEOUT_S
             while time.monotonic() < deadline and proc.poll() is None and max(_losses(out), default=0) < every + 1:
