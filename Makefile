@@ -14,8 +14,8 @@ DEMO_ARGS ?=
 demo: setup
 	$(PY) run/demo.py --out demo_out $(DEMO_ARGS)
 
-# The paper's two findings at small scale (run/study.py, aim_ds/study.py): digits betons, aim-test /
-# aim-tiny / aim-mini pretrained for the same 600 steps on 2 CPU ranks (aim-tiny: a checkpoint and val loss
+# The paper's two findings at small scale (run/study.py, aim_ds/study.py): digits betons, aim-nano /
+# aim-test / aim-tiny pretrained for the same 600 steps on 2 CPU ranks (aim-tiny: a checkpoint and val loss
 # every 60 steps, all kept), every aim-tiny checkpoint probed (heads on 10 labelled digits per class,
 # 3 probe seeds), then the sizes (how long it takes: BENCHMARKS.md, "The study"). Figures in study_out/study/.
 STUDY_ARGS ?= --steps 600 --every 60 --probe-seeds 3

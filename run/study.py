@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="study_out", help="folder of the study (and, with --pretrain, its runs)")
     parser.add_argument("--pretrain", action="store_true", help="build the digits betons and pretrain --sizes first")
-    parser.add_argument("--sizes", nargs="+", default=["aim-test", "aim-tiny", "aim-mini"], help="registry names")
+    parser.add_argument("--sizes", nargs="+", default=["aim-nano", "aim-test", "aim-tiny"], help="registry names")
     parser.add_argument("--checkpoints-model", default="aim-tiny", help="with --pretrain: the run probed at every step")
     parser.add_argument("--steps", type=int, default=600, help="with --pretrain: optimizer steps of every size")
     parser.add_argument("--every", type=int, default=60, help="with --pretrain: checkpoint and val-loss interval")

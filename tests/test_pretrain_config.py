@@ -35,7 +35,7 @@ from aim_ds.train.engine import (
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "run" / "configs"
 DS_CONFIGS = ROOT / "ds_configs"
-RUN_CONFIGS = ["aim-test", "aim-tiny", "aim-mini", "aim-0.6B", "aim-1B", "aim-3B", "aim-7B"]
+RUN_CONFIGS = ["aim-nano", "aim-test", "aim-tiny", "aim-mini", "aim-0.6B", "aim-1B", "aim-3B", "aim-7B"]
 
 
 def _model_cfg(cfg: PretrainConfig) -> aim_ds.AIMConfig:
@@ -51,7 +51,7 @@ def _plan(cfg: PretrainConfig, world: int):
 def test_every_run_config_loads_and_fits_every_ds_config(name: str) -> None:
     cfg = load_config(PretrainConfig, CONFIGS / f"{name}.yaml")
     assert cfg.model.name == name
-    world = 2 if name in ("aim-test", "aim-tiny", "aim-mini") else 8
+    world = 2 if name in ("aim-nano", "aim-test", "aim-tiny", "aim-mini") else 8
     plan = _plan(cfg, world)
     assert plan.micro_batch_size * plan.grad_accum_steps * world == cfg.train.batch_size
     for ds_file in DS_CONFIGS.glob("*.json"):
@@ -106,7 +106,7 @@ def test_run_config_agrees_with_its_registry_recipe(name: str) -> None:
     assert cfg.optim.weight_decay == recipe.weight_decay
     assert tuple(cfg.optim.betas) == recipe.betas
     assert cfg.optim.grad_clip == recipe.grad_clip
-    world = 2 if name in ("aim-test", "aim-tiny", "aim-mini") else 8
+    world = 2 if name in ("aim-nano", "aim-test", "aim-tiny", "aim-mini") else 8
     plan = _plan(cfg, world)
     assert plan.total_steps == recipe.total_steps(spec.config.num_patches)
     assert plan.warmup_steps == recipe.total_warmup_steps(spec.config.num_patches)

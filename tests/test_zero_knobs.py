@@ -29,7 +29,7 @@ def _filled(name: str, ds_file: str, world: int) -> tuple[dict, int]:
     return ds["zero_optimization"], params
 
 
-@pytest.mark.parametrize("name", ["aim-test", "aim-tiny", "aim-mini"])
+@pytest.mark.parametrize("name", ["aim-nano", "aim-test", "aim-tiny", "aim-mini"])
 @pytest.mark.parametrize("ds_file", ["zero3_fp32.json", "zero3.json"])
 def test_small_models_get_one_bucket_of_the_whole_model(name: str, ds_file: str) -> None:
     zero, params = _filled(name, ds_file, world=2)

@@ -214,6 +214,16 @@ def _table1(name: str, width: int, depth: int, recipe: Recipe, best: range, para
 
 
 # Small sizes: same architecture, smaller image, patch and width, for tests and CPU demos.
+# aim-nano: the study's smallest size (aim_ds/study.py compares aim-nano, aim-test and aim-tiny, about 0.03M,
+# 0.2M and 2.7M trunk parameters, trained on the same images for the same steps; BENCHMARKS.md, "The study").
+register_model(
+    ModelSpec(
+        name="aim-nano",
+        config=AIMConfig(image_size=32, patch_size=4, width=32, depth=2, num_heads=1, head_width=32, head_depth=1),
+        recipe=_small_recipe(batch_size=16, steps=40, num_patches=64, warmup_fraction=0.1),
+        best_probe_layers=(0, 1),
+    )
+)
 register_model(
     ModelSpec(
         name="aim-test",
@@ -230,8 +240,9 @@ register_model(
         best_probe_layers=(0, 1, 2, 3, 4, 5),
     )
 )
-# Between aim-tiny and aim-small at aim-tiny's 32 px, so that the study (aim_ds/study.py) compares three
-# sizes trained on the same images: aim-test, aim-tiny, aim-mini (about 0.2M, 2.7M and 6.3M trunk parameters).
+# Between aim-tiny and aim-small at aim-tiny's 32 px (6.3M trunk parameters). The study's largest size until
+# it was shown, at the study's 600 steps, to end above aim-tiny's val loss at peak LR 5e-4, 1e-3 and 2e-3
+# (BENCHMARKS.md, "The study"): a size for longer CPU runs.
 register_model(
     ModelSpec(
         name="aim-mini",
