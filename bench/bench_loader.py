@@ -207,7 +207,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=2, help="timed passes per loader (best is reported)")
     args = parser.parse_args(argv)
 
+    from aim_ds.data.kernels import use_workqueue_threading
     from aim_ds.io import atomic_write_text
+
+    use_workqueue_threading()  # the drivers' numba layer (NUMBA_THREADING_LAYER overrides it)
 
     with tempfile.TemporaryDirectory(prefix="aim_ds_bench_") as scratch:
         found = measure(args, Path(scratch))

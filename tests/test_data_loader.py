@@ -143,6 +143,88 @@ def test_loaders_hand_normalised_pixels_to_training(data: dict) -> None:
     assert labels.tolist() == pixel_labels.tolist()
 
 
+def _prefetch_threads() -> list:
+    import threading
+
+    from aim_ds.data.loader import PREFETCH_THREAD
+
+    return [t for t in threading.enumerate() if t.name == PREFETCH_THREAD and t.is_alive()]
+
+
+def test_a_half_read_epoch_leaves_no_thread_decoding(data: dict) -> None:
+    """Stopping early (a break, an error, a dropped iterator) stops the epoch's prefetch thread and
+    waits for it, even when the reader left the queue full: nothing decodes on for nobody, and no
+    thread is inside a compiled kernel when the process exits."""
+    assert _prefetch_threads() == []
+    train = build_train_loader(str(data["in1k"]), batch_size=8, image_size=32, seed=4)
+    assert len(train) > 4
+    epoch = train.iter_epoch(0)
+    next(epoch)
+    assert len(_prefetch_threads()) == 1
+    import time
+
+    time.sleep(0.5)  # the thread fills the queue and waits on it
+    epoch.close()
+    assert _prefetch_threads() == []
+    evaluation = build_eval_loader(data["in1k"], batch_size=8, image_size=32, resize_size=40)
+    for _ in evaluation:
+        break  # the dropped for-loop iterator is closed by garbage collection
+    assert _prefetch_threads() == []
+    with pytest.raises(RuntimeError, match="stop here"):
+        for _ in train.iter_epoch_uint8(1):
+            raise RuntimeError("stop here")
+    assert _prefetch_threads() == []
+
+
+_TWO_LOADERS_AT_ONCE = """
+import sys, threading
+import numba
+from aim_ds.data import build_eval_loader, build_train_loader
+from aim_ds.data.kernels import use_workqueue_threading
+
+assert use_workqueue_threading() == "workqueue"
+path = sys.argv[1]
+train = build_train_loader(path, batch_size=8, image_size=32, seed=1, num_workers=2)
+evaluation = build_eval_loader(path, batch_size=8, image_size=32, resize_size=40, num_workers=2)
+counts = {}
+
+def read(name, batches):
+    counts[name] = sum(len(labels) for _, labels in batches)
+
+readers = [
+    threading.Thread(target=read, args=("train", train.iter_epoch(0))),
+    threading.Thread(target=read, args=("train_u8", train.iter_epoch_uint8(1))),
+    threading.Thread(target=read, args=("val", iter(evaluation))),
+]
+for thread in readers:
+    thread.start()
+for thread in readers:
+    thread.join()
+print(numba.threading_layer(), counts["train"], counts["train_u8"], counts["val"], evaluation.num_images)
+"""
+
+
+def test_drivers_threading_layer_runs_loaders_side_by_side(data: dict) -> None:
+    """The drivers' numba layer (workqueue: no TBB pool to tear down at exit) aborts the process if two
+    parallel kernels ever run at once; three loaders' prefetch threads decoding and normalising side by
+    side in one process must never do that (every launch holds KERNEL_LOCK), and the process ends with 0."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "-c", _TWO_LOADERS_AT_ONCE, str(data["in1k"])],
+        cwd=root, env=env, capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    layer, train, train_u8, val, val_images = proc.stdout.split()
+    assert layer == "workqueue"
+    assert int(train) == int(train_u8) > 0 and int(val) == int(val_images) > 0
+
+
 def test_eval_ranks_partition(data: dict) -> None:
     """Two ranks' parts of the held-out set are disjoint and together every image once: compared by
     their pixels against the one-rank loader's, not only by counts."""

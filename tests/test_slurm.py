@@ -7,10 +7,12 @@ the uninterrupted job's:
 - preempted: ``scontrol requeue`` mid-run (SLURM's SIGTERM; the ranks checkpoint and stop, SLURM
   requeues, the job resumes from the newest checkpoint); it ends at ``train.stop_after_steps``
   (losses compared up to there: the schedule is the full run's, so the prefix is the reference's);
-- time limit: ``--time=2 --signal=B:USR1@50`` and a run longer than SLURM lets an allocation train:
-  the batch shell is warned (SLURM sends it 50-110 s before the end: seen 36-66 s after the start), writes the stop file, the ranks
-  checkpoint and exit 75, the script requeues itself, as often as it takes; only the stop
-  checkpoints carry the progress (no periodic checkpoints);
+- time limit: ``--time=2 --signal=B:USR1@50``: the batch shell is warned (SLURM sends it 50-110 s
+  before the end: seen 36-66 s after the start), writes the stop file, the ranks checkpoint and exit
+  75, the script requeues itself, as often as it takes; only the stop checkpoints carry the progress
+  (no periodic checkpoints). The first allocation's ranks are frozen (SIGSTOP, as a stalled node or
+  file system would hold them) from step 8 until the warning, so the run outlasts that allocation
+  however fast the machine trains (STEPS take ~40 s on a quiet 2-core machine: less than the warning);
 - hard kill on another host: the first job's ranks run in a UTS namespace of their own named
   OTHER_HOST (``unshare --uts``), so its lock is written by a real process of another host name; a
   second job is refused while it runs (its SLURM job is RUNNING and its heartbeat beats), then rank
@@ -45,8 +47,6 @@ pytestmark = [pytest.mark.deepspeed, pytest.mark.slurm]
 ROOT = Path(__file__).resolve().parents[1]
 SBATCH = ROOT / "scripts/slurm/pretrain.sbatch"
 CLUSTER = ROOT / "scripts/slurm/testcluster.sh"
-# Long enough that an allocation of --time=2 warned 50-110 s before its end (seen: 36-66 s after its
-# start) can never hold the whole run (~17 s start-up + 200 steps of ~0.3 s on a quiet machine: ~75 s).
 STEPS = 200
 TIME_LIMIT = ("--time=2", "--signal=B:USR1@50")
 PREEMPTED_STEPS = 30  # the preempted and killed jobs end at train.stop_after_steps
@@ -210,12 +210,22 @@ def test_preempted_job_comes_back_and_matches(cluster: dict[str, str], run_confi
 def test_time_limit_requeues_itself_and_matches(cluster: dict[str, str], run_config: Path, straight: dict) -> None:
     out = straight["out"].parent / "time_limit"
     job = _submit(cluster, run_config, out, *TIME_LIMIT)
-    # Five allocations on a loaded machine (start-up ~25 s of each ~40-65 s before the warning), 2-3 when quiet.
+    _wait_step(cluster, job, out, 8)
+    ranks = _rank_pids(out)
+    assert len(ranks) == 2, ranks
+    try:  # frozen until SLURM's warning reaches the batch shell: this allocation cannot hold the run
+        for pid in ranks:
+            os.kill(pid, signal.SIGSTOP)
+        _wait(cluster, job, lambda info: "time limit near (SIGUSR1)" in _log(out), "the warning")
+    finally:
+        for pid in ranks:
+            os.kill(pid, signal.SIGCONT)
+    # Then as many allocations as the rest takes (start-up ~15-25 s of each ~40-70 s before the warning).
     info = _wait(cluster, job, _done, "the end", timeout_s=2 * JOB_TIMEOUT_S)
     log = _log(out)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-4000:]
     restarts = int(info["Restarts"])
-    assert restarts >= 1, "the run ended within its first allocation: make it longer"
+    assert restarts >= 1, log[-4000:]
     # Every allocation but the last was ended by its time limit's warning, none by the limit itself.
     assert log.count("time limit near (SIGUSR1)") >= restarts, log[-4000:]
     assert log.count("stopped with a checkpoint; requeueing job") == restarts, log[-4000:]
@@ -229,6 +239,20 @@ def test_time_limit_requeues_itself_and_matches(cluster: dict[str, str], run_con
     _assert_same_losses(out, straight["losses"])
     assert not (out / "stop.request").exists()  # a warning during the last steps is not left for a later run
     _record(out, "time_limit", None)
+
+
+def _rank_pids(out: Path) -> list[int]:
+    """The PIDs of the training ranks (``run/pretrain.py --local_rank=N ... out_dir=OUT``) of a job."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except (FileNotFoundError, PermissionError, ProcessLookupError, NotADirectoryError):
+            continue
+        if any(a.endswith("run/pretrain.py") for a in argv) and f"out_dir={out}" in argv:
+            if any(a.startswith("--local_rank") for a in argv):
+                pids.append(int(proc.name))
+    return sorted(pids)
 
 
 def _other_host_python(folder: Path) -> Path:

@@ -53,10 +53,19 @@ def test_normalisation_is_built_once_per_device() -> None:
     assert torch.allclose(std.flatten(), torch.tensor([58.395, 57.12, 57.375]))
 
 
-def test_pinned_passes_host_batches_through_off_cuda() -> None:
-    images, labels = np.zeros((2, 4, 4, 3), np.uint8), np.arange(2)
-    ((out_images, out_labels),) = list(loader._pinned(iter([(images, labels)]), torch.device("cpu")))
-    assert out_images is images and out_labels is labels
+def test_host_batches_are_normalised_in_the_prefetch_thread_off_cuda() -> None:
+    """Off CUDA the staging step (run by the prefetch thread) hands over finished float32 batches and the
+    training thread's side passes them through untouched: no normalisation on the training thread."""
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (2, 4, 4, 3), dtype=np.uint8), np.arange(2)
+    cpu = torch.device("cpu")
+    ((staged_images, staged_labels),) = list(loader._staged(iter([(images, labels)]), cpu))
+    assert staged_images.dtype == torch.float32 and staged_images.shape == (2, 3, 4, 4)
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (loader.IMAGENET_MEAN, loader.IMAGENET_STD))
+    expected = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255 - mean) / std
+    assert torch.allclose(staged_images, expected, atol=1e-5) and staged_labels.tolist() == [0, 1]
+    ((out_images, out_labels),) = list(loader._output(iter([(staged_images, staged_labels)]), cpu))
+    assert out_images is staged_images and out_labels is staged_labels
 
 
 def test_probe_bank_returns_losses_unread() -> None:

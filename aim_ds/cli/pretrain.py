@@ -39,6 +39,7 @@ import warnings
 from pathlib import Path
 
 from ..config import ConfigError, load_config
+from ..data.kernels import use_workqueue_threading
 from ..ds_config import load_ds_config
 from ..shipped import resolve_config
 from ..train.config import NonFiniteLossError, PretrainConfig
@@ -154,6 +155,7 @@ def train(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """The driver (``aim-pretrain``, ``run/pretrain.py``): returns the exit code documented above."""
     args = parse_args(argv)
+    use_workqueue_threading()  # before the loaders' first kernel: see its docstring
     # DeepSpeed calls torch.distributed's *_tensor collectives, which torch now flags on every call.
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     # Rank 0 speaks; the other ranks only warn (the launcher sets RANK before we start).

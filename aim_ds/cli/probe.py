@@ -20,6 +20,7 @@ import sys
 import torch.distributed as dist
 
 from ..config import ConfigError
+from ..data.kernels import use_workqueue_threading
 from ..probe import load_probe_config, run_probe
 from ..shipped import resolve_config
 from ..weights.load import WeightsError, WeightsMismatchError
@@ -46,6 +47,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """The driver (``aim-probe``, ``run/probe.py``): 0 done, 2 bad input (one line on stderr)."""
     args = parse_args(argv)
+    use_workqueue_threading()  # before the loaders' first kernel: see its docstring
     try:
         cfg = load_probe_config(resolve_config(args.config, "probe", "--config"), overrides=args.overrides)
         run_probe(cfg, args.weights, head_paths=args.head, eval_only=args.eval_only)

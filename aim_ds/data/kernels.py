@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import threading
 
 import numba as nb
@@ -43,9 +44,31 @@ STATUS_MESSAGES = {
     STATUS_RAW_TOO_SHORT: "the stored raw image has fewer bytes than its sides need",
 }
 
-# numba's default (workqueue) threading layer must not run two parallel regions at once; two loaders in one
-# process (tests build rank 0 and rank 1 side by side) would do exactly that from their prefetch threads.
+# Every launch of a parallel kernel of this module holds this lock. numba's workqueue threading layer
+# (the drivers', see use_workqueue_threading) must never run two parallel regions at once, and two
+# loaders in one process (train and val, or tests' rank 0 and rank 1 side by side) would, from their
+# prefetch threads.
 KERNEL_LOCK = threading.Lock()
+
+
+def use_workqueue_threading() -> str:
+    """Run this process's parallel numba kernels on numba's workqueue layer (plain C pthreads) rather than
+    the TBB layer numba picks wherever libtbb is installed (FFCV's OpenCV pulls it in). Returns the layer
+    asked for: ``NUMBA_THREADING_LAYER`` in the environment still wins. Call it before the first launch
+    (the layer is chosen then); a no-op after one.
+
+    For the drivers, whose every parallel launch is one of this module's kernels under KERNEL_LOCK. Our
+    kernels are launched from the loaders' prefetch threads, so numba's TBB pool would belong to a thread
+    that is gone when the interpreter unloads it at exit, and oneTBB's C++ workers are torn down at exit
+    racily; a probe rank that had finished its work once died at exit with "terminate called without an
+    active exception" (SIGABRT, exit -6), and TBB's pool is the C++ thread pool of ours that fits. Not at
+    import: FFCV's own Loader runs its compiled pipelines (ours too, :mod:`aim_ds.data.ffcv_ops`) outside
+    this lock, and two of those at once need a thread-safe layer.
+    """
+    if "NUMBA_THREADING_LAYER" in os.environ:
+        return os.environ["NUMBA_THREADING_LAYER"]
+    nb.config.THREADING_LAYER = "workqueue"
+    return "workqueue"
 
 
 def _load_turbojpeg() -> str:

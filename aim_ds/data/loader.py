@@ -85,7 +85,8 @@ def _to_output(
         return images.contiguous(), torch.as_tensor(labels).to(device, non_blocking=True)
     label_tensor = torch.from_numpy(labels)
     out = np.empty((images_u8.shape[0], 3, images_u8.shape[1], images_u8.shape[2]), dtype=np.float32)
-    normalize_batch(images_u8, np.asarray(IMAGENET_MEAN, np.float32), np.asarray(IMAGENET_STD, np.float32), out)
+    with KERNEL_LOCK:  # a parallel kernel: one at a time in the process (kernels.KERNEL_LOCK)
+        normalize_batch(images_u8, np.asarray(IMAGENET_MEAN, np.float32), np.asarray(IMAGENET_STD, np.float32), out)
     images = torch.from_numpy(out)
     if device is not None and device.type != "cpu":
         images, label_tensor = images.to(device), label_tensor.to(device)
@@ -102,14 +103,24 @@ def _normalisation(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return mean.to(device), std.to(device)
 
 
-def _pinned(produce: Iterator[tuple[np.ndarray, np.ndarray]], device: torch.device | None) -> Iterator[Any]:
-    """``produce``'s batches, in pinned host memory when they go to a CUDA device. Runs in the
-    prefetch thread, so the pinning copy is not on the training thread's time."""
+def _staged(produce: Iterator[tuple[np.ndarray, np.ndarray]], device: torch.device | None) -> Iterator[Any]:
+    """``produce``'s batches made ready in the prefetch thread, off the training thread's time: for a
+    CUDA device pinned (normalised later on the GPU, :func:`_output`), otherwise already normalised."""
     for images, labels in produce:
-        if device is not None and device.type == "cuda":
+        if _on_cuda(device):
             yield torch.from_numpy(images).pin_memory(), torch.from_numpy(labels).pin_memory()
         else:
-            yield images, labels
+            yield _to_output(images, labels, device)
+
+
+def _on_cuda(device: torch.device | None) -> bool:
+    return device is not None and device.type == "cuda"
+
+
+def _output(staged: Iterator[Any], device: torch.device | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The training thread's side of :func:`_staged`: the GPU half of the work on CUDA, nothing else."""
+    for images, labels in staged:
+        yield _to_output(images, labels, device) if _on_cuda(device) else (images, labels)
 
 
 def _decode(
@@ -149,28 +160,40 @@ def _decode(
     return out, batch.labels
 
 
+PREFETCH_THREAD = "aim-ds-prefetch"
+PREFETCH_JOIN_S = 60.0  # at most one batch in production when a reader stops: decoded in well under this
+
+
 def _prefetch(produce: Iterator[Any], depth: int) -> Iterator[Any]:
-    """Run a generator in a background thread, `depth` items ahead (the kernels release the GIL)."""
+    """Run a generator in a background thread, `depth` items ahead (the kernels release the GIL).
+
+    Closing the returned generator (a ``break``, an error, or garbage collection of a half-read epoch)
+    stops the thread and waits for it: no thread is left decoding for nobody, or still inside a
+    compiled kernel when the process exits."""
     items: queue.Queue = queue.Queue(maxsize=max(1, depth))
     done = object()
     stop = threading.Event()
 
+    def offer(item: Any) -> bool:
+        """Queue ``item`` unless the reader has stopped (then False: a full queue must not hold us)."""
+        while not stop.is_set():
+            try:
+                items.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def run() -> None:
         try:
             for item in produce:
-                while not stop.is_set():
-                    try:
-                        items.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not offer(item):
                     return
-            items.put(done)
+            offer(done)
         except BaseException as error:  # noqa: BLE001 - re-raised in the consumer
-            items.put(error)
+            offer(error)
 
-    thread = threading.Thread(target=run, daemon=True)
+    thread = threading.Thread(target=run, name=PREFETCH_THREAD, daemon=True)
     thread.start()
     try:
         while True:
@@ -182,6 +205,8 @@ def _prefetch(produce: Iterator[Any], depth: int) -> Iterator[Any]:
             yield item
     finally:
         stop.set()
+        if thread is not threading.current_thread():
+            thread.join(timeout=PREFETCH_JOIN_S)
 
 
 class TrainLoader:
@@ -285,8 +310,8 @@ class TrainLoader:
         """
         if not 0 <= start_step <= self.steps_per_epoch:
             raise ValueError(f"start_step must be in [0, {self.steps_per_epoch}], got {start_step}")
-        for images, labels in _prefetch(_pinned(self._produce(epoch, start_step), self.device), self.batches_ahead):
-            yield _to_output(images, labels, self.device)
+        staged = _prefetch(_staged(self._produce(epoch, start_step), self.device), self.batches_ahead)
+        yield from _output(staged, self.device)
 
 
 def subset_indices(num_images: int, max_images: int = 0) -> np.ndarray:
@@ -355,8 +380,7 @@ class EvalLoader:
         return _prefetch(self._produce(), 2)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for images, labels in _prefetch(_pinned(self._produce(), self.device), 2):
-            yield _to_output(images, labels, self.device)
+        yield from _output(_prefetch(_staged(self._produce(), self.device), 2), self.device)
 
 
 def _device(device: str | torch.device | None) -> torch.device | None:
