@@ -162,13 +162,18 @@ def measure(args: argparse.Namespace, scratch: Path) -> dict[str, float]:
 
 def report(found: dict[str, float], args: argparse.Namespace) -> str:
     """The markdown tables of :func:`measure`'s numbers."""
+    from aim_ds.data.loader import DEFAULT_DCT_MIN_SHRINK
+
     rows = [
         ("(a) aim_ds bicubic loader, uint8 crops", found["a_u8"]),
         ("(a') aim_ds bicubic loader, float32 normalised (what iter_epoch yields on CPU)", found["a_f32"]),
         ("(b) FFCV stock RandomResizedCropRGBImageDecoder (INTER_AREA) + flip, uint8", found["b_u8"]),
         ("(c) torch DataLoader, Pillow-SIMD decode + resize(BICUBIC, box) + flip, uint8", found["c_u8"]),
         ("(d) (c) + float conversion and normalisation in the workers", found["d_f32"]),
-        ("64 px: aim_ds loader, default (scaled DCT decode when the crop shrinks >= 5x), uint8", found["small_dct"]),
+        (
+            f"64 px: aim_ds loader, default (scaled DCT decode when the crop shrinks >= {DEFAULT_DCT_MIN_SHRINK:g}x), uint8",
+            found["small_dct"],
+        ),
         ("64 px: aim_ds loader, dct_min_shrink=0 (always full decode), uint8", found["small_full"]),
         ("64 px: (c) at 64 px", found["small_pillow"]),
     ]
