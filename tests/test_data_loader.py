@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import io
+import itertools
 import math
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +19,7 @@ from PIL import Image
 
 from aim_ds.data import build_eval_loader, build_train_loader, sample_crop_boxes
 from aim_ds.data.bicubic import resize_crop_bicubic
+from aim_ds.data.loader import PREFETCH_THREAD, _prefetch
 from aim_ds.data.sampling import feistel_permutation
 from aim_ds.data.webdataset import convert_webdataset
 from aim_ds.data.writers import WriteOptions, convert_imagefolder
@@ -144,26 +151,40 @@ def test_loaders_hand_normalised_pixels_to_training(data: dict) -> None:
 
 
 def _prefetch_threads() -> list:
-    import threading
-
-    from aim_ds.data.loader import PREFETCH_THREAD
-
     return [t for t in threading.enumerate() if t.name == PREFETCH_THREAD and t.is_alive()]
+
+
+def test_a_stopped_prefetch_waits_for_its_thread_blocked_on_a_full_queue() -> None:
+    """The reader stops while the prefetch thread holds an item it cannot queue (the queue is full):
+    closing returns only once the thread has ended, and nothing is produced after the stop."""
+    produced = []
+    blocked = threading.Event()  # set once depth items are queued and one more is in the thread's hand
+
+    def produce():
+        for item in itertools.count():
+            produced.append(item)
+            if len(produced) == 4:
+                blocked.set()
+            yield item
+
+    items = _prefetch(produce(), depth=2)
+    assert next(items) == 0
+    assert blocked.wait(timeout=60), "the prefetch thread never filled its queue"
+    items.close()
+    assert _prefetch_threads() == []
+    assert produced == [0, 1, 2, 3]
 
 
 def test_a_half_read_epoch_leaves_no_thread_decoding(data: dict) -> None:
     """Stopping early (a break, an error, a dropped iterator) stops the epoch's prefetch thread and
-    waits for it, even when the reader left the queue full: nothing decodes on for nobody, and no
-    thread is inside a compiled kernel when the process exits."""
+    waits for it: nothing decodes on for nobody, and no thread is inside a compiled kernel when the
+    process exits."""
     assert _prefetch_threads() == []
     train = build_train_loader(str(data["in1k"]), batch_size=8, image_size=32, seed=4)
     assert len(train) > 4
     epoch = train.iter_epoch(0)
     next(epoch)
     assert len(_prefetch_threads()) == 1
-    import time
-
-    time.sleep(0.5)  # the thread fills the queue and waits on it
     epoch.close()
     assert _prefetch_threads() == []
     evaluation = build_eval_loader(data["in1k"], batch_size=8, image_size=32, resize_size=40)
@@ -208,11 +229,6 @@ def test_drivers_threading_layer_runs_loaders_side_by_side(data: dict) -> None:
     """The drivers' numba layer (workqueue: no TBB pool to tear down at exit) aborts the process if two
     parallel kernels ever run at once; three loaders' prefetch threads decoding and normalising side by
     side in one process must never do that (every launch holds KERNEL_LOCK), and the process ends with 0."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.run(

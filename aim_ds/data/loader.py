@@ -70,6 +70,14 @@ def _worker_threads(num_workers: int) -> int:
     return max(1, min(num_workers, numba.config.NUMBA_NUM_THREADS))
 
 
+_MEAN_F32 = np.asarray(IMAGENET_MEAN, np.float32)  # normalize_batch's constants, built once
+_STD_F32 = np.asarray(IMAGENET_STD, np.float32)
+
+
+def _on_cuda(device: torch.device | None) -> bool:
+    return device is not None and device.type == "cuda"
+
+
 def _to_output(
     images_u8: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor, device: torch.device | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,8 +85,8 @@ def _to_output(
 
     CUDA: ship uint8 (4x fewer bytes), then convert and normalise on the GPU. CPU: one fused kernel.
     """
-    if device is not None and device.type == "cuda":
-        # The prefetch thread (_pinned) already put the batch in pinned memory: an asynchronous copy.
+    if _on_cuda(device):
+        # The prefetch thread (_staged) already put the batch in pinned memory: an asynchronous copy.
         images = torch.as_tensor(images_u8).to(device, non_blocking=True)
         mean, std = _normalisation(device)
         images = (images.permute(0, 3, 1, 2).float() - mean) / std
@@ -86,7 +94,7 @@ def _to_output(
     label_tensor = torch.from_numpy(labels)
     out = np.empty((images_u8.shape[0], 3, images_u8.shape[1], images_u8.shape[2]), dtype=np.float32)
     with KERNEL_LOCK:  # a parallel kernel: one at a time in the process (kernels.KERNEL_LOCK)
-        normalize_batch(images_u8, np.asarray(IMAGENET_MEAN, np.float32), np.asarray(IMAGENET_STD, np.float32), out)
+        normalize_batch(images_u8, _MEAN_F32, _STD_F32, out)
     images = torch.from_numpy(out)
     if device is not None and device.type != "cpu":
         images, label_tensor = images.to(device), label_tensor.to(device)
@@ -111,10 +119,6 @@ def _staged(produce: Iterator[tuple[np.ndarray, np.ndarray]], device: torch.devi
             yield torch.from_numpy(images).pin_memory(), torch.from_numpy(labels).pin_memory()
         else:
             yield _to_output(images, labels, device)
-
-
-def _on_cuda(device: torch.device | None) -> bool:
-    return device is not None and device.type == "cuda"
 
 
 def _output(staged: Iterator[Any], device: torch.device | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
